@@ -1,0 +1,113 @@
+"""`polymodal chat`: answer one prompt, or a REPL with /image, /reset and /quit. Tokens stream."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from polymodal.errors import UserError
+
+HELP = "commands: /image PATH (attach to the next message), /reset, /quit"
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "chat", help="chat with a model (text and images)",
+        description="MODEL is a saved model directory, a recipe YAML (built as configured) or an "
+                    "LLM source (text only). With PROMPT it answers once; without, a REPL.")
+    parser.add_argument("model")
+    parser.add_argument("prompt", nargs="?", help="answer this once and exit; '<image>' marks where images go")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH", help="attach an image (repeatable)")
+    parser.add_argument("--system", help="a system message")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from polymodal.engine.generate import Generator
+    from polymodal.engine.sampling import SamplingParams
+    from polymodal.model import load_any
+    from polymodal.processing.images import open_image
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+    images = [open_image(path) for path in args.image]  # fail on a bad path before a slow load
+    session = ChatSession(Generator(load_any(args.model, args.set)), params, args.system)
+    if args.prompt is not None:
+        session.ask(args.prompt, images)
+        return 0
+    return session.repl(images)
+
+
+def with_placeholders(text: str, count: int, token: str) -> str:
+    """Put one placeholder per image before the text when the user wrote none (LLaVA's layout)."""
+    if count and token not in text:
+        return token * count + "\n" + text
+    return text
+
+
+class ChatSession:
+    """A conversation: history, pending images, and streaming the answers to stdout."""
+
+    def __init__(self, generator, params, system: str | None):
+        self.generator = generator
+        self.params = params
+        self.system = system
+        self.messages: list[dict] = []
+        self.images: list = []
+        self.token = generator.model.llm.image_token
+
+    def ask(self, text: str, images: list) -> str:
+        content = with_placeholders(text, len(images), self.token)
+        messages = [*self.messages, {"role": "user", "content": content}]
+        if self.system:
+            messages.insert(0, {"role": "system", "content": self.system})
+        prompt = {"messages": messages, "images": [*self.images, *images]}
+        self.generator.encode(prompt)  # check placeholders and length before streaming starts
+        pieces = []
+        for piece in self.generator.stream(prompt, self.params):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        answer = "".join(pieces)
+        self.messages = [*messages[1 if self.system else 0 :], {"role": "assistant", "content": answer}]
+        self.images = prompt["images"]
+        return answer
+
+    def repl(self, images: list) -> int:
+        from polymodal.processing.images import open_image
+
+        pending = list(images)
+        print(HELP, file=sys.stderr)
+        while True:
+            try:
+                line = input(">>> ").strip()
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                return 0
+            if line == "/reset":
+                self.messages, self.images, pending = [], [], []
+                print("(conversation cleared)", file=sys.stderr)
+                continue
+            try:
+                if line.startswith("/image"):
+                    pending.append(open_image(line.removeprefix("/image").strip()))
+                    print(f"(image attached; {len(pending)} pending)", file=sys.stderr)
+                    continue
+                if line.startswith("/"):
+                    raise UserError(f"unknown command {line.split()[0]}; {HELP}")
+                self.ask(line, pending)
+                pending = []
+            except UserError as error:  # the REPL survives a mistake
+                print(f"error: {error}", file=sys.stderr)

@@ -1,0 +1,81 @@
+"""`polymodal info`: the registered kinds, or a table of a model's parts."""
+
+from __future__ import annotations
+
+import argparse
+
+from polymodal.errors import UserError
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("info", help="list component kinds, or describe a model's parts",
+                                 description="List registered kinds (--list) or describe a recipe, "
+                                             "saved model or LLM source.")
+    parser.add_argument("model", nargs="?", help="a recipe YAML, a saved model directory or an LLM source")
+    parser.add_argument("--list", action="store_true", help="list the registered kinds of each part")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. model.connector.depth=3")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        print(kinds_table())
+        return 0
+    if not args.model:
+        raise UserError("info needs a MODEL (recipe, model directory or LLM source) or --list")
+    from polymodal.model import load_any
+
+    print(parts_table(load_any(args.model, args.set)))
+    return 0
+
+
+def kinds_table() -> str:
+    from polymodal.registry import CONNECTORS, ENCODERS, FUSIONS
+    from polymodal.sources import SOURCE_KINDS
+
+    lines = []
+    for title, registry in (("encoders", ENCODERS), ("connectors", CONNECTORS), ("fusion", FUSIONS)):
+        lines.append(f"{title}:")
+        lines += [f"  {entry.name:<14} {entry.summary}" for entry in registry.entries()]
+    lines.append("model sources:")
+    lines += [f"  {name:<22} {text}" for name, text in SOURCE_KINDS.items()]
+    return "\n".join(lines)
+
+
+def _count(module) -> tuple[int, int]:
+    if module is None:
+        return 0, 0
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _dtype(module) -> str:
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in module.parameters()} if module else set()
+    return "/".join(sorted(dtypes)) or "-"
+
+
+def parts_table(model) -> str:
+    """One row per part: kind, source, parameters, trainable parameters, tokens per image, dtype."""
+    config = model.config
+    rows = [("part", "kind", "source", "params", "trainable", "tokens/image", "dtype")]
+    if model.encoder is not None:
+        source = getattr(config.encoder, "source", "") or "-"
+        rows.append(("encoder", config.encoder.kind, source, *_counts(model.encoder),
+                     str(model.encoder.num_tokens), _dtype(model.encoder)))
+        rows.append(("connector", config.connector.kind, "-", *_counts(model.connector),
+                     str(model.connector.num_tokens), _dtype(model.connector)))
+    rows.append(("fusion", config.fusion.kind, "-", *_counts(model.fusion), "-", "-"))
+    lora = " + lora" if config.llm.lora else ""
+    rows.append(("llm", model.llm.model.config.model_type + lora, config.llm.source,
+                 *_counts(model.llm), "-", _dtype(model.llm)))
+    rows.append(("total", "", "", *_counts(model), "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _counts(module) -> tuple[str, str]:
+    total, trainable = _count(module)
+    return f"{total:,}", f"{trainable:,}"

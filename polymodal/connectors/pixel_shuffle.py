@@ -1,0 +1,47 @@
+"""`pixel_shuffle`: space-to-depth token reduction then an MLP (nanoVLM, Idefics3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from polymodal.config import ConnectorConfig
+from polymodal.connectors.base import Connector, square_side
+from polymodal.connectors.mlp import mlp_layers
+from polymodal.errors import ConfigError
+from polymodal.registry import register_connector
+
+
+@dataclass
+class PixelShuffleConnectorConfig(ConnectorConfig):
+    kind: str = "pixel_shuffle"
+    factor: int = 2  # r: each r x r block of tokens becomes one token with r*r times the channels
+    depth: int = 1  # linear layers of the MLP after the shuffle (nanoVLM uses 1)
+
+
+def space_to_depth(features: torch.Tensor, side: int, factor: int) -> torch.Tensor:
+    """[B, side*side, D] -> [B, (side/r)^2, D*r*r], each r x r neighbourhood stacked on channels."""
+    batch, _, dim = features.shape
+    blocks = side // factor
+    grid = features.reshape(batch, blocks, factor, blocks, factor, dim)
+    return grid.permute(0, 1, 3, 2, 4, 5).reshape(batch, blocks * blocks, factor * factor * dim)
+
+
+@register_connector("pixel_shuffle", config=PixelShuffleConnectorConfig)
+class PixelShuffleConnector(Connector):
+    """Reduces S tokens to S / r^2 by stacking neighbours on channels, then projects."""
+
+    def __init__(self, config: PixelShuffleConnectorConfig, in_dim: int, out_dim: int, in_tokens: int):
+        super().__init__()
+        self.side = square_side(in_tokens, "pixel_shuffle")
+        if config.factor < 1 or self.side % config.factor:
+            raise ConfigError(f"model.connector.factor: {config.factor} does not divide the "
+                              f"{self.side}x{self.side} token grid")
+        self.factor = config.factor
+        self.num_tokens = (self.side // config.factor) ** 2
+        self.mlp = mlp_layers(in_dim * config.factor**2, out_dim, config.depth)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, S, in_dim] -> [B, S / r^2, out_dim]."""
+        return self.mlp(space_to_depth(features, self.side, self.factor))

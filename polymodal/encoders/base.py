@@ -1,0 +1,47 @@
+"""The encoder interface shared by every kind."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from polymodal.config import EncoderConfig
+from polymodal.registry import ENCODERS
+
+
+class Encoder(nn.Module):
+    """Images -> features.
+
+    Every encoder takes pixels in [0, 1] at `image_size` x `image_size`
+    (`[B, 3, H, W]`), normalises them itself, and returns `[B, num_tokens, out_dim]`.
+    `grid` is the (rows, cols) layout of the tokens when they form one, else None.
+    """
+
+    out_dim: int
+    num_tokens: int
+    image_size: int
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        side = math.isqrt(self.num_tokens)
+        return (side, side) if side * side == self.num_tokens else None
+
+
+class PixelNormalize(nn.Module):
+    """(pixels - mean) / std per channel; pixels [B, 3, H, W] in [0, 1]."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        # Constants of the architecture, not learned: kept out of the state dict.
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
+
+
+def build_encoder(config: EncoderConfig, loader, key: str = "encoder") -> Encoder:
+    """Build the registered encoder kind named by `config.kind`."""
+    return ENCODERS.get(config.kind).builder(config, loader, key)

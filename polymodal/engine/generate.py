@@ -1,0 +1,131 @@
+"""The one generation path: chat, eval and serve all call Generator.
+
+Batched with left padding, a KV cache, greedy or sampled, stop strings and EOS,
+and a streaming iterator of text pieces.
+
+Example:
+    generator = Generator(model)
+    [answer] = generator.generate([{"messages": [{"role": "user", "content": "Hi"}]}])
+    for piece in generator.stream({"messages": ...}, SamplingParams(max_new_tokens=64)):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from polymodal.engine.runners import make_runner
+from polymodal.engine.sampling import SamplingParams, choose_next
+from polymodal.engine.text import TextTracker
+from polymodal.errors import UserError
+from polymodal.processing import collate
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+
+
+@dataclass
+class _Row:
+    tracker: TextTracker
+    prompt_tokens: int
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+class Generator:
+    """Generates answers for a MultimodalLM. `use_cache=False` recomputes every step (for tests)."""
+
+    def __init__(self, model, use_cache: bool = True):
+        self.model = model.eval()
+        self.use_cache = use_cache
+        self.stop_ids = model.llm.stop_token_ids()
+        # Never emit the image placeholder or the padding rows added when resizing embeddings.
+        self.vocab_limit = len(model.llm.tokenizer)
+        self.image_token_id = model.llm.image_token_id
+
+    def encode(self, prompt: dict) -> dict:
+        """{"messages": [...], "images": [...]} -> ids and pixels; already-encoded prompts pass."""
+        if "input_ids" in prompt:
+            return prompt
+        return self.model.processor.encode(prompt["messages"], prompt.get("images", ()))
+
+    def generate(self, prompts: list[dict], params: SamplingParams | None = None) -> list[Completion]:
+        """Answer a batch of prompts together."""
+        params = params or SamplingParams()
+        rows = [None] * len(prompts)
+        for rows in self.steps(prompts, params):  # noqa: B007 - run to the end, keep the last
+            pass
+        return [Completion(row.tracker.text, row.token_ids, row.finish_reason or "length",
+                           row.prompt_tokens) for row in rows]
+
+    def stream(self, prompt: dict, params: SamplingParams | None = None) -> Iterator[str]:
+        """Text pieces of one answer as they are generated."""
+        emitted = 0
+        for [row] in self.steps([prompt], params or SamplingParams()):
+            text = row.tracker.text[: row.tracker.emitted]
+            if len(text) > emitted:
+                yield text[emitted:]
+                emitted = len(text)
+
+    @torch.inference_mode()
+    def steps(self, prompts: list[dict], params: SamplingParams) -> Iterator[list[_Row]]:
+        """Run generation, yielding every row's state after each new token."""
+        samples = [self.encode(prompt) for prompt in prompts]
+        batch = collate(samples, self.model.pad_id, left_pad=True)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        total = ids.shape[1] + params.max_new_tokens
+        context = self.model.llm.max_length
+        if max(len(s["input_ids"]) for s in samples) + params.max_new_tokens > context:
+            longest = max(len(s["input_ids"]) for s in samples)
+            raise UserError(f"prompt ({longest} tokens) plus max_new_tokens "
+                            f"({params.max_new_tokens}) exceeds the context of {context} tokens")
+        tokenizer = self.model.llm.tokenizer
+        rows = [_Row(TextTracker(tokenizer, params.stop), len(s["input_ids"])) for s in samples]
+        embeds = self.model.embed(ids, batch["pixel_values"])
+        runner = make_runner(self.model.llm.model)
+        logits = runner.prefill(embeds, mask, total)
+        generator = params.generator()
+        for _ in range(params.max_new_tokens):
+            next_ids = choose_next(self._allowed(logits), params, generator)
+            self._advance(rows, next_ids.tolist())
+            yield rows
+            if all(row.finish_reason for row in rows):
+                return
+            if self.use_cache:
+                logits = runner.step(next_ids)
+            else:  # recompute the whole sequence: the reference the cache must match
+                embeds = torch.cat([embeds, self.model.llm.embed(next_ids[:, None])], dim=1)
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                logits = make_runner(self.model.llm.model).prefill(embeds, mask, embeds.shape[1])
+        for row in rows:
+            if not row.finish_reason:
+                row.finish_reason = "length"
+                row.tracker.finish()
+        yield rows
+
+    def _allowed(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        logits[:, self.vocab_limit :] = float("-inf")
+        logits[:, self.image_token_id] = float("-inf")
+        return logits
+
+    def _advance(self, rows: list[_Row], next_ids: list[int]) -> None:
+        for row, token in zip(rows, next_ids):
+            if row.finish_reason:
+                continue
+            if token in self.stop_ids:
+                row.finish_reason = "stop"
+                row.tracker.finish()
+                continue
+            row.token_ids.append(token)
+            row.tracker.push(token)
+            if row.tracker.stopped:
+                row.finish_reason = "stop"

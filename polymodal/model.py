@@ -1,0 +1,188 @@
+"""MultimodalLM: encoder -> connector -> fusion -> LLM, with a loss only where labels exist."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoTokenizer
+
+from polymodal.config import ModelConfig, RecipeConfig, from_dict, load_recipe, to_dict
+from polymodal.connectors import build_connector
+from polymodal.encoders import build_encoder
+from polymodal.errors import UserError
+from polymodal.fusion import build_fusion
+from polymodal.llm import LanguageModel
+from polymodal.processing import Processor
+from polymodal.processing.collate import IGNORE
+from polymodal.sources import PartLoader
+
+FORMAT = "polymodal"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Output:
+    loss: torch.Tensor  # mean cross-entropy over label positions
+    num_label_tokens: int
+
+
+class MultimodalLM(nn.Module):
+    """A decoder LLM that reads images through an encoder and a connector.
+
+    Example:
+        model = MultimodalLM.from_config(load_recipe("recipes/tiny-llava.yaml").model)
+        batch = collate([model.processor.encode_for_training(messages, [image])], model.pad_id)
+        loss = model(batch).loss
+    """
+
+    def __init__(self, config: ModelConfig, loader: PartLoader | None = None, tokenizer=None):
+        super().__init__()
+        loader = loader or PartLoader(trust_remote_code=config.llm.trust_remote_code)
+        self.config = config
+        self.llm = LanguageModel(config.llm, loader, tokenizer)
+        self.encoder = build_encoder(config.encoder, loader) if config.encoder else None
+        self.connector = None
+        if self.encoder is not None:
+            self.connector = build_connector(
+                config.connector, self.encoder.out_dim, self.llm.hidden_size, self.encoder.num_tokens
+            )
+        self.fusion = build_fusion(config.fusion)
+        self.architectures = loader.architectures  # what save_pretrained records per part
+        self.processor = Processor(
+            self.llm,
+            tokens_per_image=self.connector.num_tokens if self.connector else None,
+            image_size=self.encoder.image_size if self.encoder else None,
+        )
+
+    @classmethod
+    def from_config(cls, config: ModelConfig | RecipeConfig) -> MultimodalLM:
+        """Build from a config, loading each part's pretrained weights from its source."""
+        return cls(config.model if isinstance(config, RecipeConfig) else config)
+
+    @property
+    def pad_id(self) -> int:
+        return self.llm.tokenizer.pad_token_id
+
+    @property
+    def tokens_per_image(self) -> int | None:
+        return self.processor.tokens_per_image
+
+    # ------------------------------------------------------------ forward
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] in [0, 1] -> LLM tokens [N, K, D_llm]."""
+        if self.encoder is None:
+            raise UserError("this model has no image encoder; it takes text only")
+        return self.connector(self.encoder(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [B, T] (+ images) -> input embeddings [B, T, D] with image tokens fused in."""
+        if image_tokens is None and pixel_values is not None:
+            image_tokens = self.encode_images(pixel_values)
+        text = self.llm.embed(input_ids)
+        return self.fusion(text, input_ids == self.llm.image_token_id, image_tokens)
+
+    def forward(self, batch: dict) -> Output:
+        """Mean next-token loss over label positions; logits are computed only there."""
+        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("image_tokens"))
+        mask = batch["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.llm.decoder(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+        ).last_hidden_state  # [B, T, D]
+        targets = batch["labels"][:, 1:]  # token t+1 is predicted at position t
+        keep = targets != IGNORE
+        logits = self.llm.lm_head(hidden[:, :-1][keep])  # [N_labels, V], nothing else
+        loss = F.cross_entropy(logits.float(), targets[keep])
+        return Output(loss=loss, num_label_tokens=int(keep.sum()))
+
+    # ------------------------------------------------------------ files
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json, model.safetensors and the tokenizer files; each file atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        record = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                  "model": to_dict(self.config), "architectures": self.architectures}
+        _atomic_write(directory / "config.json", lambda path: path.write_text(json.dumps(record, indent=2)))
+        # save_model drops tied duplicates (e.g. lm_head sharing the embeddings).
+        _atomic_write(directory / "model.safetensors", lambda path: save_model(self, str(path)))
+        self.llm.tokenizer.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> MultimodalLM:
+        """Rebuild a saved model: architectures from config.json, weights from model.safetensors."""
+        directory = Path(directory)
+        record = read_model_record(directory)
+        config = from_dict(ModelConfig, upgrade_record(record)["model"], "model")
+        loader = PartLoader(architectures=record["architectures"])
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = cls(config, loader, tokenizer)
+        missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise UserError(f"{directory}: weights do not match the config "
+                            f"({len(missing)} missing, {len(unexpected)} unexpected)")
+        return model.eval()
+
+
+def read_model_record(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise UserError(f"not a polymodal model directory (no config.json): {directory}")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: not valid JSON") from None
+    if record.get("format") != FORMAT:
+        raise UserError(f"{directory}: config.json is not a polymodal model")
+    if not (directory / "model.safetensors").is_file():
+        raise UserError(f"{directory}: model.safetensors is missing")
+    return record
+
+
+def upgrade_record(record: dict) -> dict:
+    """Every backward-compatibility fix for older saved models lives here (none yet: version 1)."""
+    if record.get("format_version", 1) > FORMAT_VERSION:
+        raise UserError(f"model was saved by a newer polymodal (format {record['format_version']})")
+    return record
+
+
+def is_model_directory(path: str | os.PathLike) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder, fsync, then rename over `path`."""
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(temp)
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def load_any(source: str, overrides: list[str] = ()) -> MultimodalLM:
+    """A saved model directory, a recipe YAML (built as configured) or an LLM source (text only)."""
+    if is_model_directory(source):
+        return MultimodalLM.from_pretrained(source)
+    if source.endswith((".yaml", ".yml")):
+        return MultimodalLM.from_config(load_recipe(source, overrides))
+    if overrides:
+        raise UserError("--set applies to recipes only")
+    return MultimodalLM(ModelConfig(llm=from_dict(type(ModelConfig().llm), {"source": source}, "llm")))

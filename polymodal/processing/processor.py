@@ -1,0 +1,111 @@
+"""Conversations -> token ids (placeholders expanded), labels and pixels.
+
+A message's content is a string, with `<image>` where an image goes, or a list of
+parts: `{"type": "text", "text": ...}` and `{"type": "image", "image": path or PIL}`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from polymodal.errors import UserError
+from polymodal.processing.collate import IGNORE
+from polymodal.processing.images import load_image
+
+
+class Processor:
+    """Chat template, placeholder expansion and image loading for one model; no modules touched."""
+
+    def __init__(self, llm, tokens_per_image: int | None, image_size: int | None):
+        self.llm = llm
+        self.tokenizer = llm.tokenizer
+        self.image_token = llm.image_token
+        self.image_token_id = llm.image_token_id
+        self.tokens_per_image = tokens_per_image
+        self.image_size = image_size
+        self.max_length = llm.max_length
+
+    # ------------------------------------------------------------ prompts
+
+    def encode(self, messages: list[dict], images=(), add_generation_prompt: bool = True) -> dict:
+        """A prompt for generation: {input_ids: list[int], pixel_values: [N, 3, S, S] or None}."""
+        messages, images = self.split_images(messages, list(images))
+        ids = self._tokenize(self.llm.render(messages, add_generation_prompt))
+        ids = self._expand(ids, len(images))
+        if len(ids) > self.max_length:
+            raise UserError(f"prompt is {len(ids)} tokens; the context holds {self.max_length}")
+        return {"input_ids": ids, "pixel_values": self.pixels(images)}
+
+    def encode_for_training(self, messages: list[dict], images=()) -> dict:
+        """Ids, labels (IGNORE except assistant turns) and pixels for one conversation."""
+        messages, images = self.split_images(messages, list(images))
+        ids: list[int] = []
+        labels: list[int] = []
+        rendered = ""
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.llm.render(messages[:turn], add_generation_prompt=True)
+            full = self.llm.render(messages[: turn + 1], add_generation_prompt=False)
+            if not (prompt.startswith(rendered) and full.startswith(prompt)):
+                raise UserError("the chat template does not render turns as prefixes of each "
+                                "other; cannot tell assistant tokens apart")
+            context = self._tokenize(prompt[len(rendered):])
+            answer = self._tokenize(full[len(prompt):])
+            ids += context + answer
+            labels += [IGNORE] * len(context) + answer
+            rendered = full
+        tail = self._tokenize(self.llm.render(messages, False)[len(rendered):])
+        ids, labels = ids + tail, labels + [IGNORE] * len(tail)
+        ids, labels = self._expand(ids, len(images), labels)
+        return {"input_ids": ids, "labels": labels, "pixel_values": self.pixels(images)}
+
+    # ------------------------------------------------------------ pieces
+
+    def split_images(self, messages: list[dict], images: list) -> tuple[list[dict], list]:
+        """Messages with string content (placeholders inline) and every image in reading order."""
+        flat = []
+        for message in messages:
+            content = message.get("content", "")
+            if isinstance(content, list):
+                text = []
+                for part in content:
+                    if part.get("type") == "image":
+                        text.append(self.image_token)
+                        images.append(part["image"])
+                    elif part.get("type") == "text":
+                        text.append(part.get("text", ""))
+                    else:
+                        raise UserError(f"unknown message part type {part.get('type')!r}")
+                content = "".join(text)
+            flat.append({"role": message["role"], "content": content})
+        return flat, images
+
+    def pixels(self, images: list) -> torch.Tensor | None:
+        """Paths, PIL images or pixel tensors -> [N, 3, S, S] in [0, 1]."""
+        if not images:
+            return None
+        if self.image_size is None:
+            raise UserError("this model has no image encoder; it takes text only")
+        tensors = [image if isinstance(image, torch.Tensor) else load_image(image, self.image_size)
+                   for image in images]
+        return torch.stack(tensors)
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _expand(self, ids: list[int], num_images: int, labels: list[int] | None = None):
+        """Check one placeholder per image and repeat each K times (K = tokens per image)."""
+        found = ids.count(self.image_token_id)
+        if found != num_images:
+            raise UserError(f"{num_images} image(s) given but {found} {self.image_token} "
+                            f"placeholder(s) in the text")
+        if found == 0:
+            return ids if labels is None else (ids, labels)
+        out_ids, out_labels = [], []
+        for index, token in enumerate(ids):
+            repeat = self.tokens_per_image if token == self.image_token_id else 1
+            out_ids += [token] * repeat
+            if labels is not None:
+                out_labels += [IGNORE if token == self.image_token_id else labels[index]] * repeat
+        return out_ids if labels is None else (out_ids, out_labels)
