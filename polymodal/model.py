@@ -74,6 +74,29 @@ class MultimodalLM(nn.Module):
     def tokens_per_image(self) -> int | None:
         return self.processor.tokens_per_image
 
+    # ------------------------------------------------------------ freezing
+
+    def part_modules(self) -> dict[str, nn.Module | None]:
+        return {"encoder": self.encoder, "connector": self.connector, "llm": self.llm}
+
+    def set_trainable(self, parts: list[str]) -> None:
+        """Train exactly these parts and freeze the rest; the one place freezing happens.
+
+        Parts: `encoder`, `connector`, `llm` (all of it), `llm.lora` (the adapters only).
+        """
+        known = ["encoder", "connector", "llm", "llm.lora"]
+        unknown = [part for part in parts if part not in known]
+        if unknown:
+            raise UserError(f"unknown trainable part {unknown[0]!r}; known: {', '.join(known)}")
+        if "llm.lora" in parts and self.config.llm.lora is None:
+            raise UserError("llm.lora is trainable but model.llm.lora is not configured")
+        for name, module in self.part_modules().items():
+            if module is not None:
+                module.requires_grad_(name in parts)
+        if "llm.lora" in parts and "llm" not in parts:
+            for name, parameter in self.llm.named_parameters():
+                parameter.requires_grad_("lora_" in name)
+
     # ------------------------------------------------------------ forward
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

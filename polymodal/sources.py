@@ -125,6 +125,20 @@ def load_causal_lm(source: str, dtype: torch.dtype = torch.float32, trust_remote
     return model, tokenizer
 
 
+def load_text_encoder(source: str, trust_remote_code: bool = False):
+    """(model, tokenizer) for a text encoder such as all-MiniLM-L6-v2 (transformers AutoModel)."""
+    from transformers import AutoModel
+
+    location = locate(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location.directory, trust_remote_code=trust_remote_code)
+        model = AutoModel.from_pretrained(location.directory, use_safetensors=True,
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise _load_failed(source, error) from None
+    return model.eval(), tokenizer
+
+
 def load_vision_model(source: str, trust_remote_code: bool = False):
     """Return (vision model, (image_size, mean, std)) for a CLIP, SigLIP or DINOv2 source."""
     if source.startswith("tiny:"):

@@ -11,7 +11,8 @@ from polymodal.errors import UserError
 COMMANDS = ("info", "chat")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each subcommand's parser by name."""
     import importlib
 
     parser = argparse.ArgumentParser(
@@ -21,12 +22,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"polymodal.cli.{name}").add_parser(commands)
-    return parser
+    return parser, dict(commands.choices)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser, subcommands = build_parser()
+    if argv and argv[0] in subcommands:
+        # Intermixed, so that a positional may follow an option: `chat MODEL --image X "prompt"`.
+        args = subcommands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
     try:
         return args.run(args) or 0

