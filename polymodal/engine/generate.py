@@ -95,7 +95,7 @@ class Generator:
         generator = params.generator()
         for _ in range(params.max_new_tokens):
             next_ids = choose_next(self._allowed(logits), params, generator)
-            self._advance(rows, next_ids.tolist())
+            self._advance(rows, next_ids.tolist(), set() if params.ignore_eos else self.stop_ids)
             yield rows
             if all(row.finish_reason for row in rows):
                 return
@@ -117,11 +117,11 @@ class Generator:
         logits[:, self.image_token_id] = float("-inf")
         return logits
 
-    def _advance(self, rows: list[_Row], next_ids: list[int]) -> None:
+    def _advance(self, rows: list[_Row], next_ids: list[int], stop_ids: set[int]) -> None:
         for row, token in zip(rows, next_ids):
             if row.finish_reason:
                 continue
-            if token in self.stop_ids:
+            if token in stop_ids:
                 row.finish_reason = "stop"
                 row.tracker.finish()
                 continue

@@ -19,6 +19,7 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k filter
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # always generate max_new_tokens (for benchmarks)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
