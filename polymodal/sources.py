@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from polymodal import tiny
+from polymodal import gguf_cache, tiny
 from polymodal.errors import UserError
 
 SOURCE_KINDS = {
@@ -114,6 +114,11 @@ def load_causal_lm(source: str, dtype: torch.dtype = torch.float32, trust_remote
     if source.startswith("tiny:"):
         return tiny.causal_lm(source[5:], dtype)
     location = locate(source)
+    cache = None
+    if location.gguf_file:
+        cache = gguf_cache.cached_directory(Path(location.directory) / location.gguf_file)
+        if gguf_cache.is_complete(cache):
+            location = Location(str(cache))
     kwargs = _hub_kwargs(location, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location.directory, **kwargs)
@@ -122,6 +127,8 @@ def load_causal_lm(source: str, dtype: torch.dtype = torch.float32, trust_remote
         model = AutoModelForCausalLM.from_pretrained(location.directory, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise _load_failed(source, error) from None
+    if location.gguf_file and cache is not None:
+        gguf_cache.store(cache, model, tokenizer)
     return model, tokenizer
 
 

