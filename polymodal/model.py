@@ -13,7 +13,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoTokenizer
 
-from polymodal.config import ModelConfig, RecipeConfig, from_dict, load_recipe, to_dict
+from polymodal.config import LLMConfig, ModelConfig, RecipeConfig, from_dict, load_recipe, to_dict
 from polymodal.connectors import build_connector
 from polymodal.encoders import build_encoder
 from polymodal.errors import UserError
@@ -208,4 +208,4 @@ def load_any(source: str, overrides: list[str] = ()) -> MultimodalLM:
         return MultimodalLM.from_config(load_recipe(source, overrides))
     if overrides:
         raise UserError("--set applies to recipes only")
-    return MultimodalLM(ModelConfig(llm=from_dict(type(ModelConfig().llm), {"source": source}, "llm")))
+    return MultimodalLM(ModelConfig(llm=LLMConfig(source=source)))

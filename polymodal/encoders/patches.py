@@ -20,6 +20,13 @@ def patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
     return grid.permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels * patch * patch)
 
 
+def patch_count(image_size: int, patch_size: int, key: str) -> int:
+    """Patches in a square image, or a config error when the patch size does not divide it."""
+    if patch_size < 1 or image_size % patch_size:
+        raise ConfigError(f"{key}.patch_size: {patch_size} does not divide image_size {image_size}")
+    return (image_size // patch_size) ** 2
+
+
 @dataclass
 class PatchesEncoderConfig(EncoderConfig):
     kind: str = "patches"
@@ -34,11 +41,8 @@ class PatchEncoder(Encoder):
 
     def __init__(self, config: PatchesEncoderConfig, loader=None, key: str = "encoder"):
         super().__init__()
-        if config.image_size % config.patch_size:
-            raise ConfigError(f"{key}.patch_size: {config.patch_size} does not divide "
-                              f"image_size {config.image_size}")
+        self.num_tokens = patch_count(config.image_size, config.patch_size, key)
         self.image_size, self.patch_size = config.image_size, config.patch_size
-        self.num_tokens = (config.image_size // config.patch_size) ** 2
         raw_dim = 3 * config.patch_size**2
         self.normalize = PixelNormalize((0.5,) * 3, (0.5,) * 3)
         self.embed = nn.Linear(raw_dim, config.width) if config.width else nn.Identity()

@@ -9,7 +9,7 @@ from torch import nn
 
 from polymodal.config import EncoderConfig
 from polymodal.encoders.base import Encoder, PixelNormalize
-from polymodal.encoders.patches import patchify
+from polymodal.encoders.patches import patch_count, patchify
 from polymodal.errors import ConfigError
 from polymodal.registry import register_encoder
 
@@ -31,13 +31,10 @@ class VitEncoder(Encoder):
 
     def __init__(self, config: VitEncoderConfig, loader=None, key: str = "encoder"):
         super().__init__()
-        if config.image_size % config.patch_size:
-            raise ConfigError(f"{key}.patch_size: {config.patch_size} does not divide "
-                              f"image_size {config.image_size}")
+        self.num_tokens = patch_count(config.image_size, config.patch_size, key)
         if config.width % config.heads:
             raise ConfigError(f"{key}.heads: {config.heads} does not divide width {config.width}")
         self.image_size, self.patch_size = config.image_size, config.patch_size
-        self.num_tokens = (config.image_size // config.patch_size) ** 2
         self.out_dim = config.width
         self.normalize = PixelNormalize((0.5,) * 3, (0.5,) * 3)
         self.patch_embed = nn.Linear(3 * config.patch_size**2, config.width)

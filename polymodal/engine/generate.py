@@ -60,7 +60,7 @@ class Generator:
     def generate(self, prompts: list[dict], params: SamplingParams | None = None) -> list[Completion]:
         """Answer a batch of prompts together."""
         params = params or SamplingParams()
-        rows = [None] * len(prompts)
+        rows: list[_Row] = []
         for rows in self.steps(prompts, params):  # noqa: B007 - run to the end, keep the last
             pass
         return [Completion(row.tracker.text, row.token_ids, row.finish_reason or "length",
