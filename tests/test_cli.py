@@ -74,3 +74,12 @@ def test_unknown_option_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["chat", RECIPE, "--bogus"])
     assert exit_info.value.code == 2
+
+
+def test_info_and_chat_on_a_saved_model(capsys, tmp_path, tiny_llava):
+    tiny_llava.save_pretrained(tmp_path / "model")
+    code, out, _ = run(capsys, "info", str(tmp_path / "model"))
+    assert code == 0 and "tiny:clip" in out and "mlp" in out
+    code, out, _ = run(capsys, "chat", str(tmp_path / "model"), "--image", f"{DATA}/blue_square.png",
+                       "--max-new-tokens", "3", "Colour?")
+    assert code == 0
