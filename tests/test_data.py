@@ -1,0 +1,77 @@
+"""Data formats as conversations, and the up-front check of every sample."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import DATA, needs_package
+from polymodal.data import read_captions, read_easy_vqa, read_llava_json
+from polymodal.data.validate import check_samples
+from polymodal.errors import UserError
+
+
+def write_llava(tmp_path, records):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    for name in ("red_circle.png", "blue_square.png", "not_an_image.png"):
+        shutil.copy(f"{DATA}/{name}", tmp_path / name)
+    return path
+
+
+def test_llava_json_single_and_multi_image(tmp_path):
+    path = write_llava(tmp_path, [
+        {"id": "a", "image": "red_circle.png",
+         "conversations": [{"from": "human", "value": "<image>\nShape?"}, {"from": "gpt", "value": "circle"}]},
+        {"id": "b", "images": ["red_circle.png", "blue_square.png"],
+         "conversations": [{"from": "human", "value": "<image><image>Differ?"}, {"from": "gpt", "value": "yes"}]},
+    ])
+    samples = read_llava_json(path)
+    assert [s.id for s in samples] == ["a", "b"]
+    assert samples[0].messages[1] == {"role": "assistant", "content": "circle"}
+    assert samples[1].images == [str(tmp_path / "red_circle.png"), str(tmp_path / "blue_square.png")]
+
+
+def test_malformed_llava_record_is_named(tmp_path):
+    path = write_llava(tmp_path, [{"id": "a", "conversations": [{"from": "robot", "value": "x"}]}])
+    with pytest.raises(UserError, match="record 0 is malformed"):
+        read_llava_json(path)
+
+
+def test_caption_lines(tmp_path):
+    path = tmp_path / "captions.jsonl"
+    path.write_text('{"image": "x.png", "text": "a red circle"}\n\n{"image": "y.png"}\n')
+    with pytest.raises(UserError, match=r"captions\.jsonl:3"):
+        read_captions(path)
+    path.write_text('{"image": "x.png", "text": "a red circle"}\n')
+    [sample] = read_captions(path)
+    assert sample.messages[-1]["content"] == "a red circle" and sample.images == [str(tmp_path / "x.png")]
+
+
+@needs_package("easy_vqa")
+def test_easy_vqa_groups_questions_by_image():
+    samples = read_easy_vqa("test")
+    assert len(samples) == 1000
+    assert sum(len(s.messages) // 2 for s in samples) == 9673
+    assert all(s.messages[0]["content"].startswith("<image>\n") and len(s.images) == 1 for s in samples)
+    assert sum(m["content"].count("<image>") for m in samples[0].messages) == 1
+
+
+def test_bad_samples_are_skipped_listed_and_can_stop_the_run(tmp_path):
+    good = {"image": "red_circle.png",
+            "conversations": [{"from": "human", "value": "<image>Shape?"}, {"from": "gpt", "value": "circle"}]}
+    records = [{"id": f"ok{i}", **good} for i in range(7)] + [
+        {"id": "missing", **good, "image": "gone.png"},
+        {"id": "corrupt", **good, "image": "not_an_image.png"},
+        {"id": "count", **good, "images": ["red_circle.png", "blue_square.png"]},
+    ]
+    samples = read_llava_json(write_llava(tmp_path, records))
+    bad_file = tmp_path / "bad_samples.jsonl"
+    kept = check_samples(samples, "<image>", bad_file, max_bad_fraction=0.5)
+    assert [s.id for s in kept] == [f"ok{i}" for i in range(7)]
+    reasons = {row["id"]: row["reason"] for row in map(json.loads, bad_file.read_text().splitlines())}
+    assert reasons["missing"].startswith("image not found")
+    assert reasons["corrupt"].startswith("not an image")
+    assert reasons["count"] == "2 image(s) but 1 <image> placeholder(s)"
+    with pytest.raises(UserError, match=r"3 of 10 samples are bad \(more than 1%\)"):
+        check_samples(samples, "<image>", None)
