@@ -83,16 +83,66 @@ class ModelConfig:
     def __post_init__(self):
         if (self.encoder is None) != (self.connector is None):
             missing = "connector" if self.connector is None else "encoder"
-            raise ConfigError(f"model.{missing}: required when the other part is set")
+            raise ConfigError(f"{missing}: required when the other part is set")
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset of a stage's mixture, drawn with probability proportional to `weight`."""
+
+    format: Literal["easy-vqa", "llava", "captions"]
+    path: str | None = None  # the JSON/JSONL file, or an easy-VQA-layout folder
+    split: Literal["train", "test"] | None = None  # easy-VQA from its package
+    image_folder: str | None = None  # where image paths are relative to (default: the file's folder)
+    weight: float = 1.0
+    limit: int | None = None  # use only the first N samples
+
+    def __post_init__(self):
+        if self.format != "easy-vqa" and not self.path:
+            raise ConfigError(f"path: required for format {self.format}")
+        if self.weight <= 0:
+            raise ConfigError(f"weight: must be positive, got {self.weight}")
+
+
+@dataclass
+class StageConfig:
+    """One training stage: which parts train, how fast, for how long, on which data."""
+
+    name: str
+    train: list[str]  # parts: encoder, connector, llm, llm.lora
+    data: list[DatasetConfig]
+    lr: dict[str, float]  # learning rate per trained part
+    steps: int = 100  # optimizer steps
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03  # linear warmup over this fraction of steps, then cosine to 0
+    weight_decay: float = 0.0
+    clip: float | None = 1.0  # gradient-norm clipping; None turns it off
+    precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16 autocast
+    seed: int = 0
+    log_every: int = 10
+    max_length: int | None = None  # longer samples are skipped and counted (never cut)
+    max_bad_fraction: float = 0.01
+
+    def __post_init__(self):
+        missing = [part for part in self.train if part not in self.lr]
+        if missing:
+            raise ConfigError(f"lr: no learning rate for trained part {missing[0]!r}")
+        if not self.data:
+            raise ConfigError("data: a stage needs at least one dataset")
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1")
 
 
 @dataclass
 class RecipeConfig:
-    """A recipe file: a named model (and, once training exists, its stages)."""
+    """A recipe file: a named model and the stages that train it."""
 
     name: str
     model: ModelConfig
     description: str = ""
+    stages: list[StageConfig] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- parsing
@@ -109,6 +159,7 @@ def _registry_for(cls: type):
 
 
 def from_dict(cls: type, data: Any, path: str = ""):
+    # Checks in __post_init__ name fields relative to their own dataclass; this adds the path.
     """Build dataclass `cls` from plain data, checking every field's type."""
     registry = _registry_for(cls)
     if registry is not None:
@@ -131,8 +182,8 @@ def from_dict(cls: type, data: Any, path: str = ""):
             raise ConfigError(f"{_join(path, name)}: required field is missing")
     try:
         return cls(**values)
-    except ConfigError:
-        raise
+    except ConfigError as error:  # raised by a dataclass's own checks: add where it sits
+        raise ConfigError(_join(path, str(error))) from None
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{path or 'config'}: {error}") from None
 
@@ -232,7 +283,10 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides; values are parsed as YAML (`3`, `true`, `[a, b]`)."""
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (`3`, `true`, `[a, b]`).
+
+    A number indexes a list: `stages.0.steps=50`.
+    """
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -241,16 +295,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
-        node = data
         parts = key.split(".")
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(parts[: depth + 1])}: is not a mapping; cannot set {key}")
-            node = child
-        node[parts[-1]] = value
+        node = data
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[: depth + 1])
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{where}: no such item (the list has {len(node)})")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(parts[:depth])}: is not a mapping; cannot set {key}")
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
     return data
 
 

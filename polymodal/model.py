@@ -135,9 +135,9 @@ class MultimodalLM(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         record = {"format": FORMAT, "format_version": FORMAT_VERSION,
                   "model": to_dict(self.config), "architectures": self.architectures}
-        _atomic_write(directory / "config.json", lambda path: path.write_text(json.dumps(record, indent=2)))
+        atomic_write(directory / "config.json", lambda path: path.write_text(json.dumps(record, indent=2)))
         # save_model drops tied duplicates (e.g. lm_head sharing the embeddings).
-        _atomic_write(directory / "model.safetensors", lambda path: save_model(self, str(path)))
+        atomic_write(directory / "model.safetensors", lambda path: save_model(self, str(path)))
         self.llm.tokenizer.save_pretrained(directory)
 
     @classmethod
@@ -188,7 +188,7 @@ def is_model_directory(path: str | os.PathLike) -> bool:
         return False
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temp file in the same folder, fsync, then rename over `path`."""
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -26,7 +26,7 @@ def test_kinds_pick_their_own_dataclass():
     ({"connector": {"kind": "mlp", "widht": 3}, "encoder": {"kind": "vit"}}, "connector.widht: unknown field"),
     ({"connector": {"kind": "mpl"}, "encoder": {"kind": "vit"}}, "unknown connector 'mpl'; known: cabstractor"),
     ({"llm": {"dtype": "float64"}}, "llm.dtype: expected one of float32, bfloat16, float16"),
-    ({"encoder": {"kind": "vit"}}, "model.connector: required"),
+    ({"encoder": {"kind": "vit"}}, "^connector: required"),
     ({"llm": {"lora": {"target_modules": "q_proj"}}}, "llm.lora.target_modules: expected a list"),
 ])
 def test_errors_name_the_field(data, message):

@@ -8,7 +8,7 @@ import sys
 
 from polymodal.errors import UserError
 
-COMMANDS = ("info", "chat")
+COMMANDS = ("info", "chat", "train")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

@@ -36,8 +36,11 @@ class Processor:
             raise UserError(f"prompt is {len(ids)} tokens; the context holds {self.max_length}")
         return {"input_ids": ids, "pixel_values": self.pixels(images)}
 
-    def encode_for_training(self, messages: list[dict], images=()) -> dict:
-        """Ids, labels (IGNORE except assistant turns) and pixels for one conversation."""
+    def encode_for_training(self, messages: list[dict], images=(), load_images: bool = True) -> dict:
+        """Ids, labels (IGNORE except assistant turns) and pixels for one conversation.
+
+        With `load_images=False` only the number of images matters and no pixels are made.
+        """
         messages, images = self.split_images(messages, list(images))
         ids: list[int] = []
         labels: list[int] = []
@@ -58,7 +61,8 @@ class Processor:
         tail = self._tokenize(self.llm.render(messages, False)[len(rendered):])
         ids, labels = ids + tail, labels + [IGNORE] * len(tail)
         ids, labels = self._expand(ids, len(images), labels)
-        return {"input_ids": ids, "labels": labels, "pixel_values": self.pixels(images)}
+        pixels = self.pixels(images) if load_images else None
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
 
     # ------------------------------------------------------------ pieces
 

@@ -1,0 +1,28 @@
+"""`polymodal train RECIPE`: run a recipe's stages into a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("train", help="train a recipe's stages",
+                                 description="Train the stages of a recipe; the final model goes to RUN_DIR/model.")
+    parser.add_argument("recipe", help="a recipe YAML with stages")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. stages.0.steps=50")
+    parser.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<recipe name>)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from polymodal.config import load_recipe
+    from polymodal.train.run import train
+
+    recipe = load_recipe(args.recipe, args.set)
+    run_dir = args.out or f"runs/{recipe.name}"
+    summary = train(recipe, run_dir)
+    print(json.dumps({"run_dir": run_dir, "train_seconds": round(summary["train_seconds"], 1),
+                      "final_loss": summary["final_loss"], "model": f"{run_dir}/model"}))
+    return 0

@@ -1,0 +1,97 @@
+"""One stage of training: an explicit loop, no framework.
+
+The model-specific part of a step is `model(batch).loss`; everything else here is
+the optimizer, schedule, accumulation, clipping, precision and logging.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+from polymodal.config import StageConfig
+from polymodal.errors import UserError
+from polymodal.train.mixture import Mixture
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or inf; the message names the stage and step."""
+
+
+def part_parameters(model, part: str) -> list[torch.nn.Parameter]:
+    if part == "llm.lora":
+        return [p for name, p in model.llm.named_parameters() if "lora_" in name]
+    module = model.part_modules()[part]
+    return list(module.parameters()) if module is not None else []
+
+
+def make_optimizer(model, stage: StageConfig) -> torch.optim.Optimizer:
+    """AdamW with one parameter group (and learning rate) per trained part."""
+    model.set_trainable(stage.train)
+    groups, seen = [], set()
+    for part in stage.train:
+        # `llm` already holds the adapters when both are named; never add a tensor twice.
+        params = [p for p in part_parameters(model, part) if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            groups.append({"params": params, "lr": stage.lr[part], "name": part})
+    if not groups:
+        raise UserError(f"stage {stage.name!r}: nothing to train in {stage.train}")
+    return torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
+
+
+def warmup_cosine(stage: StageConfig) -> Callable[[int], float]:
+    """Learning-rate factor: linear warmup, then cosine decay to zero at the last step."""
+    warmup = max(1, round(stage.warmup_ratio * stage.steps)) if stage.warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, stage.steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict], None]) -> dict:
+    """Run `stage.steps` optimizer steps; returns totals (samples, tokens, seconds, final loss)."""
+    optimizer = make_optimizer(model, stage)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage))
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if stage.precision == "bfloat16" else nullcontext()
+    torch.manual_seed(stage.seed)
+    model.train()
+    totals = {"samples": 0, "tokens": 0, "seconds": 0.0, "final_loss": None}
+    progress = tqdm(range(stage.steps), desc=f"stage {stage.name}", unit="step", dynamic_ncols=True)
+    for step in progress:
+        started = time.perf_counter()
+        loss_sum, tokens = 0.0, 0
+        for micro in range(stage.grad_accum):
+            batch = mixture.batch(model, step, micro)
+            with precision:
+                output = model(batch)
+            (output.loss / stage.grad_accum).backward()
+            loss_sum += output.loss.item() / stage.grad_accum
+            tokens += int(batch["attention_mask"].sum())
+        if not math.isfinite(loss_sum):
+            raise NonFiniteLoss(f"loss is {loss_sum} at step {step + 1} of stage {stage.name!r}; stopped")
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, stage.clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        totals["samples"] += stage.batch_size * stage.grad_accum
+        totals["tokens"] += tokens
+        totals["seconds"] += seconds
+        totals["final_loss"] = loss_sum
+        progress.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens / seconds:.0f}")
+        if (step + 1) % stage.log_every == 0 or step + 1 == stage.steps:
+            log({"stage": stage.name, "step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
+                 "grad_norm": float(grad_norm), "tokens_per_second": tokens / seconds})
+    model.eval()
+    return totals

@@ -1,0 +1,122 @@
+"""Training: the loss goes down, a tiny model memorises, frozen parts stay put, bad input stops."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from polymodal.config import RecipeConfig, from_dict
+from polymodal.engine.generate import Generator
+from polymodal.engine.sampling import SamplingParams
+from polymodal.errors import UserError
+from polymodal.model import MultimodalLM
+from polymodal.train.loop import NonFiniteLoss
+from polymodal.train.run import train
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ghost"]
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
+           (255, 255, 255), (0, 0, 0)]
+MODEL = {"llm": {"source": "tiny:llama"},
+         "encoder": {"kind": "vit", "image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2},
+         "connector": {"kind": "mlp", "depth": 2}}
+
+
+def synthetic_dataset(folder, count=8):
+    """`count` solid-colour images, each with its own one-word answer, as LLaVA JSON."""
+    records = []
+    for index in range(count):
+        Image.new("RGB", (32, 32), COLOURS[index]).save(folder / f"{index}.png")
+        records.append({"id": str(index), "image": f"{index}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": WORDS[index]}]})
+    path = folder / "data.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def recipe(path, train_parts, steps, lr=3e-3, **stage):
+    return from_dict(RecipeConfig, {"name": "test", "model": MODEL, "stages": [{
+        "name": "only", "train": train_parts, "lr": dict.fromkeys(train_parts, lr), "steps": steps,
+        "batch_size": 8, "log_every": 5, "data": [{"format": "llava", "path": str(path)}], **stage}]})
+
+
+def answers(model, folder):
+    prompts = [{"messages": [{"role": "user", "content": "<image>\nWhat is this?"}],
+                "images": [str(folder / f"{i}.png")]} for i in range(len(WORDS))]
+    return [c.text for c in Generator(model).generate(prompts, SamplingParams(max_new_tokens=6))]
+
+
+def test_tiny_model_memorises_eight_pairs_and_the_run_directory_is_complete(tmp_path):
+    path = synthetic_dataset(tmp_path)
+    summary = train(recipe(path, ["encoder", "connector", "llm"], steps=120), tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("recipe.yaml", "metrics.jsonl", "loss.png", "summary.json", "model/config.json"):
+        assert (run / name).is_file(), name
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] / 10
+    assert summary["stages"]["only"]["samples"] == 120 * 8 and summary["train_seconds"] > 0
+    model = MultimodalLM.from_pretrained(run / "model")
+    assert answers(model, tmp_path) == WORDS
+
+
+def test_frozen_parts_stay_bit_identical(tmp_path):
+    path = synthetic_dataset(tmp_path)
+    config = recipe(path, ["connector"], steps=3)
+    model = MultimodalLM.from_config(config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train(config, tmp_path / "run", model)
+    for name, parameter in model.named_parameters():
+        changed = not torch.equal(before[name], parameter)
+        assert changed == name.startswith("connector."), name
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path, monkeypatch):
+    path = synthetic_dataset(tmp_path)
+    config = recipe(path, ["connector"], steps=5)
+    model = MultimodalLM.from_config(config)
+    forward = model.forward
+    calls = []
+
+    def poisoned(batch):
+        calls.append(1)
+        output = forward(batch)
+        if len(calls) == 3:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(model, "forward", poisoned)
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 3 of stage 'only'"):
+        train(config, tmp_path / "run", model)
+
+
+def test_too_many_bad_samples_stop_before_training(tmp_path):
+    path = synthetic_dataset(tmp_path)
+    (tmp_path / "0.png").write_text("not a png")
+    with pytest.raises(UserError, match="1 of 8 samples are bad"):
+        train(recipe(path, ["connector"], steps=2), tmp_path / "run")
+    assert "not an image" in (tmp_path / "run" / "bad_samples.jsonl").read_text()
+    train(recipe(path, ["connector"], steps=2, max_bad_fraction=0.2), tmp_path / "run")  # tolerated
+
+
+def test_stage_config_errors_name_the_field():
+    from polymodal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.lr: no learning rate for trained part 'llm'"):
+        from_dict(RecipeConfig, {"name": "x", "model": MODEL, "stages": [
+            {"name": "a", "train": ["llm"], "lr": {"connector": 1e-3}, "data": [{"format": "easy-vqa"}]}]})
+
+
+def test_train_command(tmp_path, capsys):
+    from polymodal.cli.main import main
+
+    path = synthetic_dataset(tmp_path)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(json.dumps({"name": "cli", "model": MODEL, "stages": [
+        {"name": "align", "train": ["connector"], "lr": {"connector": 1e-3}, "steps": 50,
+         "data": [{"format": "llava", "path": str(path)}]}]}))
+    code = main(["train", str(recipe_file), "--set", "stages.0.steps=2", "--out", str(tmp_path / "run")])
+    out, _ = capsys.readouterr()
+    assert code == 0 and json.loads(out)["model"] == f"{tmp_path}/run/model"
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [2]
+    assert main(["train", str(recipe_file), "--set", "stages.3.steps=2"]) == 2
