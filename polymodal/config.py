@@ -136,6 +136,18 @@ class StageConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When to write resumable checkpoints (always also at the end of each stage)."""
+
+    every: int | None = None  # optimizer steps within a stage; None: only at stage ends
+    keep: int = 2  # the newest K stay on disk
+
+    def __post_init__(self):
+        if self.keep < 1 or (self.every is not None and self.every < 1):
+            raise ConfigError("every and keep: must be at least 1")
+
+
+@dataclass
 class RecipeConfig:
     """A recipe file: a named model and the stages that train it."""
 
@@ -143,6 +155,7 @@ class RecipeConfig:
     model: ModelConfig
     description: str = ""
     stages: list[StageConfig] = field(default_factory=list)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # ---------------------------------------------------------------- parsing

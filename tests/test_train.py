@@ -120,3 +120,58 @@ def test_train_command(tmp_path, capsys):
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [2]
     assert main(["train", str(recipe_file), "--set", "stages.3.steps=2"]) == 2
+
+
+def two_stage_recipe(path, steps=6, every=2):
+    return from_dict(RecipeConfig, {"name": "resume", "model": MODEL, "checkpoint": {"every": every, "keep": 2},
+                                    "stages": [
+        {"name": "align", "train": ["connector"], "lr": {"connector": 1e-3}, "steps": steps,
+         "batch_size": 4, "log_every": 1, "data": [{"format": "llava", "path": str(path)}]},
+        {"name": "tune", "train": ["connector", "llm"], "lr": {"connector": 1e-3, "llm": 1e-3},
+         "steps": steps, "batch_size": 4, "log_every": 1, "data": [{"format": "llava", "path": str(path)}]}]})
+
+
+def weights(run_dir):
+    from safetensors.torch import load_file
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def test_resume_after_an_interruption_gives_identical_weights(tmp_path, monkeypatch):
+    path = synthetic_dataset(tmp_path)
+    config = two_stage_recipe(path)
+    train(config, tmp_path / "straight")
+
+    forward, calls = MultimodalLM.forward, []
+
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == 9:  # stage 2, step 3: after the checkpoint at its step 2
+            raise KeyboardInterrupt
+        return forward(self, batch)
+
+    monkeypatch.setattr(MultimodalLM, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "resumed")
+    monkeypatch.setattr(MultimodalLM, "forward", forward)
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000006", "step-0000008"]  # keep 2
+
+    # A save killed half-way leaves a .tmp folder, or a folder without all its files: never picked.
+    (checkpoints / ".tmp-killed").mkdir()
+    (checkpoints / ".tmp-killed" / "weights.safetensors").write_bytes(b"partial")
+    (checkpoints / "step-0000011").mkdir()
+    (checkpoints / "step-0000011" / "weights.safetensors").write_bytes(b"partial")
+
+    summary = train(config, tmp_path / "resumed", resume=True)
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    steps = [json.loads(r)["global_step"] for r in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+    assert summary["samples"] == 12 * 4
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    path = synthetic_dataset(tmp_path)
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        train(two_stage_recipe(path), tmp_path / "empty", resume=True)

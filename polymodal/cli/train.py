@@ -13,6 +13,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. stages.0.steps=50")
     parser.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<recipe name>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in RUN_DIR")
     parser.set_defaults(run=run)
 
 
@@ -22,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     run_dir = args.out or f"runs/{recipe.name}"
-    summary = train(recipe, run_dir)
+    summary = train(recipe, run_dir, resume=args.resume)
     print(json.dumps({"run_dir": run_dir, "train_seconds": round(summary["train_seconds"], 1),
                       "final_loss": summary["final_loss"], "model": f"{run_dir}/model"}))
     return 0

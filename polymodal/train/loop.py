@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from polymodal.config import StageConfig
 from polymodal.errors import UserError
+from polymodal.train import checkpoint
 from polymodal.train.mixture import Mixture
 
 
@@ -58,16 +59,27 @@ def warmup_cosine(stage: StageConfig) -> Callable[[int], float]:
     return factor
 
 
-def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict], None]) -> dict:
-    """Run `stage.steps` optimizer steps; returns totals (samples, tokens, seconds, final loss)."""
+def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict], None],
+                totals: dict | None = None, start_step: int = 0, resume_from=None,
+                on_checkpoint: Callable | None = None, checkpoint_every: int | None = None) -> dict:
+    """Run optimizer steps `start_step`..`stage.steps`; returns totals (samples, tokens, seconds, loss).
+
+    `resume_from` is a checkpoint whose optimizer, schedule and RNG state continue here;
+    `on_checkpoint(step, optimizer, scheduler, totals)` runs every `checkpoint_every`
+    steps and at the stage's end.
+    """
     optimizer = make_optimizer(model, stage)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage))
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if stage.precision == "bfloat16" else nullcontext()
-    torch.manual_seed(stage.seed)
+    if resume_from is not None:
+        checkpoint.restore_optimizer(resume_from, optimizer, scheduler)
+    else:
+        torch.manual_seed(stage.seed)
     model.train()
-    totals = {"samples": 0, "tokens": 0, "seconds": 0.0, "final_loss": None}
-    progress = tqdm(range(stage.steps), desc=f"stage {stage.name}", unit="step", dynamic_ncols=True)
+    totals = totals or {"samples": 0, "tokens": 0, "seconds": 0.0, "final_loss": None}
+    progress = tqdm(range(start_step, stage.steps), desc=f"stage {stage.name}", unit="step",
+                    dynamic_ncols=True, initial=start_step, total=stage.steps)
     for step in progress:
         started = time.perf_counter()
         loss_sum, tokens = 0.0, 0
@@ -93,5 +105,8 @@ def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict
         if (step + 1) % stage.log_every == 0 or step + 1 == stage.steps:
             log({"stage": stage.name, "step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
                  "grad_norm": float(grad_norm), "tokens_per_second": tokens / seconds})
+        due = checkpoint_every and (step + 1) % checkpoint_every == 0
+        if on_checkpoint is not None and (due or step + 1 == stage.steps):
+            on_checkpoint(step + 1, optimizer, scheduler, totals)
     model.eval()
     return totals

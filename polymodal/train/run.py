@@ -4,6 +4,7 @@ RUN_DIR/
   recipe.yaml        the resolved recipe (overrides applied)
   metrics.jsonl      one line per logged step
   bad_samples.jsonl  samples skipped by the up-front check, with reasons
+  checkpoints/       resumable checkpoints (see checkpoint.py)
   loss.png           loss curves, one per stage
   summary.json       train_seconds (total and per stage), samples, tokens, final loss
   model/             the final model (MultimodalLM.from_pretrained reads it)
@@ -15,49 +16,118 @@ import json
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from polymodal.config import RecipeConfig, to_dict
 from polymodal.errors import UserError
 from polymodal.model import MultimodalLM, atomic_write
+from polymodal.train import checkpoint
 from polymodal.train.loop import train_stage
 from polymodal.train.mixture import Mixture, encode_dataset
 from polymodal.train.plots import plot_losses
 
 
-def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None = None) -> dict:
-    """Train every stage of `recipe` into `run_dir`; returns the summary."""
-    if not recipe.stages:
-        raise UserError(f"recipe {recipe.name!r} has no stages to train")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "recipe.yaml", lambda p: p.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False)))
-    model = model or MultimodalLM.from_config(recipe)
-    metrics = run_dir / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-    (run_dir / "bad_samples.jsonl").unlink(missing_ok=True)
+class Run:
+    """The run directory's files, and where in the recipe the run stands."""
 
-    def log(row: dict) -> None:
-        with open(metrics, "a") as handle:
+    def __init__(self, recipe: RecipeConfig, run_dir: Path, resume: bool):
+        self.recipe, self.dir = recipe, run_dir
+        self.metrics = run_dir / "metrics.jsonl"
+        self.bad_samples = run_dir / "bad_samples.jsonl"
+        self.checkpoints = run_dir / "checkpoints"
+        self.summary = {"recipe": recipe.name, "stages": {}, "train_seconds": 0.0,
+                        "samples": 0, "tokens": 0, "final_loss": None}
+        self.position = (0, 0)  # (stage index, steps done in it)
+        self.resume_from = checkpoint.latest(self.checkpoints) if resume else None
+        text = yaml.safe_dump(to_dict(recipe), sort_keys=False)
+        if resume:
+            self._check_same_recipe(text)
+        else:
+            for path in (self.metrics, self.bad_samples):
+                path.unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "recipe.yaml", lambda p: p.write_text(text))
+
+    def _check_same_recipe(self, text: str) -> None:
+        if self.resume_from is None:
+            raise UserError(f"--resume: no complete checkpoint in {self.checkpoints}")
+        saved = self.dir / "recipe.yaml"
+        if saved.is_file() and saved.read_text() != text:
+            raise UserError(f"--resume: the recipe differs from the run's {saved}")
+        meta = checkpoint.read_meta(self.resume_from)
+        self.position = (meta["stage_index"], meta["step"])
+        self.summary = meta["summary"]
+        self._drop_metrics_after(meta["global_step"])
+
+    def _drop_metrics_after(self, global_step: int) -> None:
+        if self.metrics.is_file():
+            rows = [json.loads(line) for line in self.metrics.read_text().splitlines()]
+            kept = "".join(json.dumps(r) + "\n" for r in rows if r["global_step"] <= global_step)
+            atomic_write(self.metrics, lambda p: p.write_text(kept))
+
+    def log(self, row: dict) -> None:
+        with open(self.metrics, "a") as handle:
             handle.write(json.dumps(row) + "\n")
 
-    summary = {"recipe": recipe.name, "stages": {}, "train_seconds": 0.0, "samples": 0, "tokens": 0}
+    def global_step(self, stage_index: int, step: int) -> int:
+        return sum(s.steps for s in self.recipe.stages[:stage_index]) + step
+
+
+def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None = None,
+          resume: bool = False) -> dict:
+    """Train every stage of `recipe` into `run_dir` (continuing its newest checkpoint if
+    `resume`); returns the summary."""
+    if not recipe.stages:
+        raise UserError(f"recipe {recipe.name!r} has no stages to train")
     started = time.perf_counter()
-    for stage in recipe.stages:
-        datasets = [encode_dataset(model, d, stage, run_dir / "bad_samples.jsonl") for d in stage.data]
-        mixture = Mixture(datasets, stage.batch_size, stage.seed)
-        if len(mixture) == 0:
-            raise UserError(f"stage {stage.name!r}: no usable samples")
-        stage_started = time.perf_counter()
-        totals = train_stage(model, stage, mixture, log)
-        totals["train_seconds"] = time.perf_counter() - stage_started
-        totals["skipped_too_long"] = sum(d.skipped_too_long for d in datasets)
-        summary["stages"][stage.name] = totals
-        summary["samples"] += totals["samples"]
-        summary["tokens"] += totals["tokens"]
-        summary["final_loss"] = totals["final_loss"]
-    summary["train_seconds"] = time.perf_counter() - started
-    model.save_pretrained(run_dir / "model")
-    plot_losses(metrics, run_dir / "loss.png")
-    atomic_write(run_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
-    return summary
+    run = Run(recipe, Path(run_dir), resume)
+    if model is None:
+        torch.manual_seed(recipe.stages[0].seed)  # parts built from scratch start the same every run
+        model = MultimodalLM.from_config(recipe)
+    if run.resume_from is not None:
+        checkpoint.load_weights(run.resume_from, model)
+    for index, stage in enumerate(recipe.stages):
+        start = run.position[1] if index == run.position[0] else 0
+        if index < run.position[0] or start >= stage.steps:
+            continue
+        _train_one_stage(run, model, index, start)
+    model.save_pretrained(run.dir / "model")
+    # Wall time of the whole command (data checks, checkpoints, saving), over resumed sessions too.
+    run.summary["wall_seconds"] = run.summary.get("wall_seconds", 0.0) + time.perf_counter() - started
+    plot_losses(run.metrics, run.dir / "loss.png")
+    atomic_write(run.dir / "summary.json", lambda p: p.write_text(json.dumps(run.summary, indent=2)))
+    return run.summary
+
+
+def _train_one_stage(run: Run, model: MultimodalLM, index: int, start: int) -> None:
+    stage = run.recipe.stages[index]
+    datasets = [encode_dataset(model, d, stage, run.bad_samples) for d in stage.data]
+    mixture = Mixture(datasets, stage.batch_size, stage.seed)
+    if len(mixture) == 0:
+        raise UserError(f"stage {stage.name!r}: no usable samples")
+    resuming = start > 0
+    totals = run.summary["stages"].get(stage.name) if resuming else None
+
+    def log(row: dict) -> None:
+        run.log({**row, "global_step": run.global_step(index, row["step"])})
+
+    def on_checkpoint(step, optimizer, scheduler, stage_totals) -> None:
+        _record(run, stage.name, stage_totals, sum(d.skipped_too_long for d in datasets))
+        meta = {"stage_index": index, "step": step, "global_step": run.global_step(index, step),
+                "summary": {k: v for k, v in run.summary.items() if k != "wall_seconds"}}
+        checkpoint.save(run.checkpoints, model, optimizer, scheduler, meta, run.recipe.checkpoint.keep)
+
+    train_stage(model, stage, mixture, log, totals=totals, start_step=start,
+                resume_from=run.resume_from if resuming else None,
+                on_checkpoint=on_checkpoint, checkpoint_every=run.recipe.checkpoint.every)
+
+
+def _record(run: Run, name: str, totals: dict, skipped: int) -> None:
+    """Fold a stage's totals into the run summary (train_seconds: training steps only)."""
+    stages = run.summary["stages"]
+    stages[name] = {**totals, "train_seconds": totals["seconds"], "skipped_too_long": skipped}
+    run.summary["train_seconds"] = sum(s["train_seconds"] for s in stages.values())
+    run.summary["samples"] = sum(s["samples"] for s in stages.values())
+    run.summary["tokens"] = sum(s["tokens"] for s in stages.values())
+    run.summary["final_loss"] = totals["final_loss"]

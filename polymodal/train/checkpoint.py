@@ -1,0 +1,102 @@
+"""Checkpoints a resumed run continues from exactly: weights, optimizer, schedule, RNG, position.
+
+Layout: RUN_DIR/checkpoints/step-000120/{weights.safetensors, optimizer.safetensors, meta.json}.
+A checkpoint is written into a `.tmp-*` folder, every file fsynced, and renamed into
+place in one step, so a save killed half-way leaves only a `.tmp-*` folder that
+`latest()` never picks. No pickle: tensors go to safetensors, the rest to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+FILES = ("weights.safetensors", "optimizer.safetensors", "meta.json")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def save(folder: Path, model, optimizer, scheduler, meta: dict, keep: int) -> Path:
+    """Write a checkpoint named by meta["global_step"]; keep only the newest `keep`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{meta['global_step']:07d}"
+    temp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+    try:
+        save_model(model, str(temp / "weights.safetensors"))
+        tensors, layout = _flatten_optimizer(optimizer.state_dict())
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(temp / "optimizer.safetensors"))
+        record = {**meta, "optimizer_layout": layout, "scheduler": scheduler.state_dict()}
+        (temp / "meta.json").write_text(json.dumps(record))
+        for name in FILES:
+            _fsync(temp / name)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temp, final)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    for old in sorted(complete(folder))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete(folder: Path) -> list[Path]:
+    """Finished checkpoints (never `.tmp-*` leftovers), oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("step-*") if all((p / name).is_file() for name in FILES)]
+    return sorted(found)
+
+
+def latest(folder: Path) -> Path | None:
+    found = complete(folder)
+    return found[-1] if found else None
+
+
+def read_meta(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "meta.json").read_text())
+
+
+def load_weights(checkpoint: Path, model) -> None:
+    load_model(model, str(checkpoint / "weights.safetensors"))
+
+
+def restore_optimizer(checkpoint: Path, optimizer, scheduler) -> None:
+    """Optimizer and scheduler state, and the torch RNG, as they were when saved."""
+    meta = read_meta(checkpoint)
+    tensors = load_file(str(checkpoint / "optimizer.safetensors"))
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer_layout"]))
+    scheduler.load_state_dict(meta["scheduler"])
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state_dict as named tensors plus JSON for everything else."""
+    tensors, values = {}, {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.contiguous()
+            else:
+                values[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "values": values}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, tensor in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = tensor
+    for key, value in layout["values"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": layout["param_groups"]}
