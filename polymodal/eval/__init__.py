@@ -1,0 +1,1 @@
+"""Evaluation tasks; each writes results.json, predictions.jsonl and pictures to an output folder."""
