@@ -17,6 +17,7 @@ from tqdm import tqdm
 from polymodal.config import StageConfig
 from polymodal.errors import UserError
 from polymodal.train import checkpoint
+from polymodal.train.distributed import SINGLE_PROCESS, World, wrap
 from polymodal.train.mixture import Mixture
 
 
@@ -61,7 +62,8 @@ def warmup_cosine(stage: StageConfig) -> Callable[[int], float]:
 
 def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict], None],
                 totals: dict | None = None, start_step: int = 0, resume_from=None,
-                on_checkpoint: Callable | None = None, checkpoint_every: int | None = None) -> dict:
+                on_checkpoint: Callable | None = None, checkpoint_every: int | None = None,
+                world: World = SINGLE_PROCESS) -> dict:
     """Run optimizer steps `start_step`..`stage.steps`; returns totals (samples, tokens, seconds, loss).
 
     `resume_from` is a checkpoint whose optimizer, schedule and RNG state continue here;
@@ -69,6 +71,10 @@ def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict
     steps and at the stage's end.
     """
     optimizer = make_optimizer(model, stage)
+    if stage.batch_size % world.size:
+        raise UserError(f"stage {stage.name!r}: batch_size {stage.batch_size} does not split over "
+                        f"{world.size} processes")
+    forward = wrap(model, world)  # DDP averages the gradients of the processes' slices
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage))
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if stage.precision == "bfloat16" else nullcontext()
@@ -79,17 +85,19 @@ def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict
     model.train()
     totals = totals or {"samples": 0, "tokens": 0, "seconds": 0.0, "final_loss": None}
     progress = tqdm(range(start_step, stage.steps), desc=f"stage {stage.name}", unit="step",
-                    dynamic_ncols=True, initial=start_step, total=stage.steps)
+                    dynamic_ncols=True, initial=start_step, total=stage.steps, disable=not world.is_main)
     for step in progress:
         started = time.perf_counter()
         loss_sum, tokens = 0.0, 0
         for micro in range(stage.grad_accum):
-            batch = mixture.batch(model, step, micro)
+            batch = mixture.batch(model, step, micro, world.rank, world.size)
             with precision:
-                output = model(batch)
+                output = forward(batch)
             (output.loss / stage.grad_accum).backward()
             loss_sum += output.loss.item() / stage.grad_accum
             tokens += int(batch["attention_mask"].sum())
+        loss_sum = world.average(loss_sum)  # the same number on every process, so all stop together
+        tokens = round(world.average(tokens) * world.size)
         if not math.isfinite(loss_sum):
             raise NonFiniteLoss(f"loss is {loss_sum} at step {step + 1} of stage {stage.name!r}; stopped")
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, stage.clip or float("inf"))
@@ -102,6 +110,8 @@ def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict
         totals["seconds"] += seconds
         totals["final_loss"] = loss_sum
         progress.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens / seconds:.0f}")
+        if not world.is_main:
+            continue
         if (step + 1) % stage.log_every == 0 or step + 1 == stage.steps:
             log({"stage": stage.name, "step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
                  "grad_norm": float(grad_norm), "tokens_per_second": tokens / seconds})

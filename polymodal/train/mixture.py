@@ -64,14 +64,15 @@ class Mixture:
     def __len__(self) -> int:
         return sum(len(d.samples) for d in self.datasets)
 
-    def batch(self, model, step: int, micro: int = 0) -> dict:
+    def batch(self, model, step: int, micro: int = 0, rank: int = 0, world_size: int = 1) -> dict:
+        """The batch of (step, micro); under DDP, this process's rows of the global batch."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 997 + micro)
         which = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=generator)
         chosen = []
         for index in which.tolist():
             samples = self.datasets[index].samples
             chosen.append(samples[int(torch.randint(len(samples), (1,), generator=generator))])
-        return to_batch(model, chosen)
+        return to_batch(model, chosen[rank::world_size])
 
 
 def to_batch(model, samples: list[dict]) -> dict:

@@ -22,7 +22,8 @@ import yaml
 from polymodal.config import RecipeConfig, to_dict
 from polymodal.errors import UserError
 from polymodal.model import MultimodalLM, atomic_write
-from polymodal.train import checkpoint
+from polymodal.train import checkpoint, distributed
+from polymodal.train.distributed import World
 from polymodal.train.loop import train_stage
 from polymodal.train.mixture import Mixture, encode_dataset
 from polymodal.train.plots import plot_losses
@@ -31,8 +32,8 @@ from polymodal.train.plots import plot_losses
 class Run:
     """The run directory's files, and where in the recipe the run stands."""
 
-    def __init__(self, recipe: RecipeConfig, run_dir: Path, resume: bool):
-        self.recipe, self.dir = recipe, run_dir
+    def __init__(self, recipe: RecipeConfig, run_dir: Path, resume: bool, world: World):
+        self.recipe, self.dir, self.world = recipe, run_dir, world
         self.metrics = run_dir / "metrics.jsonl"
         self.bad_samples = run_dir / "bad_samples.jsonl"
         self.checkpoints = run_dir / "checkpoints"
@@ -43,7 +44,9 @@ class Run:
         text = yaml.safe_dump(to_dict(recipe), sort_keys=False)
         if resume:
             self._check_same_recipe(text)
-        else:
+        if not world.is_main:
+            return  # only rank 0 writes
+        if not resume:
             for path in (self.metrics, self.bad_samples):
                 path.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +64,7 @@ class Run:
         self._drop_metrics_after(meta["global_step"])
 
     def _drop_metrics_after(self, global_step: int) -> None:
-        if self.metrics.is_file():
+        if self.world.is_main and self.metrics.is_file():
             rows = [json.loads(line) for line in self.metrics.read_text().splitlines()]
             kept = "".join(json.dumps(r) + "\n" for r in rows if r["global_step"] <= global_step)
             atomic_write(self.metrics, lambda p: p.write_text(kept))
@@ -81,7 +84,8 @@ def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None 
     if not recipe.stages:
         raise UserError(f"recipe {recipe.name!r} has no stages to train")
     started = time.perf_counter()
-    run = Run(recipe, Path(run_dir), resume)
+    world = distributed.setup()
+    run = Run(recipe, Path(run_dir), resume, world)
     if model is None:
         torch.manual_seed(recipe.stages[0].seed)  # parts built from scratch start the same every run
         model = MultimodalLM.from_config(recipe)
@@ -92,6 +96,9 @@ def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None 
         if index < run.position[0] or start >= stage.steps:
             continue
         _train_one_stage(run, model, index, start)
+    world.barrier()
+    if not world.is_main:
+        return run.summary
     model.save_pretrained(run.dir / "model")
     # Wall time of the whole command (data checks, checkpoints, saving), over resumed sessions too.
     run.summary["wall_seconds"] = run.summary.get("wall_seconds", 0.0) + time.perf_counter() - started
@@ -102,7 +109,8 @@ def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None 
 
 def _train_one_stage(run: Run, model: MultimodalLM, index: int, start: int) -> None:
     stage = run.recipe.stages[index]
-    datasets = [encode_dataset(model, d, stage, run.bad_samples) for d in stage.data]
+    bad_file = run.bad_samples if run.world.is_main else None
+    datasets = [encode_dataset(model, d, stage, bad_file) for d in stage.data]
     mixture = Mixture(datasets, stage.batch_size, stage.seed)
     if len(mixture) == 0:
         raise UserError(f"stage {stage.name!r}: no usable samples")
@@ -120,7 +128,8 @@ def _train_one_stage(run: Run, model: MultimodalLM, index: int, start: int) -> N
 
     train_stage(model, stage, mixture, log, totals=totals, start_step=start,
                 resume_from=run.resume_from if resuming else None,
-                on_checkpoint=on_checkpoint, checkpoint_every=run.recipe.checkpoint.every)
+                on_checkpoint=on_checkpoint if run.world.is_main else None,
+                checkpoint_every=run.recipe.checkpoint.every, world=run.world)
 
 
 def _record(run: Run, name: str, totals: dict, skipped: int) -> None:
