@@ -41,6 +41,7 @@ test: lint
 
 bench: install
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

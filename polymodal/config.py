@@ -123,6 +123,7 @@ class StageConfig:
     log_every: int = 10
     max_length: int | None = None  # longer samples are skipped and counted (never cut)
     max_bad_fraction: float = 0.01
+    cache_features: bool = True  # encode each image once when the encoder does not train
 
     def __post_init__(self):
         missing = [part for part in self.train if part not in self.lr]

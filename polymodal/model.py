@@ -106,8 +106,15 @@ class MultimodalLM(nn.Module):
         return self.connector(self.encoder(pixel_values))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [B, T] (+ images) -> input embeddings [B, T, D] with image tokens fused in."""
+              image_tokens: torch.Tensor | None = None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [B, T] (+ images) -> input embeddings [B, T, D] with image tokens fused in.
+
+        Images come as pixels [N, 3, S, S], as encoder features [N, S_enc, D_enc] (a cache
+        of a frozen encoder), or as finished LLM tokens [N, K, D].
+        """
+        if image_tokens is None and image_features is not None:
+            image_tokens = self.connector(image_features)
         if image_tokens is None and pixel_values is not None:
             image_tokens = self.encode_images(pixel_values)
         text = self.llm.embed(input_ids)
@@ -115,7 +122,8 @@ class MultimodalLM(nn.Module):
 
     def forward(self, batch: dict) -> Output:
         """Mean next-token loss over label positions; logits are computed only there."""
-        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("image_tokens"))
+        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("image_tokens"),
+                            batch.get("image_features"))
         mask = batch["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.llm.decoder(

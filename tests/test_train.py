@@ -202,3 +202,19 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert len(losses("ddp")) == 6
     assert losses("ddp") == pytest.approx(losses("single"), rel=1e-3)
     assert losses("ddp")[-1] < losses("ddp")[0]
+
+
+def test_frozen_encoder_features_are_cached_with_the_same_losses(tmp_path):
+    path = synthetic_dataset(tmp_path)
+    runs = {}
+    for cache in (True, False):
+        config = recipe(path, ["connector", "llm"], steps=5, cache_features=cache, log_every=1)
+        model = MultimodalLM.from_config(config)
+        calls = []
+        model.encoder.register_forward_hook(lambda module, args, out, calls=calls: calls.append(args[0].shape[0]))
+        train(config, tmp_path / f"run-{cache}", model)
+        rows = (tmp_path / f"run-{cache}" / "metrics.jsonl").read_text().splitlines()
+        runs[cache] = ([json.loads(r)["loss"] for r in rows], calls)
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    assert sum(runs[True][1]) == len(WORDS)  # each image encoded once
+    assert sum(runs[False][1]) == 5 * 8  # every sample of every step

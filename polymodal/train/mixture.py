@@ -55,8 +55,10 @@ class Mixture:
     `s` sees exactly the batches an uninterrupted run would.
     """
 
-    def __init__(self, datasets: list[EncodedDataset], batch_size: int, seed: int):
+    def __init__(self, datasets: list[EncodedDataset], batch_size: int, seed: int,
+                 features: FeatureCache | None = None):
         self.datasets = [d for d in datasets if d.samples]
+        self.features = features
         self.weights = torch.tensor([d.weight for d in self.datasets], dtype=torch.float64)
         self.batch_size = batch_size
         self.seed = seed
@@ -72,11 +74,38 @@ class Mixture:
         for index in which.tolist():
             samples = self.datasets[index].samples
             chosen.append(samples[int(torch.randint(len(samples), (1,), generator=generator))])
-        return to_batch(model, chosen[rank::world_size])
+        return to_batch(model, chosen[rank::world_size], self.features)
 
 
-def to_batch(model, samples: list[dict]) -> dict:
-    """Tokenized samples -> a padded batch with their images loaded."""
+def to_batch(model, samples: list[dict], features: FeatureCache | None = None) -> dict:
+    """Tokenized samples -> a padded batch with their images loaded (or their cached features)."""
+    load = features is None
     rows = [{"input_ids": s["input_ids"], "labels": s["labels"],
-             "pixel_values": model.processor.pixels(s["images"])} for s in samples]
-    return collate(rows, model.pad_id)
+             "pixel_values": model.processor.pixels(s["images"]) if load else None} for s in samples]
+    batch = collate(rows, model.pad_id)
+    paths = [path for s in samples for path in s["images"]]
+    if features is not None and paths:
+        batch["image_features"] = features.get(model, paths)
+    return batch
+
+
+class FeatureCache:
+    """Encoder features of each image, computed once, for stages that keep the encoder frozen.
+
+    Held in memory: [S_enc, D_enc] float32 per image (a 64-token, 192-wide ViT: 48 KiB).
+    """
+
+    def __init__(self):
+        self.features: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def get(self, model, paths: list[str]) -> torch.Tensor:
+        """[N, S_enc, D_enc] for these image paths, encoding only those not seen before."""
+        missing = list(dict.fromkeys(p for p in paths if p not in self.features))
+        if missing:
+            was_training = model.encoder.training
+            model.encoder.eval()
+            encoded = model.encoder(model.processor.pixels(missing))
+            model.encoder.train(was_training)
+            self.features.update(zip(missing, encoded))
+        return torch.stack([self.features[p] for p in paths])

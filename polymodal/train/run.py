@@ -25,7 +25,7 @@ from polymodal.model import MultimodalLM, atomic_write
 from polymodal.train import checkpoint, distributed
 from polymodal.train.distributed import World
 from polymodal.train.loop import train_stage
-from polymodal.train.mixture import Mixture, encode_dataset
+from polymodal.train.mixture import FeatureCache, Mixture, encode_dataset
 from polymodal.train.plots import plot_losses
 
 
@@ -111,7 +111,9 @@ def _train_one_stage(run: Run, model: MultimodalLM, index: int, start: int) -> N
     stage = run.recipe.stages[index]
     bad_file = run.bad_samples if run.world.is_main else None
     datasets = [encode_dataset(model, d, stage, bad_file) for d in stage.data]
-    mixture = Mixture(datasets, stage.batch_size, stage.seed)
+    frozen_encoder = model.encoder is not None and "encoder" not in stage.train
+    cache = FeatureCache() if stage.cache_features and frozen_encoder else None
+    mixture = Mixture(datasets, stage.batch_size, stage.seed, cache)
     if len(mixture) == 0:
         raise UserError(f"stage {stage.name!r}: no usable samples")
     resuming = start > 0
