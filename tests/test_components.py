@@ -12,6 +12,7 @@ ENCODERS = {
     "dinov2": {"kind": "hf", "source": "tiny:dinov2"},
     "vit": {"kind": "vit", "image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2},
     "patches": {"kind": "patches", "image_size": 32, "patch_size": 8},
+    "cnn": {"kind": "cnn", "image_size": 32, "channels": [8, 16, 16, 24]},
     "multi": {"kind": "multi", "parts": [{"kind": "hf", "source": "tiny:clip"},
                                          {"kind": "hf", "source": "tiny:dinov2"}]},
 }

@@ -80,12 +80,11 @@ class Generator:
         """Run generation, yielding every row's state after each new token."""
         samples = [self.encode(prompt) for prompt in prompts]
         batch = collate(samples, self.model.pad_id, left_pad=True)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, T], T = the longest prompt
         total = ids.shape[1] + params.max_new_tokens
         context = self.model.llm.max_length
-        if max(len(s["input_ids"]) for s in samples) + params.max_new_tokens > context:
-            longest = max(len(s["input_ids"]) for s in samples)
-            raise UserError(f"prompt ({longest} tokens) plus max_new_tokens "
+        if total > context:
+            raise UserError(f"prompt ({ids.shape[1]} tokens) plus max_new_tokens "
                             f"({params.max_new_tokens}) exceeds the context of {context} tokens")
         tokenizer = self.model.llm.tokenizer
         rows = [_Row(TextTracker(tokenizer, params.stop), len(s["input_ids"])) for s in samples]

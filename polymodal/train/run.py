@@ -13,6 +13,7 @@ RUN_DIR/
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -46,9 +47,10 @@ class Run:
             self._check_same_recipe(text)
         if not world.is_main:
             return  # only rank 0 writes
-        if not resume:
+        if not resume:  # a fresh run replaces the last one's records, so --resume never mixes them
             for path in (self.metrics, self.bad_samples):
                 path.unlink(missing_ok=True)
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "recipe.yaml", lambda p: p.write_text(text))
 
