@@ -22,8 +22,8 @@ ANSWERS = {("what shape is this?", 0): " Circle. ", ("what color is the shape?",
 @pytest.fixture
 def folder(tmp_path):
     (tmp_path / "images").mkdir()
-    for image_id in (0, 1):
-        Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "images" / f"{image_id}.png")
+    for image_id, colour in ((0, (200, 0, 0)), (1, (0, 0, 200))):  # told apart by colour
+        Image.new("RGB", (32, 32), colour).save(tmp_path / "images" / f"{image_id}.png")
     (tmp_path / "questions.json").write_text(json.dumps(QUESTIONS))
     (tmp_path / "answers.txt").write_text("circle\ntriangle\nred\nblue\nyes\nno\n")
     return tmp_path
@@ -36,7 +36,7 @@ def scripted(monkeypatch):
         out = []
         for prompt in prompts:
             question = prompt["messages"][0]["content"].removeprefix("<image>\n")
-            image_id = int(prompt["images"][0].rsplit("/", 1)[-1].removesuffix(".png"))
+            image_id = int(prompt["images"][0][2].mean() > 0.5)  # pixels [3, S, S]: blue is image 1
             out.append(Completion(ANSWERS[question, image_id], [], "stop", 0))
         return out
     monkeypatch.setattr(Generator, "generate", generate)

@@ -69,9 +69,9 @@ class ChatSession:
         if self.system:
             messages.insert(0, {"role": "system", "content": self.system})
         prompt = {"messages": messages, "images": [*self.images, *images]}
-        self.generator.encode(prompt)  # check placeholders and length before streaming starts
+        encoded = self.generator.encode(prompt)  # placeholders and length checked before streaming
         pieces = []
-        for piece in self.generator.stream(prompt, self.params):
+        for piece in self.generator.stream(encoded, self.params):
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

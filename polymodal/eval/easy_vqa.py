@@ -32,10 +32,13 @@ def evaluate_easy_vqa(model, split: str | None = "test", folder: str | None = No
         questions = random.Random(seed).sample(questions, limit)
     generator = Generator(model)
     params = SamplingParams(max_new_tokens=8)
-    rows = []
+    rows, pixels = [], {}  # each image is read and decoded once for all its questions
     for start in tqdm(range(0, len(questions), batch_size), desc="easy-vqa", unit="batch"):
         chunk = questions[start : start + batch_size]
-        prompts = [{"messages": [{"role": "user", "content": f"<image>\n{q}"}], "images": [image]}
+        for _, _, image in chunk:
+            if image not in pixels:
+                pixels[image] = model.processor.pixels([image])[0]
+        prompts = [{"messages": [{"role": "user", "content": f"<image>\n{q}"}], "images": [pixels[image]]}
                    for q, _, image in chunk]
         for (question, answer, image), completion in zip(chunk, generator.generate(prompts, params)):
             prediction = normalize(completion.text)
