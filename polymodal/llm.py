@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from transformers import AddedToken
@@ -32,6 +34,7 @@ class LanguageModel(nn.Module):
         self.image_token = config.image_token
         self.image_token_id = add_placeholder_token(self.tokenizer, model, config.image_token)
         self.chat_template = config.chat_template or self.tokenizer.chat_template or CHATML_TEMPLATE
+        self.system_prompt = config.system_prompt
         if config.lora is not None:
             model = add_lora(model, config.lora)
         self.model = model
@@ -53,7 +56,10 @@ class LanguageModel(nn.Module):
         return self.model.get_input_embeddings()(safe)
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        """The chat template applied to messages whose content is text (placeholders inline)."""
+        """The chat template applied to messages whose content is text (placeholders inline);
+        the configured system prompt goes first when the conversation has none."""
+        if self.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.chat_template, tokenize=False,
             add_generation_prompt=add_generation_prompt,
@@ -98,3 +104,24 @@ def add_lora(model: nn.Module, lora) -> nn.Module:
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules))
     return inject_adapter_in_model(config, model)
+
+
+@contextmanager
+def merged_lora(model: nn.Module):
+    """Fold LoRA adapters into their base weights for the duration (inference runs plain
+    matmuls, ~no adapter overhead), then restore the base weights exactly: peft's `unmerge`
+    subtracts the update again, which would leave float round-off behind after each use."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged]
+    saved = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    try:
+        for layer in layers:
+            layer.merge()
+        yield model
+    finally:
+        for layer, weight in zip(layers, saved):
+            if layer.merged:
+                layer.unmerge()
+            with torch.no_grad():
+                layer.get_base_layer().weight.copy_(weight)

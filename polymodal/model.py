@@ -20,7 +20,7 @@ from polymodal.errors import UserError
 from polymodal.fusion import build_fusion
 from polymodal.llm import LanguageModel
 from polymodal.processing import Processor
-from polymodal.processing.collate import IGNORE
+from polymodal.processing.collate import IGNORE, collate
 from polymodal.sources import PartLoader
 
 FORMAT = "polymodal"
@@ -134,6 +134,35 @@ class MultimodalLM(nn.Module):
         logits = self.llm.lm_head(hidden[:, :-1][keep])  # [N_labels, V], nothing else
         loss = F.cross_entropy(logits.float(), targets[keep])
         return Output(loss=loss, num_label_tokens=int(keep.sum()))
+
+    # ------------------------------------------------------------ training data
+
+    @property
+    def image_placeholder(self) -> str:
+        return self.llm.image_token
+
+    def training_example(self, sample, max_length: int | None = None) -> dict | None:
+        """A `data.formats.Sample` -> {input_ids, labels, images: paths}; None when it is
+        longer than `max_length` (or the LLM's context): whole samples are skipped, never
+        cut inside an image's tokens."""
+        limit = min(max_length or self.llm.max_length, self.llm.max_length)
+        tokens = self.processor.encode_for_training(sample.messages, [None] * len(sample.images),
+                                                    load_images=False)
+        if len(tokens["input_ids"]) > limit:
+            return None
+        return {"input_ids": tokens["input_ids"], "labels": tokens["labels"], "images": sample.images}
+
+    def training_batch(self, examples: list[dict], features=None) -> dict:
+        """Examples -> a padded batch with their images loaded, or their encoder features
+        from `features` (a `train.mixture.FeatureCache`) when the encoder is frozen."""
+        rows = [{"input_ids": e["input_ids"], "labels": e["labels"],
+                 "pixel_values": self.processor.pixels(e["images"]) if features is None else None}
+                for e in examples]
+        batch = collate(rows, self.pad_id)
+        paths = [path for e in examples for path in e["images"]]
+        if features is not None and paths:
+            batch["image_features"] = features.get(self, paths)
+        return batch
 
     # ------------------------------------------------------------ files
 

@@ -136,6 +136,8 @@ def load_text_encoder(source: str, trust_remote_code: bool = False):
     """(model, tokenizer) for a text encoder such as all-MiniLM-L6-v2 (transformers AutoModel)."""
     from transformers import AutoModel
 
+    if source.startswith("tiny:"):
+        return tiny.text_model(source[5:])
     location = locate(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location.directory, trust_remote_code=trust_remote_code)

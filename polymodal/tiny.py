@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    BertConfig,
+    BertModel,
     CLIPVisionConfig,
     CLIPVisionModel,
     Dinov2Config,
@@ -30,7 +32,8 @@ _VISION = {
     "siglip": (SiglipVisionConfig, SiglipVisionModel),
     "dinov2": (Dinov2Config, Dinov2Model),
 }
-ARCHITECTURES = (*_LANGUAGE, *_VISION)
+_TEXT = {"bert": (BertConfig, BertModel)}  # all-MiniLM-L6-v2's architecture
+ARCHITECTURES = (*_LANGUAGE, *_VISION, *_TEXT)
 SEED = 0
 
 
@@ -105,3 +108,18 @@ def vision_model(arch: str):
         torch.manual_seed(SEED)
         model = model_class(config)
     return model.eval()
+
+
+def text_model(arch: str):
+    """(model, tokenizer) for `tiny:bert`, a text tower: 2 layers, width 32, byte tokenizer."""
+    if arch not in _TEXT:
+        raise _unknown(arch, "text", _TEXT)
+    tokenizer = byte_tokenizer()
+    config_class, model_class = _TEXT[arch]
+    config = config_class(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                          pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED)
+        model = model_class(config, add_pooling_layer=False)
+    return model.eval(), tokenizer

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import image, tiny_model
+from polymodal.errors import ConfigError
 from polymodal.processing import collate
 
 ENCODERS = {
@@ -94,3 +95,15 @@ def test_cls_token_kept_on_request():
         tiny_model({"kind": "hf", "source": "tiny:clip", "keep_cls": True}, {"kind": "pixel_shuffle"})
     with pytest.raises(ConfigError, match="no CLS token"):
         tiny_model({"kind": "hf", "source": "tiny:siglip", "keep_cls": True}, {"kind": "linear"})
+
+
+def test_cnn_pool_max_pools_the_grid_to_fewer_tokens():
+    model = tiny_model({**ENCODERS["cnn"], "pool": 2}, CONNECTORS["mlp"][0])
+    pixels = torch.stack([image(i) for i in range(2)])
+    full = tiny_model(ENCODERS["cnn"], CONNECTORS["mlp"][0]).encoder(pixels)  # [2, 16, C], a 4x4 grid
+    pooled = model.encoder(pixels)
+    assert model.tokens_per_image == 4 and pooled.shape == (2, 4, full.shape[-1])
+    grid = full.view(2, 4, 4, -1)
+    assert torch.allclose(pooled[:, 0], grid[:, :2, :2].amax((1, 2)))  # top-left 2x2 block
+    with pytest.raises(ConfigError, match=r"encoder\.pool"):
+        tiny_model({**ENCODERS["cnn"], "pool": 5})

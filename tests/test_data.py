@@ -57,6 +57,31 @@ def test_easy_vqa_groups_questions_by_image():
     assert sum(m["content"].count("<image>") for m in samples[0].messages) == 1
 
 
+def test_split_turns_puts_the_image_in_every_part():
+    from polymodal.data.formats import Sample, split_turns
+
+    messages = []
+    for number in range(5):
+        messages += [{"role": "user", "content": ("<image>\n" if number == 0 else "") + f"q{number}?"},
+                     {"role": "assistant", "content": f"a{number}"}]
+    parts = split_turns(Sample("x", messages, ["x.png"]), 2)
+    assert [[m["content"] for m in p.messages] for p in parts] == [
+        ["<image>\nq0?", "a0", "q1?", "a1"], ["<image>\nq2?", "a2", "q3?", "a3"], ["<image>\nq4?", "a4"]]
+    assert [p.id for p in parts] == ["x#0", "x#2", "x#4"] and all(p.images == ["x.png"] for p in parts)
+    two_images = Sample("y", messages, ["a.png", "b.png"])
+    assert split_turns(two_images, 1) == [two_images]  # where would the second image go? left whole
+
+
+@needs_package("easy_vqa")
+def test_easy_vqa_one_turn_per_sample():
+    from polymodal.config import DatasetConfig
+    from polymodal.train.mixture import read_dataset
+
+    samples = read_dataset(DatasetConfig(format="easy-vqa", split="test", turns=1))
+    assert len(samples) == 9673
+    assert all(len(s.messages) == 2 and s.messages[0]["content"].startswith("<image>\n") for s in samples)
+
+
 def test_bad_samples_are_skipped_listed_and_can_stop_the_run(tmp_path):
     good = {"image": "red_circle.png",
             "conversations": [{"from": "human", "value": "<image>Shape?"}, {"from": "gpt", "value": "circle"}]}

@@ -117,3 +117,24 @@ def test_context_overflow_names_the_counts():
     prompt = {"messages": [{"role": "user", "content": "x" * 300}]}
     with pytest.raises(UserError, match=r"plus max_new_tokens \(300\) exceeds the context of 512"):
         generator.generate([prompt], SamplingParams(max_new_tokens=300))
+
+
+def test_lora_is_merged_for_generation_and_the_base_weights_come_back_exactly():
+    from polymodal.llm import merged_lora
+
+    lora = {"r": 4, "target_modules": ["q_proj", "v_proj", "gate_proj"]}
+    model = tiny_model(llm={"lora": lora})
+    torch.manual_seed(1)
+    for name, parameter in model.llm.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: give the adapters something to add
+            parameter.data.normal_(0, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        unmerged = model.llm.model(ids).logits
+        with merged_lora(model.llm.model):
+            merged = model.llm.model(ids).logits
+    assert torch.allclose(merged, unmerged, atol=1e-5)
+    prompt = {"messages": [{"role": "user", "content": "hi"}]}
+    Generator(model).generate([prompt], SamplingParams(max_new_tokens=3))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -20,6 +20,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--limit", type=int, help="a fixed, seeded sample of N questions")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", metavar="DIR", help="write results.json, predictions.jsonl and pictures here")
+    parser.add_argument("--show", type=int, default=0, metavar="N",
+                        help="also print N example answers (to stderr, stdout keeps the JSON)")
     parser.set_defaults(run=run)
 
 
@@ -32,6 +34,19 @@ def run(args: argparse.Namespace) -> int:
     from polymodal.model import load_any
 
     model = load_any(args.model)
-    results = evaluate_easy_vqa(model, args.split, args.data, args.limit, args.batch_size, args.out)
+    rows: list[dict] = []
+    results = evaluate_easy_vqa(model, args.split, args.data, args.limit, args.batch_size, args.out, rows=rows)
+    show_examples(rows, args.show)
     print(json.dumps(results))
     return 0
+
+
+def show_examples(rows: list[dict], count: int) -> None:
+    """A seeded handful of answers, right and wrong, for a person to read."""
+    import random
+    import sys
+
+    for row in random.Random(0).sample(rows, min(count, len(rows))):
+        mark = "ok   " if row["correct"] else "WRONG"
+        print(f"{mark} image {row['image']:>4}  {row['question']:<42} -> {row['prediction']:<10} "
+              f"(reference: {row['reference']})", file=sys.stderr)

@@ -102,17 +102,119 @@ def read_easy_vqa_questions(folder: Path) -> list[tuple[str, str, str]]:
         raise UserError(f"{folder / 'questions.json'}: expected [question, answer, image_id] triples") from None
 
 
-def read_easy_vqa(split: str | None = "train", folder: str | Path | None = None) -> list[Sample]:
-    """One conversation per image: its questions in file order, the image in the first turn."""
+def read_easy_vqa(split: str | None = "train", folder: str | Path | None = None,
+                  flip_yes_no: bool = False) -> list[Sample]:
+    """One conversation per image: its questions in file order, the image in the first turn.
+
+    `flip_yes_no`: instead, for each yes/no question about a shape or colour the image does
+    not have, the same question about the one it has, answer flipped ("is there a red
+    shape?" no -> "is there a blue shape?" yes). easy-VQA asks mostly about absent colours,
+    so "no" dominates its yes/no answers; mixed in, these balance them, as POPE balances probes.
+    """
     root = easy_vqa_folder(split, folder)
     by_image: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for question, answer, image in read_easy_vqa_questions(root):
         by_image[image].append((question, answer))
+    if flip_yes_no:
+        by_image = {image: flipped_yes_no(pairs) for image, pairs in by_image.items()}
     samples = []
     for image, pairs in by_image.items():
+        if not pairs:
+            continue
         messages = []
         for turn, (question, answer) in enumerate(pairs):
             messages.append({"role": "user", "content": ("<image>\n" if turn == 0 else "") + question})
             messages.append({"role": "assistant", "content": answer})
         samples.append(Sample(Path(image).stem, messages, [image]))
     return samples
+
+
+# ---------------------------------------------------------------- easy-VQA captions
+
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+EASY_VQA_COLORS = ("red", "green", "blue", "yellow", "black", "gray", "teal", "brown")
+
+
+def easy_vqa_attributes(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """The shape and colour of one image ({"shape", "color"}, either may be missing), read
+    from its questions and answers: "what color is the circle?" -> red names both, and
+    "is there not a red shape?" -> no says the shape is red."""
+    found: dict[str, str] = {}
+
+    def note(word: str) -> None:
+        found["shape" if word in EASY_VQA_SHAPES else "color"] = word
+
+    for question, answer in pairs:
+        words = question.lower().rstrip("?").split()
+        named = [w for w in words if w in EASY_VQA_SHAPES or w in EASY_VQA_COLORS]
+        if answer in ("yes", "no"):
+            negated = "not" in words or "no" in words
+            if (answer == "yes") != negated:  # the named attribute is present
+                for word in named:
+                    note(word)
+        else:
+            for word in (*named, answer):
+                note(word)
+    return found
+
+
+def flipped_yes_no(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The yes/no questions naming an absent attribute, asked about the present one instead."""
+    attributes = easy_vqa_attributes(pairs)
+    flipped = []
+    for question, answer in pairs:
+        words = question.rstrip("?").split()
+        negated = "not" in words or "no" in words
+        if answer not in ("yes", "no") or (answer == "yes") != negated:
+            continue  # not yes/no, or its attribute is present already
+        for index, word in enumerate(words):
+            kind = "shape" if word in EASY_VQA_SHAPES else "color" if word in EASY_VQA_COLORS else None
+            if kind and attributes.get(kind) and attributes[kind] != word:
+                words[index] = attributes[kind]
+                flipped.append((" ".join(words) + "?", "no" if answer == "yes" else "yes"))
+                break
+    return flipped
+
+
+def easy_vqa_caption(attributes: dict[str, str]) -> str | None:
+    shape, color = attributes.get("shape"), attributes.get("color")
+    if shape and color:
+        return f"a {color} {shape}"
+    if shape:
+        return f"a {shape}"
+    return f"a {color} shape" if color else None
+
+
+def read_easy_vqa_captions(split: str | None = "train", folder: str | Path | None = None) -> list[Sample]:
+    """Caption pairs ("a red triangle") derived from each image's easy-VQA questions; images
+    whose questions reveal neither shape nor colour are left out."""
+    root = easy_vqa_folder(split, folder)
+    by_image: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for question, answer, image in read_easy_vqa_questions(root):
+        by_image[image].append((question, answer))
+    samples = []
+    for image, pairs in by_image.items():
+        caption = easy_vqa_caption(easy_vqa_attributes(pairs))
+        if caption is not None:
+            messages = [{"role": "user", "content": f"<image>\n{CAPTION_PROMPT}"},
+                        {"role": "assistant", "content": caption}]
+            samples.append(Sample(Path(image).stem, messages, [image]))
+    return samples
+
+
+def split_turns(sample: Sample, turns: int, placeholder: str = "<image>") -> list[Sample]:
+    """A one-image conversation cut into parts of at most `turns` user/assistant exchanges,
+    the image placed at the start of each part; others (system turns, several images) stay whole."""
+    messages = sample.messages
+    roles = [m["role"] for m in messages]
+    if len(sample.images) != 1 or "system" in roles or roles[::2] != ["user"] * len(roles[::2]) \
+            or roles[1::2] != ["assistant"] * len(roles[1::2]) or len(messages) <= 2 * turns:
+        return [sample]
+    parts = []
+    for start in range(0, len(messages), 2 * turns):
+        chunk = [dict(m) for m in messages[start : start + 2 * turns]]
+        for message in chunk:
+            message["content"] = message["content"].replace(placeholder, "").lstrip("\n")
+        chunk[0]["content"] = f"{placeholder}\n{chunk[0]['content']}"
+        parts.append(Sample(f"{sample.id}#{start // 2}", chunk, list(sample.images)))
+    return parts

@@ -19,6 +19,7 @@ class CNNEncoderConfig(EncoderConfig):
     image_size: int = 64
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 192])  # one 3x3 conv each
     # Every stage but the last halves the resolution: 64 px and 4 stages give an 8x8 grid.
+    pool: int | None = None  # max-pool the final grid to pool x pool tokens (1: one global token)
 
 
 @register_encoder("cnn", config=CNNEncoderConfig)
@@ -42,10 +43,17 @@ class CNNEncoder(Encoder):
                 layers.append(nn.MaxPool2d(2))
             layers += [nn.Conv2d(previous, channels, 3, padding=1), nn.ReLU()]
             previous = channels
+        side = config.image_size // stride
+        if config.pool is not None:
+            if not 1 <= config.pool <= side:
+                raise ConfigError(f"{key}.pool: must be between 1 and the {side}x{side} grid's side")
+            # Max, not mean: a small shape lights up a few cells wherever it sits.
+            layers.append(nn.AdaptiveMaxPool2d(config.pool))
+            side = config.pool
         self.body = nn.Sequential(*layers)
-        self.num_tokens = (config.image_size // stride) ** 2
+        self.num_tokens = side**2
         self.out_dim = previous
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] in [0, 1] -> [B, (H/s)*(W/s), C_last], cells in row-major order."""
+        """[B, 3, H, W] in [0, 1] -> [B, side*side, C_last], cells in row-major order."""
         return self.body(self.normalize(pixels)).flatten(2).transpose(1, 2)

@@ -21,6 +21,7 @@ from polymodal.engine.runners import make_runner
 from polymodal.engine.sampling import SamplingParams, choose_next
 from polymodal.engine.text import TextTracker
 from polymodal.errors import UserError
+from polymodal.llm import merged_lora
 from polymodal.processing import collate
 
 
@@ -88,7 +89,12 @@ class Generator:
                             f"({params.max_new_tokens}) exceeds the context of {context} tokens")
         tokenizer = self.model.llm.tokenizer
         rows = [_Row(TextTracker(tokenizer, params.stop), len(s["input_ids"])) for s in samples]
-        embeds = self.model.embed(ids, batch["pixel_values"])
+        with merged_lora(self.model.llm.model):
+            yield from self._decode(rows, ids, mask, batch["pixel_values"], total, params)
+
+    def _decode(self, rows: list[_Row], ids, mask, pixels, total: int,
+                params: SamplingParams) -> Iterator[list[_Row]]:
+        embeds = self.model.embed(ids, pixels)
         runner = make_runner(self.model.llm.model)
         logits = runner.prefill(embeds, mask, total)
         generator = params.generator()

@@ -25,14 +25,16 @@ def question_type(answer: str) -> str:
 
 
 def evaluate_easy_vqa(model, split: str | None = "test", folder: str | None = None, limit: int | None = None,
-                      batch_size: int = 32, out: Path | None = None, seed: int = 0) -> dict:
-    """Answer every question (or a seeded sample of `limit`); returns the headline metrics."""
+                      batch_size: int = 32, out: Path | None = None, seed: int = 0,
+                      rows: list | None = None) -> dict:
+    """Answer every question (or a seeded sample of `limit`); returns the headline metrics.
+    The per-question rows are appended to `rows` when it is given."""
     questions = read_easy_vqa_questions(easy_vqa_folder(split, folder))
     if limit is not None and limit < len(questions):
         questions = random.Random(seed).sample(questions, limit)
     generator = Generator(model)
     params = SamplingParams(max_new_tokens=8)
-    rows, pixels = [], {}  # each image is read and decoded once for all its questions
+    rows, pixels = rows if rows is not None else [], {}  # each image is read and decoded once for all its questions
     for start in tqdm(range(0, len(questions), batch_size), desc="easy-vqa", unit="batch"):
         chunk = questions[start : start + batch_size]
         for _, _, image in chunk:

@@ -83,6 +83,8 @@ def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict
     else:
         torch.manual_seed(stage.seed)
     model.train()
+    rate_name, rate_key = (("tok/s", "tokens_per_second") if stage.objective == "lm"
+                           else ("pairs/s", "pairs_per_second"))
     totals = totals or {"samples": 0, "tokens": 0, "seconds": 0.0, "final_loss": None}
     progress = tqdm(range(start_step, stage.steps), desc=f"stage {stage.name}", unit="step",
                     dynamic_ncols=True, initial=start_step, total=stage.steps, disable=not world.is_main)
@@ -95,7 +97,7 @@ def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict
                 output = forward(batch)
             (output.loss / stage.grad_accum).backward()
             loss_sum += output.loss.item() / stage.grad_accum
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["num_items"]
         loss_sum = world.average(loss_sum)  # the same number on every process, so all stop together
         tokens = round(world.average(tokens) * world.size)
         if not math.isfinite(loss_sum):
@@ -106,15 +108,16 @@ def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         totals["samples"] += stage.batch_size * stage.grad_accum
-        totals["tokens"] += tokens
+        if stage.objective == "lm":  # a contrastive stage counts (image, text) pairs, not tokens
+            totals["tokens"] += tokens
         totals["seconds"] += seconds
         totals["final_loss"] = loss_sum
-        progress.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens / seconds:.0f}")
+        progress.set_postfix({"loss": f"{loss_sum:.4f}", rate_name: f"{tokens / seconds:.0f}"})
         if not world.is_main:
             continue
         if (step + 1) % stage.log_every == 0 or step + 1 == stage.steps:
             log({"stage": stage.name, "step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
-                 "grad_norm": float(grad_norm), "tokens_per_second": tokens / seconds})
+                 "grad_norm": float(grad_norm), rate_key: tokens / seconds})
         due = checkpoint_every and (step + 1) % checkpoint_every == 0
         if on_checkpoint is not None and (due or step + 1 == stage.steps):
             on_checkpoint(step + 1, optimizer, scheduler, totals)

@@ -8,44 +8,53 @@ from pathlib import Path
 import torch
 
 from polymodal.config import DatasetConfig, StageConfig
-from polymodal.data.formats import Sample, read_captions, read_easy_vqa, read_llava_json
+from polymodal.data.formats import (
+    Sample,
+    read_captions,
+    read_easy_vqa,
+    read_easy_vqa_captions,
+    read_llava_json,
+    split_turns,
+)
 from polymodal.data.validate import check_samples
-from polymodal.processing import collate
 
 
 def read_dataset(config: DatasetConfig) -> list[Sample]:
     if config.format == "easy-vqa":
-        samples = read_easy_vqa(config.split or "train", config.path)
+        samples = read_easy_vqa(config.split or "train", config.path, config.flip_yes_no)
+    elif config.format == "easy-vqa-captions":
+        samples = read_easy_vqa_captions(config.split or "train", config.path)
     elif config.format == "llava":
         samples = read_llava_json(config.path, config.image_folder)
     else:
         samples = read_captions(config.path, config.image_folder)
-    return samples[: config.limit] if config.limit else samples
+    samples = samples[: config.limit] if config.limit else samples
+    if config.turns is not None:
+        samples = [part for sample in samples for part in split_turns(sample, config.turns)]
+    return samples
 
 
 @dataclass
 class EncodedDataset:
     name: str
     weight: float
-    samples: list[dict]  # {input_ids, labels, images: paths}
+    samples: list[dict]  # the model's training examples, e.g. {input_ids, labels, images: paths}
     skipped_too_long: int
 
 
 def encode_dataset(model, config: DatasetConfig, stage: StageConfig, bad_file: Path | None) -> EncodedDataset:
     """Read, check (bad samples to `bad_file`) and tokenize; images stay paths until batching."""
     name = config.path or f"easy-vqa/{config.split or 'train'}"
-    samples = check_samples(read_dataset(config), model.llm.image_token, bad_file,
+    samples = check_samples(read_dataset(config), model.image_placeholder, bad_file,
                             stage.max_bad_fraction, name)
-    limit = min(stage.max_length or model.llm.max_length, model.llm.max_length)
-    encoded, too_long = [], 0
+    encoded, unusable = [], 0
     for sample in samples:
-        tokens = model.processor.encode_for_training(sample.messages, [None] * len(sample.images),
-                                                     load_images=False)
-        if len(tokens["input_ids"]) > limit:
-            too_long += 1  # whole samples are skipped: never cut inside an image's tokens
+        example = model.training_example(sample, stage.max_length)
+        if example is None:
+            unusable += 1  # e.g. too long: whole samples are skipped, never cut inside an image
             continue
-        encoded.append({"input_ids": tokens["input_ids"], "labels": tokens["labels"], "images": sample.images})
-    return EncodedDataset(name, config.weight, encoded, too_long)
+        encoded.append(example)
+    return EncodedDataset(name, config.weight, encoded, unusable)
 
 
 class Mixture:
@@ -74,19 +83,7 @@ class Mixture:
         for index in which.tolist():
             samples = self.datasets[index].samples
             chosen.append(samples[int(torch.randint(len(samples), (1,), generator=generator))])
-        return to_batch(model, chosen[rank::world_size], self.features)
-
-
-def to_batch(model, samples: list[dict], features: FeatureCache | None = None) -> dict:
-    """Tokenized samples -> a padded batch with their images loaded (or their cached features)."""
-    load = features is None
-    rows = [{"input_ids": s["input_ids"], "labels": s["labels"],
-             "pixel_values": model.processor.pixels(s["images"]) if load else None} for s in samples]
-    batch = collate(rows, model.pad_id)
-    paths = [path for s in samples for path in s["images"]]
-    if features is not None and paths:
-        batch["image_features"] = features.get(model, paths)
-    return batch
+        return model.training_batch(chosen[rank::world_size], self.features)
 
 
 class FeatureCache:

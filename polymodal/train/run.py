@@ -13,6 +13,7 @@ RUN_DIR/
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from polymodal.model import MultimodalLM, atomic_write
 from polymodal.train import checkpoint, distributed
 from polymodal.train.distributed import World
 from polymodal.train.loop import train_stage
-from polymodal.train.mixture import FeatureCache, Mixture, encode_dataset
+from polymodal.train.mixture import FeatureCache, Mixture, encode_dataset, read_dataset
 from polymodal.train.plots import plot_losses
 
 
@@ -86,18 +87,20 @@ def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None 
     if not recipe.stages:
         raise UserError(f"recipe {recipe.name!r} has no stages to train")
     started = time.perf_counter()
+    resolve_epochs(recipe)
     world = distributed.setup()
     run = Run(recipe, Path(run_dir), resume, world)
     if model is None:
         torch.manual_seed(recipe.stages[0].seed)  # parts built from scratch start the same every run
         model = MultimodalLM.from_config(recipe)
-    if run.resume_from is not None:
-        checkpoint.load_weights(run.resume_from, model)
+    stage_models = StageModels(model, recipe)
+    if run.resume_from is not None:  # a checkpoint holds the weights of the model its stage trains
+        checkpoint.load_weights(run.resume_from, stage_models.get(run.position[0]))
     for index, stage in enumerate(recipe.stages):
         start = run.position[1] if index == run.position[0] else 0
         if index < run.position[0] or start >= stage.steps:
             continue
-        _train_one_stage(run, model, index, start)
+        _train_one_stage(run, stage_models.get(index), index, start)
     world.barrier()
     if not world.is_main:
         return run.summary
@@ -109,11 +112,43 @@ def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None 
     return run.summary
 
 
-def _train_one_stage(run: Run, model: MultimodalLM, index: int, start: int) -> None:
+def resolve_epochs(recipe: RecipeConfig) -> None:
+    """A stage given in epochs gets its step count from the number of samples it reads
+    (one epoch draws as many samples as its datasets hold, mixed by weight)."""
+    for stage in recipe.stages:
+        if stage.epochs is not None:
+            samples = sum(len(read_dataset(d)) for d in stage.data)
+            per_step = stage.batch_size * stage.grad_accum
+            stage.steps = max(1, math.ceil(stage.epochs * samples / per_step))
+
+
+class StageModels:
+    """The module each stage trains: the model itself for `lm` stages; for a `contrastive`
+    stage, a DualEncoder around the model's own encoder (its head and text tower are
+    dropped after the stage; the encoder keeps what it learned)."""
+
+    def __init__(self, model: MultimodalLM, recipe: RecipeConfig):
+        self.model, self.recipe, self.built = model, recipe, {}
+
+    def get(self, index: int):
+        stage = self.recipe.stages[index]
+        if stage.objective == "lm":
+            return self.model
+        if index not in self.built:
+            from polymodal.contrastive.model import DualEncoder
+
+            if self.model.encoder is None:
+                raise UserError(f"stage {stage.name!r}: a contrastive stage needs an image encoder")
+            torch.manual_seed(stage.seed)  # the new head starts the same every run
+            self.built = {index: DualEncoder.around(self.model.encoder, stage.contrastive)}
+        return self.built[index]
+
+
+def _train_one_stage(run: Run, model, index: int, start: int) -> None:
     stage = run.recipe.stages[index]
     bad_file = run.bad_samples if run.world.is_main else None
     datasets = [encode_dataset(model, d, stage, bad_file) for d in stage.data]
-    frozen_encoder = model.encoder is not None and "encoder" not in stage.train
+    frozen_encoder = getattr(model, "encoder", None) is not None and "encoder" not in stage.train
     cache = FeatureCache() if stage.cache_features and frozen_encoder else None
     mixture = Mixture(datasets, stage.batch_size, stage.seed, cache)
     if len(mixture) == 0:

@@ -1,0 +1,1 @@
+"""Contrastive learning (CLIP, SigLIP, LiT): two towers embedding into one space."""

@@ -1,0 +1,117 @@
+"""DualEncoder: an image tower and a text tower trained into one embedding space.
+
+Example (the contrastive stage of a recipe builds one around its model's encoder):
+    dual = DualEncoder.around(model.encoder, ContrastiveConfig(pool="max"))
+    loss = dual({"pixel_values": pixels, "texts": ["a red circle", ...]}).loss
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import nn
+
+from polymodal.config import ContrastiveConfig
+from polymodal.contrastive.gather import gather_rows
+from polymodal.contrastive.losses import clip_loss, siglip_loss
+from polymodal.contrastive.towers import ImageTower, TextTower
+from polymodal.data.formats import Sample
+from polymodal.encoders.base import Encoder
+from polymodal.errors import UserError
+from polymodal.model import Output
+from polymodal.processing.images import load_image
+
+MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: the temperature never drops below 0.01
+
+
+def text_id(text: str) -> int:
+    """A stable 63-bit id of a text: equal captions are positives of each other."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+class LogitParameters(nn.Module):
+    """The learned log inverse temperature (and SigLIP's bias); they train with `projection`."""
+
+    def __init__(self, config: ContrastiveConfig):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(math.log(1 / config.temperature)))
+        # SigLIP starts the bias at -10 so that the many negatives do not swamp the first steps.
+        self.bias = nn.Parameter(torch.tensor(-10.0)) if config.loss == "siglip" else None
+
+
+class DualEncoder(nn.Module):
+    """Parts: `encoder` (the image encoder), `projection` (the image head and the learned
+    temperature/bias), `text` (the text tower, with its projection when it has one)."""
+
+    image_placeholder = "<image>"
+
+    def __init__(self, encoder: Encoder, text: TextTower, config: ContrastiveConfig):
+        super().__init__()
+        self.config = config
+        self.image = ImageTower(encoder, text.dim, config.pool)
+        self.text = text
+        self.logits = LogitParameters(config)
+
+    @classmethod
+    def around(cls, encoder: Encoder, config: ContrastiveConfig) -> DualEncoder:
+        """A dual encoder whose image side is `encoder` itself (shared, not copied)."""
+        from polymodal.sources import load_text_encoder
+
+        model, tokenizer = load_text_encoder(config.text)
+        return cls(encoder, TextTower(model, tokenizer, config.dim), config)
+
+    # ------------------------------------------------------------ freezing
+
+    def part_modules(self) -> dict[str, nn.Module]:
+        return {"encoder": self.image.encoder, "projection": nn.ModuleList([self.image.head, self.logits]),
+                "text": self.text}
+
+    def set_trainable(self, parts: list[str]) -> None:
+        known = list(self.part_modules())
+        unknown = [part for part in parts if part not in known]
+        if unknown:
+            raise UserError(f"unknown trainable part {unknown[0]!r} in a contrastive stage; "
+                            f"known: {', '.join(known)}")
+        for name, module in self.part_modules().items():
+            module.requires_grad_(name in parts)
+
+    # ------------------------------------------------------------ forward
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] in [0, 1] -> [B, D], L2-normalised."""
+        return self.image(pixels)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """B texts -> [B, D], L2-normalised."""
+        return self.text(texts)
+
+    def forward(self, batch: dict) -> Output:
+        """The contrastive loss of the global batch (see gather.py for DDP)."""
+        image = gather_rows(self.encode_images(batch["pixel_values"]))  # [B, D]
+        text = gather_rows(self.encode_texts(batch["texts"]))  # [B, D]
+        ids = gather_rows(batch["text_ids"])  # [B]
+        positives = ids[:, None] == ids[None, :]  # [B, B]: equal captions match
+        scale = self.logits.scale.clamp(max=MAX_LOGIT_SCALE)
+        if self.logits.bias is not None:
+            loss = siglip_loss(image, text, scale, self.logits.bias, positives)
+        else:
+            loss = clip_loss(image, text, scale, positives)
+        return Output(loss=loss, num_label_tokens=len(ids))
+
+    # ------------------------------------------------------------ training data
+
+    def training_example(self, sample: Sample, max_length: int | None = None) -> dict | None:
+        """An (image, text) pair: the sample's one image and its last assistant message."""
+        replies = [m["content"] for m in sample.messages if m["role"] == "assistant"]
+        if len(sample.images) != 1 or not replies:
+            return None
+        return {"image": sample.images[0], "text": replies[-1]}
+
+    def training_batch(self, examples: list[dict], features=None) -> dict:
+        size = self.image.encoder.image_size
+        texts = [e["text"] for e in examples]
+        return {"pixel_values": torch.stack([load_image(e["image"], size) for e in examples]),
+                "texts": texts, "text_ids": torch.tensor([text_id(t) for t in texts]),
+                "num_items": len(examples)}
