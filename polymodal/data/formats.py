@@ -102,6 +102,14 @@ def read_easy_vqa_questions(folder: Path) -> list[tuple[str, str, str]]:
         raise UserError(f"{folder / 'questions.json'}: expected [question, answer, image_id] triples") from None
 
 
+def easy_vqa_by_image(folder: Path) -> dict[str, list[tuple[str, str]]]:
+    """Image path -> its (question, answer) pairs, in file order."""
+    by_image: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for question, answer, image in read_easy_vqa_questions(folder):
+        by_image[image].append((question, answer))
+    return by_image
+
+
 def read_easy_vqa(split: str | None = "train", folder: str | Path | None = None,
                   flip_yes_no: bool = False) -> list[Sample]:
     """One conversation per image: its questions in file order, the image in the first turn.
@@ -111,10 +119,7 @@ def read_easy_vqa(split: str | None = "train", folder: str | Path | None = None,
     shape?" no -> "is there a blue shape?" yes). easy-VQA asks mostly about absent colours,
     so "no" dominates its yes/no answers; mixed in, these balance them, as POPE balances probes.
     """
-    root = easy_vqa_folder(split, folder)
-    by_image: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for question, answer, image in read_easy_vqa_questions(root):
-        by_image[image].append((question, answer))
+    by_image = easy_vqa_by_image(easy_vqa_folder(split, folder))
     if flip_yes_no:
         by_image = {image: flipped_yes_no(pairs) for image, pairs in by_image.items()}
     samples = []
@@ -188,12 +193,8 @@ def easy_vqa_caption(attributes: dict[str, str]) -> str | None:
 def read_easy_vqa_captions(split: str | None = "train", folder: str | Path | None = None) -> list[Sample]:
     """Caption pairs ("a red triangle") derived from each image's easy-VQA questions; images
     whose questions reveal neither shape nor colour are left out."""
-    root = easy_vqa_folder(split, folder)
-    by_image: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for question, answer, image in read_easy_vqa_questions(root):
-        by_image[image].append((question, answer))
     samples = []
-    for image, pairs in by_image.items():
+    for image, pairs in easy_vqa_by_image(easy_vqa_folder(split, folder)).items():
         caption = easy_vqa_caption(easy_vqa_attributes(pairs))
         if caption is not None:
             messages = [{"role": "user", "content": f"<image>\n{CAPTION_PROMPT}"},
