@@ -59,3 +59,28 @@ def image(seed: int = 0, size: int = 32) -> torch.Tensor:
     """A random RGB image [3, size, size] in [0, 1]."""
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(3, size, size, generator=generator)
+
+
+def ddp_and_single_losses(recipe: dict, tmp_path) -> tuple[list[float], list[float]]:
+    """Train `recipe` with torchrun (2 CPU processes, gloo) and in this process; the logged
+    loss curves of both runs."""
+    import json
+    import subprocess
+    import sys
+
+    from polymodal.config import RecipeConfig, from_dict
+    from polymodal.train.run import train
+
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(json.dumps(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "polymodal.cli.main", "train", str(recipe_file), "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    train(from_dict(RecipeConfig, recipe), tmp_path / "single")
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    return losses("ddp"), losses("single")

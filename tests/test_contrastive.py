@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import ddp_and_single_losses
 from polymodal.config import RecipeConfig, from_dict
 from polymodal.contrastive.losses import clip_loss, siglip_loss
 from polymodal.contrastive.model import DualEncoder
@@ -200,22 +201,7 @@ def test_two_process_ddp_contrastive_loss_uses_the_global_batch(tmp_path):
     """torchrun, 2 CPU processes: each scores its rows against both processes' embeddings,
     so the loss curve equals one process's on the same global batch of 8 (a per-process
     loss over 4 rows would not)."""
-    import os
-    import subprocess
-    import sys
-
     stage = contrastive_stage(caption_file(tmp_path), steps=4, log_every=1, batch_size=8)
-    recipe_file = tmp_path / "recipe.yaml"
-    recipe_file.write_text(json.dumps({"name": "ddp", "model": MODEL, "stages": [stage]}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "polymodal.cli.main", "train", str(recipe_file), "--out", str(tmp_path / "ddp")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    train(from_dict(RecipeConfig, json.loads(recipe_file.read_text())), tmp_path / "single")
-
-    def losses(run):
-        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-
-    assert len(losses("ddp")) == 4
-    assert losses("ddp") == pytest.approx(losses("single"), rel=1e-4)
+    ddp, single = ddp_and_single_losses({"name": "ddp", "model": MODEL, "stages": [stage]}, tmp_path)
+    assert len(ddp) == 4
+    assert ddp == pytest.approx(single, rel=1e-4)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import ddp_and_single_losses
 from polymodal.config import RecipeConfig, from_dict
 from polymodal.engine.generate import Generator
 from polymodal.engine.sampling import SamplingParams
@@ -179,29 +180,14 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
 
 def test_two_process_ddp_matches_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo): the same loss curve as one process on the same global batch."""
-    import os
-    import subprocess
-    import sys
-
     path = synthetic_dataset(tmp_path)  # every sample has 5 answer tokens, so per-rank means average exactly
-    recipe_file = tmp_path / "recipe.yaml"
-    recipe_file.write_text(json.dumps({"name": "ddp", "model": MODEL, "stages": [
+    ddp, single = ddp_and_single_losses({"name": "ddp", "model": MODEL, "stages": [
         {"name": "tune", "train": ["encoder", "connector", "llm"],
          "lr": {"encoder": 3e-3, "connector": 3e-3, "llm": 3e-3}, "steps": 6, "batch_size": 8,
-         "log_every": 1, "data": [{"format": "llava", "path": str(path)}]}]}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "polymodal.cli.main", "train", str(recipe_file), "--out", str(tmp_path / "ddp")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    train(from_dict(RecipeConfig, json.loads(recipe_file.read_text())), tmp_path / "single")
-
-    def losses(run):
-        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-
-    assert len(losses("ddp")) == 6
-    assert losses("ddp") == pytest.approx(losses("single"), rel=1e-3)
-    assert losses("ddp")[-1] < losses("ddp")[0]
+         "log_every": 1, "data": [{"format": "llava", "path": str(path)}]}]}, tmp_path)
+    assert len(ddp) == 6
+    assert ddp == pytest.approx(single, rel=1e-3)
+    assert ddp[-1] < ddp[0]
 
 
 def test_frozen_encoder_features_are_cached_with_the_same_losses(tmp_path):

@@ -140,6 +140,11 @@ EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
 EASY_VQA_COLORS = ("red", "green", "blue", "yellow", "black", "gray", "teal", "brown")
 
 
+def attribute_kind(word: str) -> str | None:
+    """"shape", "color", or None for a word that names neither."""
+    return "shape" if word in EASY_VQA_SHAPES else "color" if word in EASY_VQA_COLORS else None
+
+
 def easy_vqa_attributes(pairs: list[tuple[str, str]]) -> dict[str, str]:
     """The shape and colour of one image ({"shape", "color"}, either may be missing), read
     from its questions and answers: "what color is the circle?" -> red names both, and
@@ -147,11 +152,11 @@ def easy_vqa_attributes(pairs: list[tuple[str, str]]) -> dict[str, str]:
     found: dict[str, str] = {}
 
     def note(word: str) -> None:
-        found["shape" if word in EASY_VQA_SHAPES else "color"] = word
+        found[attribute_kind(word)] = word
 
     for question, answer in pairs:
         words = question.lower().rstrip("?").split()
-        named = [w for w in words if w in EASY_VQA_SHAPES or w in EASY_VQA_COLORS]
+        named = [w for w in words if attribute_kind(w)]
         if answer in ("yes", "no"):
             negated = "not" in words or "no" in words
             if (answer == "yes") != negated:  # the named attribute is present
@@ -173,7 +178,7 @@ def flipped_yes_no(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if answer not in ("yes", "no") or (answer == "yes") != negated:
             continue  # not yes/no, or its attribute is present already
         for index, word in enumerate(words):
-            kind = "shape" if word in EASY_VQA_SHAPES else "color" if word in EASY_VQA_COLORS else None
+            kind = attribute_kind(word)
             if kind and attributes.get(kind) and attributes[kind] != word:
                 words[index] = attributes[kind]
                 flipped.append((" ".join(words) + "?", "no" if answer == "yes" else "yes"))
