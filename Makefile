@@ -51,6 +51,7 @@ test: lint
 bench: install
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/eval.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

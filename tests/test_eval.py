@@ -7,8 +7,10 @@ from PIL import Image
 
 from conftest import RECIPES
 from polymodal.engine.generate import Completion, Generator
-from polymodal.eval.easy_vqa import evaluate_easy_vqa, question_type
+from polymodal.eval.easy_vqa import question_type
 from polymodal.eval.metrics import accuracy_by, confusion, normalize
+from polymodal.eval.run import evaluate
+from polymodal.eval.tasks import TaskOptions
 
 QUESTIONS = [["what shape is this?", "circle", 0], ["what color is the shape?", "red", 0],
              ["is there a circle?", "yes", 0], ["what shape is this?", "triangle", 1],
@@ -37,7 +39,7 @@ def scripted(monkeypatch):
         for prompt in prompts:
             question = prompt["messages"][0]["content"].removeprefix("<image>\n")
             image_id = int(prompt["images"][0][2].mean() > 0.5)  # pixels [3, S, S]: blue is image 1
-            out.append(Completion(ANSWERS[question, image_id], [], "stop", 0))
+            out.append(Completion(ANSWERS.get((question, image_id), "?"), [], "stop", 0))
         return out
     monkeypatch.setattr(Generator, "generate", generate)
 
@@ -57,19 +59,21 @@ def test_accuracy_by_type_and_confusion():
 
 
 def test_easy_vqa_on_a_folder_writes_its_outputs(folder, tmp_path, scripted, tiny_llava):
-    results = evaluate_easy_vqa(tiny_llava, folder=str(folder), out=tmp_path / "eval")
+    results, _ = evaluate(tiny_llava, "easy-vqa", TaskOptions(data=str(folder)), out=tmp_path / "eval")
     assert results["n"] == 6 and results["accuracy"] == pytest.approx(4 / 6)
     assert results["accuracy_by_type"] == {"colour": 1.0, "shape": 0.5, "yes/no": 0.5}
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert rows[0]["prediction"] == "circle" and rows[0]["correct"]
+    assert rows[0]["prediction"] == "circle" and rows[0]["correct"] and rows[0]["prompt"] == QUESTIONS[0][0]
     assert (tmp_path / "eval" / "confusion.png").stat().st_size > 1000
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| accuracy | 0.6667 |" in report and "| yes/no | 0.5000 |" in report
     assert json.loads((tmp_path / "eval" / "results.json").read_text()) == results
 
 
 def test_limit_takes_a_fixed_seeded_sample(folder, scripted, tiny_llava):
-    first = evaluate_easy_vqa(tiny_llava, folder=str(folder), limit=3)
-    again = evaluate_easy_vqa(tiny_llava, folder=str(folder), limit=3)
-    assert first == again and first["n"] == 3
+    first, rows = evaluate(tiny_llava, "easy-vqa", TaskOptions(data=str(folder), limit=3))
+    again, rows_again = evaluate(tiny_llava, "easy-vqa", TaskOptions(data=str(folder), limit=3))
+    assert first == again and first["n"] == 3 and rows == rows_again
 
 
 def test_eval_command(folder, capsys):
@@ -80,4 +84,65 @@ def test_eval_command(folder, capsys):
     out = json.loads(capsys.readouterr().out)
     assert {"task", "split", "n", "accuracy"} <= out.keys() and out["n"] == 2
     assert main(["eval", f"{RECIPES}/tiny-llava.yaml", "--task", "vqa-v9"]) == 2
-    assert "unknown task 'vqa-v9'; tasks: easy-vqa" in capsys.readouterr().err
+    assert "unknown task 'vqa-v9'; known: caption, easy-vqa, multiple-choice, pope, vqa" in capsys.readouterr().err
+
+
+def test_analyze_finds_no_drop_for_blank_images_when_the_model_ignores_them(folder, monkeypatch, tiny_llava):
+    """A model that answers from the question alone loses nothing when its image is
+    blanked or swapped, and everything when its question goes."""
+    from polymodal.eval.analyze import analyze
+    from polymodal.eval.tasks import get_task
+
+    by_question = {"what shape is this?": "circle", "what color is the shape?": "red", "is there a circle?": "yes",
+                   "is there a blue shape?": "yes"}
+    monkeypatch.setattr(Generator, "generate", lambda self, prompts, params=None: [
+        Completion(by_question.get(p["messages"][0]["content"].removeprefix("<image>\n"), "?"), [], "stop", 0)
+        for p in prompts])
+    results = analyze(tiny_llava, get_task("easy-vqa"), TaskOptions(data=str(folder)), emap_size=0)
+    assert results["full"] == pytest.approx(4 / 6)
+    assert results["drop"]["blank image"] == 0 and results["drop"]["shuffled images"] == 0
+    assert results["no question"] == 0 and results["drop"]["no question"] == pytest.approx(4 / 6)
+
+
+def test_analyze_drops_when_the_model_reads_its_image(folder, tmp_path, scripted, tiny_llava):
+    from polymodal.eval.analyze import analyze
+    from polymodal.eval.tasks import get_task
+
+    # `scripted` answers by image (red or blue); blanked, both images are dark: all look like image 0.
+    results = analyze(tiny_llava, get_task("easy-vqa"), TaskOptions(data=str(folder)), emap_size=0,
+                      out=tmp_path / "analysis")
+    assert results["full"] == pytest.approx(4 / 6) and results["shuffled images"] < results["full"]
+    assert (tmp_path / "analysis" / "reliance.png").stat().st_size > 1000
+    assert "| no question |" in (tmp_path / "analysis" / "report.md").read_text()
+
+
+def test_emap_is_exact_for_an_additive_scorer_and_blind_to_a_multiplicative_one():
+    import torch
+
+    from polymodal.eval.emap import diagonal_choices, emap_projection
+
+    generator = torch.Generator().manual_seed(0)
+    text, image = torch.randn(40, 1, 3, generator=generator), torch.randn(1, 40, 3, generator=generator)
+    additive = text + image  # [40, 40, 3]
+    torch.testing.assert_close(emap_projection(additive), additive)
+    assert diagonal_choices(emap_projection(additive)) == diagonal_choices(additive)
+    # The answer is whether a question's bit and an image's bit agree (XOR): nothing additive
+    # can say it. Both kinds of bit are balanced, and true pairs agree half the time.
+    question_bits = torch.tensor([1.0, -1.0] * 20)  # + - + - ...
+    image_bits = torch.tensor([1.0, 1.0, -1.0, -1.0] * 10)  # + + - - ...
+    agree = question_bits[:, None] * image_bits[None, :]  # [40, 40]
+    multiplicative = torch.stack([agree, -agree], dim=-1)  # class 0 when they agree
+    truth = [0 if a > 0 else 1 for a in agree.diagonal().tolist()]
+    full = sum(c == t for c, t in zip(diagonal_choices(multiplicative), truth)) / 40
+    additive_accuracy = sum(c == t for c, t in zip(diagonal_choices(emap_projection(multiplicative)), truth)) / 40
+    assert full == 1.0 and additive_accuracy <= 0.5
+
+
+def test_analyze_command_runs_emap_on_a_real_tiny_model(folder, capsys):
+    from polymodal.cli.main import main
+
+    assert main(["analyze", f"{RECIPES}/tiny-llava.yaml", "--task", "easy-vqa", "--data", str(folder),
+                 "--emap-size", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["emap"]["n"] == 2 and 0 <= out["emap"]["projection"] <= 1
+    assert set(out["drop"]) == {"blank image", "shuffled images", "no question"}

@@ -138,3 +138,36 @@ def test_lora_is_merged_for_generation_and_the_base_weights_come_back_exactly():
     prompt = {"messages": [{"role": "user", "content": "hi"}]}
     Generator(model).generate([prompt], SamplingParams(max_new_tokens=3))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_prompts_about_one_image_share_its_prefix_and_answer_as_alone(model):
+    """Questions about the same image compute system prompt + image once (one prefix per
+    image), yet every answer equals the one it gets asked alone."""
+    from polymodal.engine.generate import shared_prefixes
+
+    pictures = [image(0), image(1)]
+    batch = [{"messages": [{"role": "user", "content": f"<image>{q}"}], "images": [pictures[i % 2]]}
+             for i, q in enumerate([*QUESTIONS, "Shape?"])]
+    generator = Generator(model)
+    shared = shared_prefixes(batch, [generator.encode(p) for p in batch], model.llm.image_token_id)
+    assert shared is not None and shared.owner == [0, 1, 0, 1]
+    params = SamplingParams(max_new_tokens=10)
+    together = generator.generate(batch, params)
+    alone = [generator.generate([p], params)[0] for p in batch]
+    assert [t.token_ids for t in together] == [a.token_ids for a in alone]
+
+
+def test_shared_prefix_prefill_matches_the_full_prompt_in_both_runners(model):
+    torch.manual_seed(0)
+    hidden = model.llm.hidden_size
+    prefix, suffix = torch.randn(2, 5, hidden), torch.randn(3, 4, hidden)
+    prefix_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    suffix_mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+    owner = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        full = HFRunner(model.llm.model).prefill(torch.cat([prefix[owner], suffix], 1),
+                                                 torch.cat([prefix_mask[owner], suffix_mask], 1), 12)
+        for runner in (LlamaRunner(model.llm.model), HFRunner(model.llm.model)):
+            shared = runner.prefill_shared(prefix, prefix_mask, owner, suffix, suffix_mask, 12)
+            torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-4)
+            runner.step(torch.tensor([3, 4, 5]))  # the cache keeps going after a shared prefill

@@ -1,41 +1,62 @@
-"""`polymodal eval MODEL --task easy-vqa`: one JSON object with the headline metrics on stdout."""
+"""`polymodal eval MODEL --task NAME`: one JSON object with the headline metrics on stdout."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 
 from polymodal.errors import UserError
 
-TASKS = ("easy-vqa",)
+
+def add_task_options(parser: argparse.ArgumentParser) -> None:
+    """The options every task takes (`eval` and `analyze` share them)."""
+    parser.add_argument("model", help="a saved model directory (or a recipe / LLM source)")
+    parser.add_argument("--task", required=True,
+                        help="easy-vqa, vqa, pope, caption or multiple-choice")
+    parser.add_argument("--split", default="test", help="easy-VQA split, for tasks built from it (train or test)")
+    parser.add_argument("--data", metavar="PATH",
+                        help="the task's JSONL file, or a folder in the easy-VQA layout")
+    parser.add_argument("--limit", type=int, help="a fixed, seeded sample of N questions")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --limit and of built probes")
+    parser.add_argument("--setting", default="all", help="pope: random, popular, adversarial or all")
+    parser.add_argument("--prompt", help="caption: the instruction (default: Describe the image.)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out", metavar="DIR", help="write results.json, predictions.jsonl, report.md and pictures")
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("eval", help="evaluate a model on a task",
                                  description="Evaluate a model; prints one JSON object of metrics.")
-    parser.add_argument("model", help="a saved model directory (or a recipe / LLM source)")
-    parser.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}")
-    parser.add_argument("--split", default="test", help="easy-vqa split from its package (train or test)")
-    parser.add_argument("--data", metavar="DIR", help="a folder in the easy-VQA layout instead of --split")
-    parser.add_argument("--limit", type=int, help="a fixed, seeded sample of N questions")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", metavar="DIR", help="write results.json, predictions.jsonl and pictures here")
+    add_task_options(parser)
     parser.add_argument("--show", type=int, default=0, metavar="N",
                         help="also print N example answers (to stderr, stdout keeps the JSON)")
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.task not in TASKS:
-        raise UserError(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
+def task_options(args: argparse.Namespace):
+    """The task and its options from the command line; mistakes are UserErrors."""
+    from polymodal.eval.tasks import TaskOptions, get_task
+
+    task = get_task(args.task)
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1")
-    from polymodal.eval.easy_vqa import evaluate_easy_vqa
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    return task, TaskOptions(split=args.split, data=args.data, limit=args.limit, seed=args.seed,
+                             setting=args.setting, prompt=args.prompt)
+
+
+def run(args: argparse.Namespace) -> int:
+    from polymodal.eval.run import evaluate
     from polymodal.model import load_any
 
+    task, options = task_options(args)
+    items = task.items(options)  # bad data fails here, before the model loads
     model = load_any(args.model)
-    rows: list[dict] = []
-    results = evaluate_easy_vqa(model, args.split, args.data, args.limit, args.batch_size, args.out, rows=rows)
+    command = "polymodal " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else ""
+    results, rows = evaluate(model, task, options, args.batch_size, args.out, command, items)
     show_examples(rows, args.show)
     print(json.dumps(results))
     return 0
@@ -44,9 +65,8 @@ def run(args: argparse.Namespace) -> int:
 def show_examples(rows: list[dict], count: int) -> None:
     """A seeded handful of answers, right and wrong, for a person to read."""
     import random
-    import sys
 
     for row in random.Random(0).sample(rows, min(count, len(rows))):
         mark = "ok   " if row["correct"] else "WRONG"
-        print(f"{mark} image {row['image']:>4}  {row['question']:<42} -> {row['prediction']:<10} "
+        print(f"{mark} {row['id']:>10}  {row['prompt'][:60]:<42} -> {row['prediction'][:30]:<10} "
               f"(reference: {row['reference']})", file=sys.stderr)

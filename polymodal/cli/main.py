@@ -8,7 +8,7 @@ import sys
 
 from polymodal.errors import UserError
 
-COMMANDS = ("info", "chat", "train", "eval")
+COMMANDS = ("info", "chat", "train", "eval", "analyze")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

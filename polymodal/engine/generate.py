@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,7 @@ class Generator:
         # Never emit the image placeholder or the padding rows added when resizing embeddings.
         self.vocab_limit = len(model.llm.tokenizer)
         self.image_token_id = model.llm.image_token_id
+        self._merged = False  # inside lora_merged()
 
     def encode(self, prompt: dict) -> dict:
         """{"messages": [...], "images": [...]} -> ids and pixels; already-encoded prompts pass."""
@@ -76,27 +78,45 @@ class Generator:
                 yield text[emitted:]
                 emitted = len(text)
 
+    @contextmanager
+    def lora_merged(self):
+        """Keep LoRA folded into the base weights across many generate calls (eval, serving)
+        instead of folding and restoring it for each call."""
+        if self._merged:
+            yield
+            return
+        with merged_lora(self.model.llm.model):
+            self._merged = True
+            try:
+                yield
+            finally:
+                self._merged = False
+
     @torch.inference_mode()
     def steps(self, prompts: list[dict], params: SamplingParams) -> Iterator[list[_Row]]:
         """Run generation, yielding every row's state after each new token."""
         samples = [self.encode(prompt) for prompt in prompts]
-        batch = collate(samples, self.model.pad_id, left_pad=True)
-        ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, T], T = the longest prompt
-        total = ids.shape[1] + params.max_new_tokens
+        longest = max(len(sample["input_ids"]) for sample in samples)
         context = self.model.llm.max_length
-        if total > context:
-            raise UserError(f"prompt ({ids.shape[1]} tokens) plus max_new_tokens "
+        if longest + params.max_new_tokens > context:
+            raise UserError(f"prompt ({longest} tokens) plus max_new_tokens "
                             f"({params.max_new_tokens}) exceeds the context of {context} tokens")
         tokenizer = self.model.llm.tokenizer
         rows = [_Row(TextTracker(tokenizer, params.stop), len(s["input_ids"])) for s in samples]
-        with merged_lora(self.model.llm.model):
-            yield from self._decode(rows, ids, mask, batch["pixel_values"], total, params)
+        shared = shared_prefixes(prompts, samples, self.image_token_id) if self.use_cache else None
+        with self.lora_merged():
+            yield from self._decode(rows, samples, shared, params)
 
-    def _decode(self, rows: list[_Row], ids, mask, pixels, total: int,
+    def _decode(self, rows: list[_Row], samples: list[dict], shared: SharedPrefixes | None,
                 params: SamplingParams) -> Iterator[list[_Row]]:
-        embeds = self.model.embed(ids, pixels)
         runner = make_runner(self.model.llm.model)
-        logits = runner.prefill(embeds, mask, total)
+        if shared is not None:
+            logits = self._prefill_shared(runner, shared, params.max_new_tokens)
+        else:
+            batch = collate(samples, self.model.pad_id, left_pad=True)
+            ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, T], T = the longest prompt
+            embeds = self.model.embed(ids, batch["pixel_values"])
+            logits = runner.prefill(embeds, mask, ids.shape[1] + params.max_new_tokens)
         generator = params.generator()
         for _ in range(params.max_new_tokens):
             next_ids = choose_next(self._allowed(logits), params, generator)
@@ -116,6 +136,29 @@ class Generator:
                 row.tracker.finish()
         yield rows
 
+    @torch.inference_mode()
+    def first_token_logits(self, prompts: list[dict]) -> torch.Tensor:
+        """Logits [B, V] of each prompt's first answer token: scores for fixed answers."""
+        samples = [self.encode(prompt) for prompt in prompts]
+        shared = shared_prefixes(prompts, samples, self.image_token_id)
+        with self.lora_merged():
+            runner = make_runner(self.model.llm.model)
+            if shared is not None:
+                return self._prefill_shared(runner, shared, 1).float()
+            batch = collate(samples, self.model.pad_id, left_pad=True)
+            embeds = self.model.embed(batch["input_ids"], batch["pixel_values"])
+            return runner.prefill(embeds, batch["attention_mask"], embeds.shape[1] + 1).float()
+
+    def _prefill_shared(self, runner, shared: SharedPrefixes, max_new_tokens: int) -> torch.Tensor:
+        """Each distinct prefix (its images encoded once) runs once; then every row's own text."""
+        prefixes = collate(shared.prefixes, self.model.pad_id, left_pad=True)
+        suffixes = collate([{"input_ids": ids} for ids in shared.suffixes], self.model.pad_id, left_pad=True)
+        prefix_embeds = self.model.embed(prefixes["input_ids"], prefixes["pixel_values"])  # [G, P, D]
+        suffix_embeds = self.model.llm.embed(suffixes["input_ids"])  # [B, S, D]
+        slots = prefix_embeds.shape[1] + suffix_embeds.shape[1] + max_new_tokens
+        return runner.prefill_shared(prefix_embeds, prefixes["attention_mask"], torch.tensor(shared.owner),
+                                     suffix_embeds, suffixes["attention_mask"], slots)
+
     def _allowed(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         logits[:, self.vocab_limit :] = float("-inf")
@@ -134,3 +177,34 @@ class Generator:
             row.tracker.push(token)
             if row.tracker.stopped:
                 row.finish_reason = "stop"
+
+
+@dataclass
+class SharedPrefixes:
+    """Prompts split after their last image: the distinct prefixes and each row's own text."""
+
+    prefixes: list[dict]  # {input_ids, pixel_values}, one per distinct (text, images) prefix
+    owner: list[int]  # [B] index of each row's prefix
+    suffixes: list[list[int]]  # [B] the ids after the prefix
+
+
+def shared_prefixes(prompts: list[dict], samples: list[dict], image_token_id: int) -> SharedPrefixes | None:
+    """Group prompts whose text up to their last image is the same and whose images are
+    the same objects (or paths); None when no two prompts share one."""
+    groups: dict[tuple, int] = {}
+    prefixes, owner, suffixes = [], [], []
+    for prompt, sample in zip(prompts, samples):
+        ids = sample["input_ids"]
+        if image_token_id not in ids:
+            return None
+        cut = len(ids) - ids[::-1].index(image_token_id)  # just after the last image token
+        if cut == len(ids):
+            return None  # nothing after the image: no row of its own to run
+        images = prompt.get("images", [sample.get("pixel_values")])
+        key = (tuple(ids[:cut]), tuple(i if isinstance(i, str) else id(i) for i in images))
+        if key not in groups:
+            groups[key] = len(prefixes)
+            prefixes.append({"input_ids": ids[:cut], "pixel_values": sample["pixel_values"]})
+        owner.append(groups[key])
+        suffixes.append(ids[cut:])
+    return SharedPrefixes(prefixes, owner, suffixes) if len(prefixes) < len(prompts) else None

@@ -50,21 +50,45 @@ class LlamaRunner:
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_length: int) -> torch.Tensor:
         """embeds [B, T, D], attention_mask [B, T] (left padding) -> last-position logits [B, V]."""
-        batch, length, _ = embeds.shape
+        self._allocate(embeds, max_length)
+        self.key_mask[:, : embeds.shape[1]] = attention_mask.bool()
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+        self.positions = positions[:, -1] + 1
+        return self.lm_head(self._forward(embeds, positions, attention_mask.bool()))
+
+    def prefill_shared(self, prefix: torch.Tensor, prefix_mask: torch.Tensor, owner: torch.Tensor,
+                       suffix: torch.Tensor, suffix_mask: torch.Tensor, max_length: int) -> torch.Tensor:
+        """Prompts that share a prefix (system prompt + image) compute it once.
+
+        prefix [G, P, D] and prefix_mask [G, P], left padded; owner [B]: the prefix of each
+        row; suffix [B, S, D] and suffix_mask [B, S], left padded (the padding sits between
+        prefix and suffix, masked out). Returns last-position logits [B, V].
+        """
+        self._allocate(prefix, max_length)
+        self.key_mask[:, : prefix.shape[1]] = prefix_mask.bool()
+        self._forward(prefix, (prefix_mask.cumsum(-1) - 1).clamp(min=0), prefix_mask.bool())
+        # Every row starts from a copy of its prefix's cache: [G, ...] -> [B, ...].
+        self.keys = [keys[owner] for keys in self.keys]
+        self.values = [values[owner] for values in self.values]
+        self.key_mask = self.key_mask[owner]
+        self.key_mask[:, self.length : self.length + suffix.shape[1]] = suffix_mask.bool()
+        before = prefix_mask.sum(-1)[owner]  # [B] real prefix tokens of each row
+        positions = before[:, None] + (suffix_mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
+        self.positions = positions[:, -1] + 1
+        return self.lm_head(self._forward(suffix, positions, suffix_mask.bool()))
+
+    def _allocate(self, embeds: torch.Tensor, max_length: int) -> None:
+        """An empty cache of `max_length` slots for each row of embeds [B, T, D]."""
+        batch = embeds.shape[0]
         shape = (batch, self.kv_heads, max_length, self.head_dim)
         layers = len(self.body.layers)
         self.keys = [embeds.new_zeros(shape) for _ in range(layers)]
         self.values = [embeds.new_zeros(shape) for _ in range(layers)]
         self.key_mask = torch.zeros(batch, max_length, dtype=torch.bool)
-        self.key_mask[:, :length] = attention_mask.bool()
         # The rotary table once for every position this generation can reach.
         cos, sin = self.body.rotary_emb(embeds, torch.arange(max_length)[None])
         self.rotary = (cos[0], sin[0])
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
-        self.positions = positions[:, -1] + 1
         self.length = 0
-        hidden = self._forward(embeds, positions)
-        return self.lm_head(hidden[:, -1])
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids [B] -> next logits [B, V]; appends one slot to the cache."""
@@ -72,7 +96,7 @@ class LlamaRunner:
         self.key_mask[:, self.length] = True
         positions = self.positions[:, None]
         self.positions = self.positions + 1
-        return self.lm_head(self._forward(embeds, positions)[:, -1])
+        return self.lm_head(self._forward(embeds, positions))
 
     def _mask(self, length: int, start: int) -> torch.Tensor | None:
         """Boolean attention mask [B, 1, T, start + T], or None when nothing is masked."""
@@ -85,32 +109,50 @@ class LlamaRunner:
         # A padding query sees no key at all; let it see itself so softmax stays finite.
         return mask | (key_at == query_at)
 
-    def _forward(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, D] at positions [B, T] -> final-norm hidden [B, T, D]; fills the cache."""
+    def _forward(self, hidden: torch.Tensor, positions: torch.Tensor,
+                 real: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [B, T, D] at positions [B, T] -> the final-norm hidden state of each row's
+        last position [B, D]; fills the cache.
+
+        `real` [B, T] marks the tokens that are not padding. The projections and the MLP,
+        nearly all the work, run on the real tokens only, packed as [N, D]; padding exists
+        only inside attention, where it is masked out.
+        """
         batch, length, _ = hidden.shape
         start, end = self.length, self.length + length
-        cos, sin = self.rotary[0][positions][:, None], self.rotary[1][positions][:, None]  # [B, 1, T, hd]
+        real = torch.ones(batch, length, dtype=torch.bool) if real is None else real
+        tokens = hidden[real]  # [N, D]
+        cos, sin = self.rotary[0][positions[real]][:, None], self.rotary[1][positions[real]][:, None]  # [N, 1, hd]
         mask = self._mask(length, start)
         for index, layer in enumerate(self.body.layers):
             attention = layer.self_attn
-            normed = _rms_norm(layer.input_layernorm, hidden)
-            query = attention.q_proj(normed).view(batch, length, self.heads, self.head_dim)
-            key = attention.k_proj(normed).view(batch, length, self.kv_heads, self.head_dim)
-            # Rotate queries and keys in one go: [B, H + H_kv, T, head_dim].
-            both = torch.cat([query, key], dim=2).transpose(1, 2)
-            both = both * cos + _rotate_half(both) * sin
+            normed = _rms_norm(layer.input_layernorm, tokens)
+            query = attention.q_proj(normed).view(-1, self.heads, self.head_dim)
+            key = attention.k_proj(normed).view(-1, self.kv_heads, self.head_dim)
+            # Rotate queries and keys in one go: [N, H + H_kv, head_dim].
+            both = torch.cat([query, key], dim=1)
+            both = _unpack(both * cos + _rotate_half(both) * sin, real).transpose(1, 2)  # [B, H + H_kv, T, hd]
+            value = attention.v_proj(normed).view(-1, self.kv_heads, self.head_dim)
             self.keys[index][:, :, start:end] = both[:, self.heads :]
-            self.values[index][:, :, start:end] = (
-                attention.v_proj(normed).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-            )
+            self.values[index][:, :, start:end] = _unpack(value, real).transpose(1, 2)
             out = F.scaled_dot_product_attention(
                 both[:, : self.heads], self.keys[index][:, :, :end], self.values[index][:, :, :end],
                 attn_mask=mask, enable_gqa=self.kv_heads != self.heads,
             )  # [B, H, T, head_dim]
-            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-            hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+            tokens = tokens + attention.o_proj(out.transpose(1, 2)[real].reshape(len(tokens), -1))
+            tokens = tokens + layer.mlp(_rms_norm(layer.post_attention_layernorm, tokens))
         self.length = end
-        return _rms_norm(self.body.norm, hidden)
+        last = real.sum(-1).cumsum(0) - 1  # [B] packed index of each row's last token (left padding)
+        return _rms_norm(self.body.norm, tokens[last])
+
+
+def _unpack(packed: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """[N, ...] real tokens -> [B, T, ...] with zeros where `real` [B, T] is False."""
+    if bool(real.all()):
+        return packed.view(*real.shape, *packed.shape[1:])
+    out = packed.new_zeros(*real.shape, *packed.shape[1:])
+    out[real] = packed
+    return out
 
 
 def _rms_norm(norm, hidden: torch.Tensor) -> torch.Tensor:
@@ -138,6 +180,12 @@ class HFRunner:
         out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
+
+    def prefill_shared(self, prefix: torch.Tensor, prefix_mask: torch.Tensor, owner: torch.Tensor,
+                       suffix: torch.Tensor, suffix_mask: torch.Tensor, max_length: int) -> torch.Tensor:
+        """The same answer as LlamaRunner.prefill_shared, by copying each prefix into its rows."""
+        embeds = torch.cat([prefix[owner], suffix], dim=1)
+        return self.prefill(embeds, torch.cat([prefix_mask[owner], suffix_mask], dim=1), max_length)
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         ones = self.attention_mask.new_ones(self.attention_mask.shape[0], 1)

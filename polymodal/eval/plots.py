@@ -24,3 +24,28 @@ def plot_confusion(labels: list[str], counts: list[list[int]], out: Path, title:
     figure.tight_layout()
     figure.savefig(out, dpi=100)
     plt.close(figure)
+
+
+def plot_grouped_bars(groups: dict[str, dict[str, float]], out: Path, title: str,
+                      ylabel: str = "") -> None:
+    """One group of bars per key of `groups`, one bar per inner metric, values printed on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(dict.fromkeys(key for values in groups.values() for key in values))
+    width = 0.8 / max(1, len(metrics))
+    figure, axis = plt.subplots(figsize=(2 + 1.2 * len(groups) * max(1, len(metrics)) * 0.4, 3.5))
+    for index, metric in enumerate(metrics):
+        xs = [g + (index - (len(metrics) - 1) / 2) * width for g in range(len(groups))]
+        values = [groups[name].get(metric, 0.0) for name in groups]
+        bars = axis.bar(xs, values, width, label=metric)
+        axis.bar_label(bars, [f"{v:.2f}" for v in values], fontsize=6)
+    axis.set_xticks(range(len(groups)), list(groups))
+    axis.set(title=title, ylabel=ylabel)
+    axis.set_ylim(0, max(1.05, *(v for g in groups.values() for v in g.values())) * 1.05)
+    axis.legend(fontsize=7, loc="upper right", ncol=min(3, len(metrics)))
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)

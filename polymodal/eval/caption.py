@@ -1,0 +1,72 @@
+"""`caption`: describe each image; BLEU-4 and CIDEr-D against reference captions.
+
+Task file (JSONL): {"image", "captions": [str]} (or "text": str), image paths relative to
+the file's folder; without one, easy-VQA's images with captions derived from their
+questions ("a red triangle").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from polymodal.data.formats import (
+    CAPTION_PROMPT,
+    easy_vqa_attributes,
+    easy_vqa_by_image,
+    easy_vqa_caption,
+    easy_vqa_folder,
+)
+from polymodal.errors import UserError
+from polymodal.eval.caption_metrics import caption_scores
+from polymodal.eval.report import prediction_row
+from polymodal.eval.tasks import (
+    Item,
+    Task,
+    TaskOptions,
+    read_jsonl,
+    record_images,
+    register_task,
+    seeded_sample,
+)
+
+
+def read_caption_file(path: str | Path, prompt: str) -> list[Item]:
+    path = Path(path)
+    items = []
+    for number, record in read_jsonl(path, ("image",)):
+        captions = record.get("captions", [record["text"]] if "text" in record else None)
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+            raise UserError(f"{path}:{number}: expected 'captions' (a list of strings) or 'text'")
+        items.append(Item(str(record.get("id", number)), prompt, record_images(path, number, record), captions))
+    return items
+
+
+def easy_vqa_caption_items(split: str | None, folder: str | None, prompt: str) -> list[Item]:
+    items = []
+    for image, pairs in easy_vqa_by_image(easy_vqa_folder(split, folder)).items():
+        caption = easy_vqa_caption(easy_vqa_attributes(pairs))
+        if caption:
+            items.append(Item(Path(image).stem, prompt, [image], [caption]))
+    return items
+
+
+@register_task("caption")
+class Caption(Task):
+    """Image captioning: corpus BLEU-4 and CIDEr-D (pycocoevalcap)."""
+
+    headline = "cider_d"
+    max_new_tokens = 32
+
+    def items(self, options: TaskOptions) -> list[Item]:
+        prompt = options.prompt or CAPTION_PROMPT
+        if options.data and Path(options.data).is_file():
+            items = read_caption_file(options.data, prompt)
+        else:
+            items = easy_vqa_caption_items(options.split, options.data, prompt)
+        return seeded_sample(items, options.limit, options.seed)
+
+    def score(self, items: list[Item], predictions: list[str]) -> tuple[dict, list[dict]]:
+        scores = caption_scores([p.strip() for p in predictions], [item.references for item in items])
+        rows = [prediction_row(item, text.strip(), cider, item.references)
+                for item, text, cider in zip(items, predictions, scores["per_item"])]
+        return {"bleu4": scores["bleu4"], "cider_d": scores["cider_d"]}, rows

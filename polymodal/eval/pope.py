@@ -1,0 +1,126 @@
+"""`pope`: object hallucination probes (Li et al., EMNLP 2023).
+
+For each image, "Is there a {object} in the image?" about up to three objects it has
+(answer yes) and as many it has not (answer no), the absent ones sampled three ways:
+`random` from all objects, `popular` the most frequent objects in the dataset, and
+`adversarial` those that most often appear together with the image's own objects.
+
+Annotations: a JSONL file of {"image", "objects": [names]}, or derived from easy-VQA
+(the package's split or a folder in its layout), where each image holds one shape and
+its objects are the shape ("circle"), the coloured shape ("red circle") and the colour
+("red shape").
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from polymodal.data.formats import easy_vqa_attributes, easy_vqa_by_image, easy_vqa_folder
+from polymodal.errors import UserError
+from polymodal.eval.metrics import binary_metrics, says_yes
+from polymodal.eval.plots import plot_grouped_bars
+from polymodal.eval.report import prediction_row
+from polymodal.eval.tasks import (
+    Item,
+    Task,
+    TaskOptions,
+    read_jsonl,
+    record_images,
+    register_task,
+    seeded_sample,
+)
+
+SETTINGS = ("random", "popular", "adversarial")
+QUESTION = "Is there a {} in the image?"
+Annotations = list[tuple[str, set[str]]]  # (image path, names of the objects in it)
+
+
+def easy_vqa_objects(split: str | None, folder: str | None) -> Annotations:
+    annotations = []
+    for image, pairs in easy_vqa_by_image(easy_vqa_folder(split, folder)).items():
+        found = easy_vqa_attributes(pairs)
+        shape, color = found.get("shape"), found.get("color")
+        objects = {name for name in (shape, color and f"{color} shape",
+                                     shape and color and f"{color} {shape}") if name}
+        if objects:
+            annotations.append((image, objects))
+    return annotations
+
+
+def read_object_file(path: str | Path) -> Annotations:
+    path = Path(path)
+    annotations = []
+    for number, record in read_jsonl(path, ("image", "objects")):
+        objects = record["objects"]
+        if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
+            raise UserError(f"{path}:{number}: 'objects' must be a list of names")
+        annotations.append((record_images(path, number, record)[0], set(objects)))
+    return annotations
+
+
+def build_probes(annotations: Annotations, setting: str, per_image: int = 3,
+                 seed: int = 0) -> list[tuple[str, str, bool]]:
+    """(image, object, present) probes: per image as many absent objects as present ones."""
+    if setting not in SETTINGS:
+        raise UserError(f"unknown POPE setting {setting!r}; settings: {', '.join(SETTINGS)}, all")
+    frequency = Counter(name for _, objects in annotations for name in objects)
+    together: dict[str, Counter] = defaultdict(Counter)  # object -> objects seen in the same image
+    for _, objects in annotations:
+        for name in objects:
+            together[name].update(objects - {name})
+    vocabulary = sorted(frequency)
+    rng = random.Random(seed)
+    probes = []
+    for image, objects in annotations:
+        absent = [name for name in vocabulary if name not in objects]
+        rng.shuffle(absent)  # ties below are broken at random, not by name
+        count = min(per_image, len(objects), len(absent))
+        if setting == "random":
+            negatives = absent[:count]
+        elif setting == "popular":
+            negatives = sorted(absent, key=lambda name: -frequency[name])[:count]
+        else:
+            negatives = sorted(absent, key=lambda name: -sum(together[o][name] for o in objects))[:count]
+        positives = rng.sample(sorted(objects), count)
+        probes += [(image, name, True) for name in positives] + [(image, name, False) for name in negatives]
+    return probes
+
+
+@register_task("pope")
+class Pope(Task):
+    """POPE hallucination probes: accuracy, precision, recall, F1 and yes-ratio per setting."""
+
+    def items(self, options: TaskOptions) -> list[Item]:
+        if options.data and Path(options.data).is_file():
+            annotations = read_object_file(options.data)
+        else:
+            annotations = easy_vqa_objects(options.split, options.data)
+        if options.limit is not None:  # about `limit` probes per setting: 6 per image
+            annotations = seeded_sample(annotations, max(1, -(-options.limit // 6)), options.seed)
+        settings = SETTINGS if options.setting == "all" else (options.setting,)
+        items = []
+        for setting in settings:
+            for image, name, present in build_probes(annotations, setting, seed=options.seed):
+                answer = "yes" if present else "no"
+                items.append(Item(f"{setting}:{Path(image).stem}:{name}", QUESTION.format(name), [image],
+                                  [answer], {"setting": setting, "object": name}))
+        return items
+
+    def score(self, items: list[Item], predictions: list[str]) -> tuple[dict, list[dict]]:
+        rows = [prediction_row(item, text.strip(), says_yes(text) == (item.references[0] == "yes"))
+                for item, text in zip(items, predictions)]
+        settings = {}
+        for setting in dict.fromkeys(row["setting"] for row in rows):
+            chosen = [(says_yes(r["prediction"]), r["reference"] == "yes") for r in rows if r["setting"] == setting]
+            settings[setting] = binary_metrics([p for p, _ in chosen], [t for _, t in chosen])
+        count = max(1, len(settings))
+        results = {"accuracy": sum(s["accuracy"] for s in settings.values()) / count,
+                   "f1": sum(s["f1"] for s in settings.values()) / count, "settings": settings}
+        return results, rows
+
+    def pictures(self, results: dict, rows: list[dict], out: Path) -> None:
+        groups = {name: {k: v for k, v in metrics.items() if k != "n"}
+                  for name, metrics in results["settings"].items()}
+        plot_grouped_bars(groups, out / "pope.png", "POPE: object hallucination probes")
