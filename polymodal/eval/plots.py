@@ -36,16 +36,19 @@ def plot_grouped_bars(groups: dict[str, dict[str, float]], out: Path, title: str
 
     metrics = list(dict.fromkeys(key for values in groups.values() for key in values))
     width = 0.8 / max(1, len(metrics))
-    figure, axis = plt.subplots(figsize=(2 + 1.2 * len(groups) * max(1, len(metrics)) * 0.4, 3.5))
+    import textwrap
+
+    figure, axis = plt.subplots(figsize=(2 + len(groups) * max(1.3, 0.5 * len(metrics)), 3.8))
     for index, metric in enumerate(metrics):
         xs = [g + (index - (len(metrics) - 1) / 2) * width for g in range(len(groups))]
         values = [groups[name].get(metric, 0.0) for name in groups]
         bars = axis.bar(xs, values, width, label=metric)
         axis.bar_label(bars, [f"{v:.2f}" for v in values], fontsize=6)
-    axis.set_xticks(range(len(groups)), list(groups))
+    axis.set_xticks(range(len(groups)), [textwrap.fill(name, 12) for name in groups], fontsize=8)
     axis.set(title=title, ylabel=ylabel)
     axis.set_ylim(0, max(1.05, *(v for g in groups.values() for v in g.values())) * 1.05)
-    axis.legend(fontsize=7, loc="upper right", ncol=min(3, len(metrics)))
+    if len(metrics) > 1:
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(metrics), frameon=False)
     figure.tight_layout()
     figure.savefig(out, dpi=100)
     plt.close(figure)
