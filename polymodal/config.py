@@ -76,14 +76,25 @@ class LLMConfig:
 
 @dataclass
 class ModelConfig:
-    """A multimodal LM: encoder -> connector -> fusion -> LLM. No encoder means text only."""
+    """A multimodal LM: encoder -> connector -> fusion -> LLM. No encoder means text only.
+
+    `kind: dual-encoder` is a CLIP-style model instead: the image `encoder` and the text
+    tower named in `contrastive`, projected into one embedding space (no connector, no LLM).
+    """
 
     llm: LLMConfig = field(default_factory=LLMConfig)
     encoder: EncoderConfig | None = None
     connector: ConnectorConfig | None = None
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    kind: Literal["multimodal-lm", "dual-encoder"] = "multimodal-lm"
+    contrastive: ContrastiveConfig | None = None
 
     def __post_init__(self):
+        if self.kind == "dual-encoder":
+            if self.encoder is None:
+                raise ConfigError("encoder: a dual-encoder model needs an image encoder")
+            self.contrastive = self.contrastive or ContrastiveConfig()
+            return
         if (self.encoder is None) != (self.connector is None):
             missing = "connector" if self.connector is None else "encoder"
             raise ConfigError(f"{missing}: required when the other part is set")

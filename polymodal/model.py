@@ -44,6 +44,8 @@ class MultimodalLM(nn.Module):
 
     def __init__(self, config: ModelConfig, loader: PartLoader | None = None, tokenizer=None):
         super().__init__()
+        if config.kind != "multimodal-lm":
+            raise UserError(f"model.kind {config.kind!r} is not a multimodal LM")
         loader = loader or PartLoader(trust_remote_code=config.llm.trust_remote_code)
         self.config = config
         self.llm = LanguageModel(config.llm, loader, tokenizer)
@@ -237,12 +239,22 @@ def atomic_write(path: Path, write) -> None:
         temp.unlink(missing_ok=True)
 
 
-def load_any(source: str, overrides: list[str] = ()) -> MultimodalLM:
-    """A saved model directory, a recipe YAML (built as configured) or an LLM source (text only)."""
+def load_any(source: str, overrides: list[str] = ()):
+    """A saved model directory, a recipe YAML (built as configured) or an LLM source (text
+    only): a MultimodalLM, or a DualEncoder for `kind: dual-encoder`."""
     if is_model_directory(source):
+        if json.loads((Path(source) / "config.json").read_text())["model"].get("kind") == "dual-encoder":
+            from polymodal.contrastive.model import DualEncoder
+
+            return DualEncoder.from_pretrained(source)
         return MultimodalLM.from_pretrained(source)
     if source.endswith((".yaml", ".yml")):
-        return MultimodalLM.from_config(load_recipe(source, overrides))
+        recipe = load_recipe(source, overrides)
+        if recipe.model.kind == "dual-encoder":
+            from polymodal.contrastive.model import DualEncoder
+
+            return DualEncoder.from_config(recipe)
+        return MultimodalLM.from_config(recipe)
     if overrides:
         raise UserError("--set applies to recipes only")
     return MultimodalLM(ModelConfig(llm=LLMConfig(source=source)))

@@ -242,6 +242,17 @@ class PartLoader:
                                    "mean": list(mean), "std": list(std)}
         return model, stats
 
+    def text_encoder(self, key: str, source: str):
+        """(model, tokenizer or None when rebuilding a saved model) for a text tower `key`."""
+        if self.from_saved:
+            from transformers import AutoModel
+
+            data = dict(self._saved(key)["config"])
+            return AutoModel.from_config(AutoConfig.for_model(data.pop("model_type"), **data)).eval(), None
+        model, tokenizer = load_text_encoder(source, self.trust_remote_code)
+        self.architectures[key] = {"config": architecture_of(model)}
+        return model, tokenizer
+
     def causal_lm(self, key: str, source: str, dtype: torch.dtype):
         """(model, tokenizer or None when rebuilding a saved model) for the LLM part `key`."""
         if self.from_saved:

@@ -121,5 +121,5 @@ def text_model(arch: str):
                           pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
-        model = model_class(config, add_pooling_layer=False)
+        model = model_class(config)  # with its pooler, as AutoModel builds the real ones
     return model.eval(), tokenizer

@@ -29,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     task, options = task_options(args)
     if args.emap_size < 0 or args.emap_size == 1:
         raise UserError("--emap-size must be 0 (skip) or at least 2")
+    if not task.generative:
+        raise UserError(f"analyze needs a task a generative model answers, not {task.name}")
     task.items(options)  # bad data fails here, before the model loads
     model = load_any(args.model)
     command = "polymodal " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["analyze"] else ""

@@ -14,7 +14,8 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
     """The options every task takes (`eval` and `analyze` share them)."""
     parser.add_argument("model", help="a saved model directory (or a recipe / LLM source)")
     parser.add_argument("--task", required=True,
-                        help="easy-vqa, vqa, pope, caption or multiple-choice")
+                        help="easy-vqa, vqa, pope, caption, multiple-choice; for dual encoders "
+                             "zeroshot, retrieval")
     parser.add_argument("--split", default="test", help="easy-VQA split, for tasks built from it (train or test)")
     parser.add_argument("--data", metavar="PATH",
                         help="the task's JSONL file, or a folder in the easy-VQA layout")
@@ -22,6 +23,8 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of --limit and of built probes")
     parser.add_argument("--setting", default="all", help="pope: random, popular, adversarial or all")
     parser.add_argument("--prompt", help="caption: the instruction (default: Describe the image.)")
+    parser.add_argument("--templates", nargs="+", metavar="TEMPLATE",
+                        help='zeroshot: prompt templates, {} for the label ("a photo of a {}.")')
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", metavar="DIR", help="write results.json, predictions.jsonl, report.md and pictures")
 
@@ -45,7 +48,8 @@ def task_options(args: argparse.Namespace):
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     return task, TaskOptions(split=args.split, data=args.data, limit=args.limit, seed=args.seed,
-                             setting=args.setting, prompt=args.prompt)
+                             setting=args.setting, prompt=args.prompt,
+                             templates=args.templates)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from polymodal.model import load_any
 
     task, options = task_options(args)
-    items = task.items(options)  # bad data fails here, before the model loads
+    items = task.items(options) if task.generative else None  # bad data fails before the model loads
     model = load_any(args.model)
     command = "polymodal " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else ""
     results, rows = evaluate(model, task, options, args.batch_size, args.out, command, items)

@@ -8,20 +8,25 @@ Example (the contrastive stage of a recipe builds one around its model's encoder
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_model, save_model
 from torch import nn
 
-from polymodal.config import ContrastiveConfig
+from polymodal.config import ContrastiveConfig, ModelConfig, RecipeConfig, from_dict, to_dict
 from polymodal.contrastive.gather import gather_rows
 from polymodal.contrastive.losses import clip_loss, siglip_loss
 from polymodal.contrastive.towers import ImageTower, TextTower
 from polymodal.data.formats import Sample
-from polymodal.encoders.base import Encoder
+from polymodal.encoders.base import Encoder, build_encoder
 from polymodal.errors import UserError
-from polymodal.model import Output
+from polymodal.model import FORMAT, FORMAT_VERSION, Output, atomic_write, read_model_record, upgrade_record
 from polymodal.processing.images import load_image
+from polymodal.sources import PartLoader
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: the temperature never drops below 0.01
 
@@ -53,14 +58,57 @@ class DualEncoder(nn.Module):
         self.image = ImageTower(encoder, text.dim, config.pool)
         self.text = text
         self.logits = LogitParameters(config)
+        self.model_config: ModelConfig | None = None  # set when built from a model config
+        self.architectures: dict = {}
 
     @classmethod
-    def around(cls, encoder: Encoder, config: ContrastiveConfig) -> DualEncoder:
+    def around(cls, encoder: Encoder, config: ContrastiveConfig, loader: PartLoader | None = None,
+               tokenizer=None) -> DualEncoder:
         """A dual encoder whose image side is `encoder` itself (shared, not copied)."""
-        from polymodal.sources import load_text_encoder
+        loader = loader or PartLoader()
+        model, loaded_tokenizer = loader.text_encoder("text", config.text)
+        return cls(encoder, TextTower(model, tokenizer or loaded_tokenizer, config.dim), config)
 
-        model, tokenizer = load_text_encoder(config.text)
-        return cls(encoder, TextTower(model, tokenizer, config.dim), config)
+    @classmethod
+    def from_config(cls, config: ModelConfig | RecipeConfig, loader: PartLoader | None = None,
+                    tokenizer=None) -> DualEncoder:
+        """A `kind: dual-encoder` model: its encoder built (or loaded) as configured, its
+        text tower loaded from `contrastive.text`."""
+        config = config.model if isinstance(config, RecipeConfig) else config
+        if config.kind != "dual-encoder":
+            raise UserError("not a dual-encoder model config (model.kind: dual-encoder)")
+        loader = loader or PartLoader()
+        model = cls.around(build_encoder(config.encoder, loader), config.contrastive, loader, tokenizer)
+        model.model_config, model.architectures = config, loader.architectures
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """config.json, model.safetensors (both towers) and the text tokenizer in `text/`;
+        the folder is complete: loading it needs no source."""
+        if self.model_config is None:
+            raise UserError("only a dual-encoder built from a model config can be saved")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        record = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                  "model": to_dict(self.model_config), "architectures": self.architectures}
+        atomic_write(directory / "config.json", lambda path: path.write_text(json.dumps(record, indent=2)))
+        atomic_write(directory / "model.safetensors", lambda path: save_model(self, str(path)))
+        self.text.tokenizer.save_pretrained(directory / "text")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> DualEncoder:
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        record = upgrade_record(read_model_record(directory))
+        config = from_dict(ModelConfig, record["model"], "model")
+        tokenizer = AutoTokenizer.from_pretrained(directory / "text")
+        model = cls.from_config(config, PartLoader(architectures=record["architectures"]), tokenizer)
+        missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise UserError(f"{directory}: weights do not match the config "
+                            f"({len(missing)} missing, {len(unexpected)} unexpected)")
+        return model.eval()
 
     # ------------------------------------------------------------ freezing
 

@@ -45,6 +45,7 @@ class TaskOptions:
     seed: int = 0
     setting: str = "all"  # pope: random, popular, adversarial or all
     prompt: str | None = None  # caption: the instruction
+    templates: list[str] | None = None  # zeroshot: prompt templates with {} for the label
 
 
 class Task:
@@ -54,8 +55,23 @@ class Task:
     headline = "accuracy"  # the metric `analyze` compares across ablations
     max_new_tokens = 8
 
+    generative = True  # answered by a MultimodalLM; contrastive tasks embed instead
+
     def items(self, options: TaskOptions) -> list[Item]:
         raise NotImplementedError
+
+    def run(self, model, options: TaskOptions, batch_size: int,
+            items: list[Item] | None = None) -> tuple[dict, list[dict]]:
+        """(metrics, rows): the model answers every item, and the answers are scored."""
+        from polymodal.eval.answer import answer_items
+
+        if hasattr(model, "encode_texts"):
+            raise UserError(f"task {self.name} needs a generative model; this one is a dual encoder")
+        items = self.items(options) if items is None else items
+        if not items:
+            raise UserError(f"task {self.name}: the data holds no questions")
+        predictions = answer_items(model, items, batch_size, self.max_new_tokens, desc=self.name)
+        return self.score(items, predictions)
 
     def score(self, items: list[Item], predictions: list[str]) -> tuple[dict, list[dict]]:
         """Answers -> (results: metrics, rows: one per item for predictions.jsonl)."""
@@ -97,7 +113,9 @@ def _load_tasks() -> None:
     import polymodal.eval.easy_vqa
     import polymodal.eval.multiple_choice
     import polymodal.eval.pope
-    import polymodal.eval.vqa  # noqa: F401
+    import polymodal.eval.retrieval
+    import polymodal.eval.vqa
+    import polymodal.eval.zeroshot  # noqa: F401
 
 
 def seeded_sample(items: list, limit: int | None, seed: int = 0) -> list:

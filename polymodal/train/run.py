@@ -92,7 +92,7 @@ def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None 
     run = Run(recipe, Path(run_dir), resume, world)
     if model is None:
         torch.manual_seed(recipe.stages[0].seed)  # parts built from scratch start the same every run
-        model = MultimodalLM.from_config(recipe)
+        model = build_model(recipe)
     stage_models = StageModels(model, recipe)
     if run.resume_from is not None:  # a checkpoint holds the weights of the model its stage trains
         checkpoint.load_weights(run.resume_from, stage_models.get(run.position[0]))
@@ -112,6 +112,15 @@ def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None 
     return run.summary
 
 
+def build_model(recipe: RecipeConfig):
+    """The recipe's model, untrained parts from scratch and pretrained ones from their sources."""
+    if recipe.model.kind == "dual-encoder":
+        from polymodal.contrastive.model import DualEncoder
+
+        return DualEncoder.from_config(recipe)
+    return MultimodalLM.from_config(recipe)
+
+
 def resolve_epochs(recipe: RecipeConfig) -> None:
     """A stage given in epochs gets its step count from the number of samples it reads
     (one epoch draws as many samples as its datasets hold, mixed by weight)."""
@@ -123,8 +132,8 @@ def resolve_epochs(recipe: RecipeConfig) -> None:
 
 
 class StageModels:
-    """The module each stage trains: the model itself for `lm` stages; for a `contrastive`
-    stage, a DualEncoder around the model's own encoder (its head and text tower are
+    """The module each stage trains: the model itself for `lm` stages and for a dual-encoder
+    model; for a `contrastive` stage of a multimodal LM, a DualEncoder around its own encoder (its head and text tower are
     dropped after the stage; the encoder keeps what it learned)."""
 
     def __init__(self, model: MultimodalLM, recipe: RecipeConfig):
@@ -132,7 +141,10 @@ class StageModels:
 
     def get(self, index: int):
         stage = self.recipe.stages[index]
-        if stage.objective == "lm":
+        dual = self.recipe.model.kind == "dual-encoder"
+        if dual and stage.objective != "contrastive":
+            raise UserError(f"stage {stage.name!r}: a dual-encoder model trains with objective: contrastive")
+        if stage.objective == "lm" or dual:
             return self.model
         if index not in self.built:
             from polymodal.contrastive.model import DualEncoder
