@@ -52,6 +52,7 @@ bench: install
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/eval.py
+	$(PY) benchmarks/search.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -24,7 +24,14 @@ from polymodal.contrastive.towers import ImageTower, TextTower
 from polymodal.data.formats import Sample
 from polymodal.encoders.base import Encoder, build_encoder
 from polymodal.errors import UserError
-from polymodal.model import FORMAT, FORMAT_VERSION, Output, atomic_write, read_model_record, upgrade_record
+from polymodal.model import (
+    FORMAT,
+    FORMAT_VERSION,
+    Output,
+    atomic_write,
+    read_model_record,
+    upgrade_record,
+)
 from polymodal.processing.images import load_image
 from polymodal.sources import PartLoader
 

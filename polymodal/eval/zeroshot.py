@@ -17,12 +17,24 @@ import torch
 import torch.nn.functional as F
 
 from polymodal.contrastive.embed import embed_images, embed_texts, require_dual_encoder
-from polymodal.data.formats import EASY_VQA_COLORS, EASY_VQA_SHAPES, easy_vqa_attributes, easy_vqa_by_image, \
-    easy_vqa_folder
+from polymodal.data.formats import (
+    EASY_VQA_COLORS,
+    EASY_VQA_SHAPES,
+    easy_vqa_attributes,
+    easy_vqa_by_image,
+    easy_vqa_folder,
+)
 from polymodal.errors import UserError
 from polymodal.eval.metrics import confusion
 from polymodal.eval.plots import plot_confusion
-from polymodal.eval.tasks import Task, TaskOptions, read_jsonl, record_images, register_task, seeded_sample
+from polymodal.eval.tasks import (
+    Task,
+    TaskOptions,
+    read_jsonl,
+    record_images,
+    register_task,
+    seeded_sample,
+)
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 EASY_VQA_TEMPLATES = {"shape": [f"a {color} {{}}" for color in EASY_VQA_COLORS] + ["a {}"],
