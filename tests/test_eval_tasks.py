@@ -128,7 +128,7 @@ def test_task_files_and_their_errors(tmp_path):
     no_field.write_text(json.dumps({"image": "one.png", "question": "Q?"}) + "\n")
     with pytest.raises(UserError, match=r"nofield.jsonl:1: missing field 'answers'"):
         get_task("vqa").items(TaskOptions(data=str(no_field)))
-    with pytest.raises(UserError, match="unknown task 'nope'; known: caption, easy-vqa"):
+    with pytest.raises(UserError, match="unknown task 'nope'; known: audio-image, caption, easy-vqa"):
         get_task("nope")
 
 

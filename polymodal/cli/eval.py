@@ -15,7 +15,7 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a saved model directory (or a recipe / LLM source)")
     parser.add_argument("--task", required=True,
                         help="easy-vqa, vqa, pope, caption, multiple-choice; for dual encoders "
-                             "zeroshot, retrieval")
+                             "zeroshot, retrieval, audio-image")
     parser.add_argument("--split", default="test", help="easy-VQA split, for tasks built from it (train or test)")
     parser.add_argument("--data", metavar="PATH",
                         help="the task's JSONL file, or a folder in the easy-VQA layout")
@@ -25,6 +25,7 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="caption: the instruction (default: Describe the image.)")
     parser.add_argument("--templates", nargs="+", metavar="TEMPLATE",
                         help='zeroshot: prompt templates, {} for the label ("a photo of a {}.")')
+    parser.add_argument("--image-model", metavar="DIR", help="audio-image: the image dual encoder")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", metavar="DIR", help="write results.json, predictions.jsonl, report.md and pictures")
 
@@ -49,7 +50,7 @@ def task_options(args: argparse.Namespace):
         raise UserError("--batch-size must be at least 1")
     return task, TaskOptions(split=args.split, data=args.data, limit=args.limit, seed=args.seed,
                              setting=args.setting, prompt=args.prompt,
-                             templates=args.templates)
+                             templates=args.templates, image_model=args.image_model)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ import torch
 from tqdm import tqdm
 
 from polymodal.errors import UserError
-from polymodal.processing.images import load_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -36,11 +35,10 @@ def embed_images(model, paths: list, batch_size: int = 64, skip_bad: bool = Fals
     is skipped and listed.
     """
     require_dual_encoder(model, "embedding images")
-    size = model.image.encoder.image_size
     kept, skipped, chunks, pending = [], [], [], []
     for path in tqdm(paths, desc=desc, unit="img"):
         try:
-            pending.append(load_image(path, size))  # [3, S, S]
+            pending.append(model.encoder.load_media(path))  # [3, S, S], or log-mel for audio
             kept.append(path)
         except UserError as error:
             if not skip_bad:

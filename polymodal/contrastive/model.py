@@ -32,7 +32,6 @@ from polymodal.model import (
     read_model_record,
     upgrade_record,
 )
-from polymodal.processing.images import load_image
 from polymodal.sources import PartLoader
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: the temperature never drops below 0.01
@@ -54,8 +53,9 @@ class LogitParameters(nn.Module):
 
 
 class DualEncoder(nn.Module):
-    """Parts: `encoder` (the image encoder), `projection` (the image head and the learned
-    temperature/bias), `text` (the text tower, with its projection when it has one)."""
+    """Parts: `encoder` (the image encoder, or an audio one such as `whisper`: the
+    "image" side is whatever medium the encoder reads), `projection` (its pooled head and
+    the learned temperature/bias), `text` (the text tower, with its projection if any)."""
 
     image_placeholder = "<image>"
 
@@ -144,7 +144,10 @@ class DualEncoder(nn.Module):
 
     def forward(self, batch: dict) -> Output:
         """The contrastive loss of the global batch (see gather.py for DDP)."""
-        image = gather_rows(self.encode_images(batch["pixel_values"]))  # [B, D]
+        if "features" in batch:  # cached outputs of a frozen encoder
+            image = gather_rows(self.image.head(batch["features"]))  # [B, D]
+        else:
+            image = gather_rows(self.encode_images(batch["pixel_values"]))  # [B, D]
         text = gather_rows(self.encode_texts(batch["texts"]))  # [B, D]
         ids = gather_rows(batch["text_ids"])  # [B]
         positives = ids[:, None] == ids[None, :]  # [B, B]: equal captions match
@@ -165,8 +168,22 @@ class DualEncoder(nn.Module):
         return {"image": sample.images[0], "text": replies[-1]}
 
     def training_batch(self, examples: list[dict], features=None) -> dict:
-        size = self.image.encoder.image_size
+        """Examples -> {pixel_values: the encoder's inputs (pixels, or log-mel for audio),
+        texts, text_ids}; with `features` (a FeatureCache, when the encoder is frozen) the
+        encoder's outputs instead."""
         texts = [e["text"] for e in examples]
-        return {"pixel_values": torch.stack([load_image(e["image"], size) for e in examples]),
-                "texts": texts, "text_ids": torch.tensor([text_id(t) for t in texts]),
-                "num_items": len(examples)}
+        paths = [e["image"] for e in examples]
+        batch = {"texts": texts, "text_ids": torch.tensor([text_id(t) for t in texts]), "num_items": len(examples)}
+        if features is not None:
+            batch["features"] = features.get(self, paths)  # [B, S, D_enc]
+        else:
+            batch["pixel_values"] = self.media_inputs(paths)
+        return batch
+
+    @property
+    def encoder(self) -> Encoder:
+        return self.image.encoder
+
+    def media_inputs(self, paths: list) -> torch.Tensor:
+        """Files -> the encoder's input batch [B, ...]."""
+        return torch.stack([self.encoder.load_media(path) for path in paths])

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from polymodal.data.formats import Sample
 from polymodal.errors import UserError
+from polymodal.processing.audio import AUDIO_SUFFIXES, read_wav
 from polymodal.processing.images import open_image
 
 
@@ -27,7 +28,10 @@ def sample_problem(sample: Sample, placeholder: str, decoded: dict[str, str | No
     for path in sample.images:
         if path not in decoded:
             try:
-                open_image(path)
+                if Path(path).suffix.lower() in AUDIO_SUFFIXES:
+                    read_wav(path)
+                else:
+                    open_image(path)
                 decoded[path] = None
             except UserError as error:
                 decoded[path] = str(error)

@@ -21,7 +21,14 @@ class Encoder(nn.Module):
 
     out_dim: int
     num_tokens: int
-    image_size: int
+    image_size: int | None
+    modality = "image"
+
+    def load_media(self, path) -> torch.Tensor:
+        """A file -> this encoder's input for one item (pixels [3, S, S] in [0, 1] for images)."""
+        from polymodal.processing.images import load_image
+
+        return load_image(path, self.image_size)
 
     @property
     def grid(self) -> tuple[int, int] | None:

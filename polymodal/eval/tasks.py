@@ -46,6 +46,7 @@ class TaskOptions:
     setting: str = "all"  # pope: random, popular, adversarial or all
     prompt: str | None = None  # caption: the instruction
     templates: list[str] | None = None  # zeroshot: prompt templates with {} for the label
+    image_model: str | None = None  # audio-image: the image dual encoder to retrieve with
 
 
 class Task:
@@ -109,6 +110,7 @@ def task_names() -> list[str]:
 
 def _load_tasks() -> None:
     # Importing each task module runs its @register_task.
+    import polymodal.eval.audio_image
     import polymodal.eval.caption
     import polymodal.eval.easy_vqa
     import polymodal.eval.multiple_choice

@@ -24,6 +24,10 @@ def read_dataset(config: DatasetConfig) -> list[Sample]:
         samples = read_easy_vqa(config.split or "train", config.path, config.flip_yes_no)
     elif config.format == "easy-vqa-captions":
         samples = read_easy_vqa_captions(config.split or "train", config.path)
+    elif config.format == "easy-vqa-speech":
+        from polymodal.data.speech import read_easy_vqa_speech
+
+        samples = read_easy_vqa_speech(config.split or "train", config.path)
     elif config.format == "llava":
         samples = read_llava_json(config.path, config.image_folder)
     else:
@@ -102,7 +106,8 @@ class FeatureCache:
         if missing:
             was_training = model.encoder.training
             model.encoder.eval()
-            encoded = model.encoder(model.processor.pixels(missing))
+            inputs = model.media_inputs(missing) if hasattr(model, "media_inputs") else model.processor.pixels(missing)
+            encoded = model.encoder(inputs)
             model.encoder.train(was_training)
             self.features.update(zip(missing, encoded))
         return torch.stack([self.features[p] for p in paths])

@@ -1,0 +1,78 @@
+"""Spoken captions made on this machine with espeak-ng: audio-text pairs for binding an
+audio tower to a text space (ImageBind's recipe, with text as the anchor).
+
+`format: easy-vqa-speech` speaks each distinct full caption of an easy-VQA split ("a red
+triangle") in several voices and speeds. The voices of `train` and `test` differ, so a
+test clip is a voice the tower never heard. Clips are cached under
+`~/.cache/polymodal/speech/` (`POLYMODAL_CACHE` moves it), each written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from polymodal.data.formats import (
+    CAPTION_PROMPT,
+    Sample,
+    easy_vqa_attributes,
+    easy_vqa_by_image,
+    easy_vqa_caption,
+    easy_vqa_folder,
+)
+from polymodal.errors import UserError
+
+VOICES = {"train": [("en-us", 140), ("en-us", 180), ("en-gb", 150), ("en-gb-scotland", 170),
+                    ("en-029", 160), ("en-us+f2", 155), ("en-gb+f4", 175), ("en-gb-x-gbclan", 145)],
+          "test": [("en-gb-x-rp", 160), ("en-us+m3", 165)]}
+
+
+def speech_cache() -> Path:
+    root = os.environ.get("POLYMODAL_CACHE")
+    base = Path(root) if root and root != "off" else Path.home() / ".cache" / "polymodal"
+    return base / "speech"
+
+
+def speak(text: str, voice: str, speed: int, out: Path) -> Path:
+    """`text` spoken into the WAV file `out` (made once; atomic)."""
+    if out.is_file():
+        return out
+    if shutil.which("espeak-ng") is None:
+        raise UserError("espeak-ng is not installed (apt-get install espeak-ng; `make install` does it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(temp), text],
+                       check=True, capture_output=True, timeout=60)
+        os.replace(temp, out)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+        raise UserError(f"espeak-ng could not speak {text!r} with voice {voice}: {error}") from None
+    finally:
+        temp.unlink(missing_ok=True)
+    return out
+
+
+def easy_vqa_full_captions(split: str | None, folder: str | Path | None = None) -> dict[str, list[str]]:
+    """Caption -> the images it describes, for captions naming both colour and shape."""
+    by_caption: dict[str, list[str]] = {}
+    for image, pairs in easy_vqa_by_image(easy_vqa_folder(split, folder)).items():
+        found = easy_vqa_attributes(pairs)
+        if "shape" in found and "color" in found:
+            by_caption.setdefault(easy_vqa_caption(found), []).append(image)
+    return by_caption
+
+
+def read_easy_vqa_speech(split: str | None = "train", folder: str | Path | None = None) -> list[Sample]:
+    """(spoken caption, caption) samples: each distinct caption in each voice of the split."""
+    voices = VOICES["test" if split == "test" else "train"]
+    samples = []
+    for caption in sorted(easy_vqa_full_captions(split, folder)):
+        for voice, speed in voices:
+            clip = speech_cache() / f"{voice}-{speed}" / f"{caption.replace(' ', '_')}.wav"
+            speak(caption, voice, speed, clip)
+            messages = [{"role": "user", "content": f"<image>\n{CAPTION_PROMPT}"},
+                        {"role": "assistant", "content": caption}]
+            samples.append(Sample(f"{voice}-{speed}:{caption}", messages, [str(clip)]))
+    return samples
