@@ -8,7 +8,7 @@ import sys
 
 from polymodal.errors import UserError
 
-COMMANDS = ("info", "chat", "train", "eval", "analyze", "embed", "index", "search")
+COMMANDS = ("info", "chat", "train", "eval", "analyze", "embed", "index", "search", "serve")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
