@@ -24,6 +24,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	command -v espeak-ng >/dev/null || (apt-get install -y -q espeak-ng >/dev/null 2>&1 \
 		|| sudo -n apt-get install -y -q espeak-ng >/dev/null 2>&1) \
 		|| echo "note: espeak-ng could not be installed; audio tests will skip"
+	@# Debian's chromium runs the chat page's browser test (Playwright drives it; no download).
+	command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| sudo -n apt-get install -y -q chromium >/dev/null 2>&1) \
+		|| echo "note: chromium could not be installed; the browser test will skip"
 	touch $@
 
 install: $(VENV)/.installed
@@ -58,6 +62,7 @@ bench: install
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/eval.py
 	$(PY) benchmarks/search.py
+	$(PY) benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -273,3 +273,46 @@ def test_the_chat_page_streams_an_answer_in_a_real_browser(served, tmp_path):
         browser.close()
     assert answer == "model: " + want
     assert all(url.startswith(served.url) for url in requests)  # nothing from a CDN
+
+
+def test_remote_images_only_from_allowlisted_hosts_with_every_redirect_checked(tmp_path):
+    """A local HTTP server stands in for a remote host: 127.0.0.1 is fetched only when the
+    allowlist names that address; a redirect to a host off the list is refused."""
+    import functools
+    import http.server
+
+    from polymodal.serve.errors import APIError
+    from polymodal.serve.media import MediaLimits, decode_image
+
+    Image.new("RGB", (8, 8), (0, 90, 200)).save(tmp_path / "blue.png")
+    (tmp_path / "big.png").write_bytes(b"x" * 5000)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # the http.server interface names it so
+            if self.path == "/hop":
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{self.server.server_port}/blue.png")
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        with pytest.raises(APIError, match="remote image URLs are disabled"):
+            decode_image(f"{base}/blue.png", MediaLimits(), "p")
+        allowed = MediaLimits(allowed_hosts={"127.0.0.1"}, max_image_bytes=4000)
+        assert decode_image(f"{base}/blue.png", allowed, "p").size == (8, 8)
+        with pytest.raises(APIError, match="'localhost' is not allowed"):
+            decode_image(f"{base}/hop", allowed, "p")  # the redirect leaves the allowlist
+        with pytest.raises(APIError, match="resolves to a non-public address"):
+            decode_image(f"http://localhost:{server.server_port}/blue.png",
+                         MediaLimits(allowed_hosts={"localhost"}), "p")  # a name, not the address
+        with pytest.raises(APIError, match="over the 4000 byte limit"):
+            decode_image(f"{base}/big.png", allowed, "p")
+    finally:
+        server.shutdown()
