@@ -201,6 +201,9 @@ class RecipeConfig:
     description: str = ""
     stages: list[StageConfig] = field(default_factory=list)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Under torchrun: `ddp` (a whole model per process) or `fsdp` (parameters, gradients
+    # and optimizer state sharded over the processes; see train/distributed.py).
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
 
 # ---------------------------------------------------------------- parsing

@@ -190,6 +190,25 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert ddp[-1] < ddp[0]
 
 
+def test_two_process_fsdp_matches_one_process_and_saves_the_whole_model(tmp_path):
+    """parallel: fsdp shards a copy of the model over 2 CPU processes; the loss curve is the
+    single-process one, and the gathered checkpoint and final model hold the same weights."""
+    path = synthetic_dataset(tmp_path)
+    recipe = {"name": "fsdp", "model": MODEL, "parallel": "fsdp", "checkpoint": {"every": 3, "keep": 1},
+              "stages": [{"name": "tune", "train": ["encoder", "connector", "llm"],
+                          "lr": {"encoder": 3e-3, "connector": 3e-3, "llm": 3e-3}, "steps": 6, "batch_size": 8,
+                          "log_every": 1, "data": [{"format": "llava", "path": str(path)}]}]}
+    fsdp, single = ddp_and_single_losses(recipe, tmp_path)
+    assert len(fsdp) == 6 and fsdp == pytest.approx(single, rel=1e-3)
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["parallel"] == "fsdp" and summary["processes"] == 2
+    sharded = MultimodalLM.from_pretrained(tmp_path / "ddp" / "model").state_dict()
+    whole = MultimodalLM.from_pretrained(tmp_path / "single" / "model").state_dict()
+    assert sharded.keys() == whole.keys()
+    for name in whole:
+        torch.testing.assert_close(sharded[name], whole[name], rtol=1e-3, atol=1e-4)
+
+
 def test_frozen_encoder_features_are_cached_with_the_same_losses(tmp_path):
     path = synthetic_dataset(tmp_path)
     runs = {}

@@ -25,14 +25,15 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def save(folder: Path, model, optimizer, scheduler, meta: dict, keep: int) -> Path:
-    """Write a checkpoint named by meta["global_step"]; keep only the newest `keep`."""
+def save(folder: Path, model, optimizer_state: dict, scheduler, meta: dict, keep: int) -> Path:
+    """Write a checkpoint named by meta["global_step"]; keep only the newest `keep`.
+    `optimizer_state` is `optimizer.state_dict()` (or its FSDP-gathered equivalent)."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{meta['global_step']:07d}"
     temp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
     try:
         save_model(model, str(temp / "weights.safetensors"))
-        tensors, layout = _flatten_optimizer(optimizer.state_dict())
+        tensors, layout = _flatten_optimizer(optimizer_state)
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(temp / "optimizer.safetensors"))
         record = {**meta, "optimizer_layout": layout, "scheduler": scheduler.state_dict()}
@@ -70,13 +71,14 @@ def load_weights(checkpoint: Path, model) -> None:
     load_model(model, str(checkpoint / "weights.safetensors"))
 
 
-def restore_optimizer(checkpoint: Path, optimizer, scheduler) -> None:
-    """Optimizer and scheduler state, and the torch RNG, as they were when saved."""
+def restore_optimizer(checkpoint: Path, scheduler) -> dict:
+    """Restores the scheduler and the torch RNG as they were when saved; returns the
+    optimizer state (for `optimizer.load_state_dict` or its FSDP equivalent)."""
     meta = read_meta(checkpoint)
     tensors = load_file(str(checkpoint / "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng.torch"))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer_layout"]))
     scheduler.load_state_dict(meta["scheduler"])
+    return _unflatten_optimizer(tensors, meta["optimizer_layout"])
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

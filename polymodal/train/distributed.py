@@ -1,13 +1,21 @@
-"""Multi-process training with `torchrun --nproc_per_node N polymodal ...` (DDP).
+"""Multi-process training with `torchrun --nproc_per_node N polymodal ...` (DDP or FSDP).
 
 The same recipe runs on one process or many: every process draws the same global
-batch and keeps its own slice of it (rows rank, rank + N, ...), DDP averages the
-gradients, and only rank 0 writes files. gloo on CPU, NCCL on GPU.
+batch and keeps its own slice of it (rows rank, rank + N, ...), and only rank 0 writes
+files. `parallel: ddp` (the default) keeps a whole model on each process and averages
+the gradients; `parallel: fsdp` shards a copy of the model over the processes (FSDP2's
+`fully_shard`: each decoder/encoder block, then the rest), gathers the parameters it
+needs layer by layer, and reduce-scatters the gradients. The model itself stays whole
+for building batches, caching features and saving: the sharded copy's weights are
+gathered back into it at every checkpoint and at the stage's end.
+
+Training runs on CPU (gloo); the model is never moved to a GPU here.
 """
 
 from __future__ import annotations
 
 import os
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -45,14 +53,73 @@ def setup() -> World:
     if size == 1:
         return SINGLE_PROCESS
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")  # the tensors live on the CPU
     return World(dist.get_rank(), dist.get_world_size())
 
 
-def wrap(model: torch.nn.Module, world: World) -> torch.nn.Module:
-    """DDP around the model for one stage (after freezing, which DDP reads once)."""
+def wrap(model: torch.nn.Module, world: World, strategy: str = "ddp") -> torch.nn.Module:
+    """The module a stage's steps run (after freezing, which DDP and FSDP read once): the
+    model itself when alone, DDP around it, or a sharded copy of it for FSDP."""
     if world.size == 1:
         return model
+    if strategy == "fsdp":
+        return sharded_copy(model)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model)
+
+
+def sharded_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the model with every block of every ModuleList (transformer layers,
+    encoder stages) sharded as its own FSDP unit, then the rest as the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    copy = deepcopy(model)
+    blocks = [block for module in copy.modules() if isinstance(module, torch.nn.ModuleList)
+              for block in module if any(True for _ in block.parameters())]
+    for block in reversed(blocks):  # inner blocks before the blocks that hold them
+        fully_shard(block)
+    fully_shard(copy)
+    return copy
+
+
+def gather_into(model: torch.nn.Module, trainer: torch.nn.Module) -> None:
+    """Copy a sharded copy's full weights back into the model (on every process)."""
+    if trainer is model or not hasattr(trainer, "reshard"):  # alone, or DDP: the same tensors
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(trainer, options=StateDictOptions(full_state_dict=True))
+    model.load_state_dict(full)
+
+
+def full_optimizer_state(trainer: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's state as one process's `optimizer.state_dict()` would hold it
+    (integer ids in parameter order), gathered from the shards for FSDP."""
+    if not hasattr(trainer, "reshard"):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(trainer, optimizer, options=StateDictOptions(full_state_dict=True))
+    order = _parameter_names(trainer, optimizer)
+    index = {name: i for i, name in enumerate(order)}
+    groups = [{**group, "params": [index[name] for name in group["params"]]} for group in full["param_groups"]]
+    return {"state": {index[name]: slots for name, slots in full["state"].items()}, "param_groups": groups}
+
+
+def load_full_optimizer_state(trainer: torch.nn.Module, optimizer, state: dict) -> None:
+    """The inverse of `full_optimizer_state`."""
+    if not hasattr(trainer, "reshard"):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    order = _parameter_names(trainer, optimizer)
+    groups = [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]]
+    named = {"state": {order[i]: slots for i, slots in state["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(trainer, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
+def _parameter_names(trainer: torch.nn.Module, optimizer) -> list[str]:
+    name_of = {id(p): name for name, p in trainer.named_parameters()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]

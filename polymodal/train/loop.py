@@ -17,7 +17,14 @@ from tqdm import tqdm
 from polymodal.config import StageConfig
 from polymodal.errors import UserError
 from polymodal.train import checkpoint
-from polymodal.train.distributed import SINGLE_PROCESS, World, wrap
+from polymodal.train.distributed import (
+    SINGLE_PROCESS,
+    World,
+    full_optimizer_state,
+    gather_into,
+    load_full_optimizer_state,
+    wrap,
+)
 from polymodal.train.mixture import Mixture
 
 
@@ -63,26 +70,30 @@ def warmup_cosine(stage: StageConfig) -> Callable[[int], float]:
 def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict], None],
                 totals: dict | None = None, start_step: int = 0, resume_from=None,
                 on_checkpoint: Callable | None = None, checkpoint_every: int | None = None,
-                world: World = SINGLE_PROCESS) -> dict:
+                world: World = SINGLE_PROCESS, strategy: str = "ddp") -> dict:
     """Run optimizer steps `start_step`..`stage.steps`; returns totals (samples, tokens, seconds, loss).
 
     `resume_from` is a checkpoint whose optimizer, schedule and RNG state continue here;
-    `on_checkpoint(step, optimizer, scheduler, totals)` runs every `checkpoint_every`
-    steps and at the stage's end.
+    `on_checkpoint(step, optimizer_state, scheduler, totals)` runs on rank 0 every
+    `checkpoint_every` steps and at the stage's end. `strategy`: ddp or fsdp (with
+    several processes).
     """
-    optimizer = make_optimizer(model, stage)
     if stage.batch_size % world.size:
         raise UserError(f"stage {stage.name!r}: batch_size {stage.batch_size} does not split over "
                         f"{world.size} processes")
-    forward = wrap(model, world)  # DDP averages the gradients of the processes' slices
+    model.set_trainable(stage.train)
+    # The model itself, DDP around it (averages the processes' gradients), or its sharded copy (FSDP).
+    trainer = wrap(model, world, strategy)
+    optimizer = make_optimizer(getattr(trainer, "module", trainer), stage)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage))
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if stage.precision == "bfloat16" else nullcontext()
     if resume_from is not None:
-        checkpoint.restore_optimizer(resume_from, optimizer, scheduler)
+        load_full_optimizer_state(trainer, optimizer, checkpoint.restore_optimizer(resume_from, scheduler))
     else:
         torch.manual_seed(stage.seed)
     model.train()
+    trainer.train()
     rate_name, rate_key = (("tok/s", "tokens_per_second") if stage.objective == "lm"
                            else ("pairs/s", "pairs_per_second"))
     totals = totals or {"samples": 0, "tokens": 0, "seconds": 0.0, "final_loss": None}
@@ -94,7 +105,7 @@ def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict
         for micro in range(stage.grad_accum):
             batch = mixture.batch(model, step, micro, world.rank, world.size)
             with precision:
-                output = forward(batch)
+                output = trainer(batch)
             (output.loss / stage.grad_accum).backward()
             loss_sum += output.loss.item() / stage.grad_accum
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["num_items"]
@@ -113,13 +124,15 @@ def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict
         totals["seconds"] += seconds
         totals["final_loss"] = loss_sum
         progress.set_postfix({"loss": f"{loss_sum:.4f}", rate_name: f"{tokens / seconds:.0f}"})
-        if not world.is_main:
-            continue
-        if (step + 1) % stage.log_every == 0 or step + 1 == stage.steps:
+        if world.is_main and ((step + 1) % stage.log_every == 0 or step + 1 == stage.steps):
             log({"stage": stage.name, "step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
                  "grad_norm": float(grad_norm), rate_key: tokens / seconds})
         due = checkpoint_every and (step + 1) % checkpoint_every == 0
         if on_checkpoint is not None and (due or step + 1 == stage.steps):
-            on_checkpoint(step + 1, optimizer, scheduler, totals)
+            gather_into(model, trainer)  # every process takes part in gathering FSDP shards
+            optimizer_state = full_optimizer_state(trainer, optimizer)
+            if world.is_main:
+                on_checkpoint(step + 1, optimizer_state, scheduler, totals)
+    gather_into(model, trainer)
     model.eval()
     return totals

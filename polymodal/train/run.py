@@ -40,7 +40,8 @@ class Run:
         self.bad_samples = run_dir / "bad_samples.jsonl"
         self.checkpoints = run_dir / "checkpoints"
         self.summary = {"recipe": recipe.name, "stages": {}, "train_seconds": 0.0,
-                        "samples": 0, "tokens": 0, "final_loss": None}
+                        "samples": 0, "tokens": 0, "final_loss": None, "processes": world.size,
+                        "parallel": recipe.parallel if world.size > 1 else None}
         self.position = (0, 0)  # (stage index, steps done in it)
         self.resume_from = checkpoint.latest(self.checkpoints) if resume else None
         text = yaml.safe_dump(to_dict(recipe), sort_keys=False)
@@ -171,16 +172,16 @@ def _train_one_stage(run: Run, model, index: int, start: int) -> None:
     def log(row: dict) -> None:
         run.log({**row, "global_step": run.global_step(index, row["step"])})
 
-    def on_checkpoint(step, optimizer, scheduler, stage_totals) -> None:
+    def on_checkpoint(step, optimizer_state, scheduler, stage_totals) -> None:
         _record(run, stage.name, stage_totals, sum(d.skipped_too_long for d in datasets))
         meta = {"stage_index": index, "step": step, "global_step": run.global_step(index, step),
                 "summary": {k: v for k, v in run.summary.items() if k != "wall_seconds"}}
-        checkpoint.save(run.checkpoints, model, optimizer, scheduler, meta, run.recipe.checkpoint.keep)
+        checkpoint.save(run.checkpoints, model, optimizer_state, scheduler, meta, run.recipe.checkpoint.keep)
 
     train_stage(model, stage, mixture, log, totals=totals, start_step=start,
                 resume_from=run.resume_from if resuming else None,
-                on_checkpoint=on_checkpoint if run.world.is_main else None,
-                checkpoint_every=run.recipe.checkpoint.every, world=run.world)
+                on_checkpoint=on_checkpoint, checkpoint_every=run.recipe.checkpoint.every, world=run.world,
+                strategy=run.recipe.parallel)
 
 
 def _record(run: Run, name: str, totals: dict, skipped: int) -> None:
