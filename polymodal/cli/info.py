@@ -31,13 +31,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def kinds_table() -> str:
+    from polymodal.eval.tasks import TASKS, task_names
     from polymodal.registry import CONNECTORS, ENCODERS, FUSIONS
     from polymodal.sources import SOURCE_KINDS
 
+    task_names()  # registers every task
     lines = []
-    for title, registry in (("encoders", ENCODERS), ("connectors", CONNECTORS), ("fusion", FUSIONS)):
+    for title, registry in (("encoders", ENCODERS), ("connectors", CONNECTORS), ("fusion", FUSIONS),
+                            ("eval tasks", TASKS)):
         lines.append(f"{title}:")
-        lines += [f"  {entry.name:<14} {entry.summary}" for entry in registry.entries()]
+        lines += [f"  {entry.name:<16} {entry.summary}" for entry in registry.entries()]
     lines.append("model sources:")
     lines += [f"  {name:<22} {text}" for name, text in SOURCE_KINDS.items()]
     return "\n".join(lines)
