@@ -40,7 +40,7 @@ demo: install $(RUN)/model/config.json
 	@echo "== evaluate on the full easy-VQA test split (9,673 questions)"
 	$(VENV)/bin/polymodal eval $(RUN)/model --task easy-vqa --split test --batch-size 64 \
 		--out $(RUN)/eval --show 8
-	@echo "== text only, the LLM's own knowledge is intact"
+	@echo "== text only: what the LLM says without an image, through its tuned adapters"
 	$(VENV)/bin/polymodal chat $(RUN)/model --max-new-tokens 16 "What is the capital of France?"
 	@echo "== ask about an image"
 	$(VENV)/bin/polymodal chat $(RUN)/model --image tests/data/red_circle.png "What color is the shape?"
