@@ -171,12 +171,7 @@ class MultimodalLM(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json, model.safetensors and the tokenizer files; each file atomically."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        record = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                  "model": to_dict(self.config), "architectures": self.architectures}
-        atomic_write(directory / "config.json", lambda path: path.write_text(json.dumps(record, indent=2)))
-        # save_model drops tied duplicates (e.g. lm_head sharing the embeddings).
-        atomic_write(directory / "model.safetensors", lambda path: save_model(self, str(path)))
+        write_model_files(directory, self, self.config, self.architectures)
         self.llm.tokenizer.save_pretrained(directory)
 
     @classmethod
@@ -188,11 +183,27 @@ class MultimodalLM(nn.Module):
         loader = PartLoader(architectures=record["architectures"])
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = cls(config, loader, tokenizer)
-        missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
-        if missing or unexpected:
-            raise UserError(f"{directory}: weights do not match the config "
-                            f"({len(missing)} missing, {len(unexpected)} unexpected)")
+        load_saved_weights(model, directory)
         return model.eval()
+
+
+def write_model_files(directory: Path, module: nn.Module, config: ModelConfig, architectures: dict) -> None:
+    """config.json (the model config and each part's architecture) and model.safetensors,
+    each written atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(config),
+              "architectures": architectures}
+    atomic_write(directory / "config.json", lambda path: path.write_text(json.dumps(record, indent=2)))
+    # save_model drops tied duplicates (e.g. lm_head sharing the embeddings).
+    atomic_write(directory / "model.safetensors", lambda path: save_model(module, str(path)))
+
+
+def load_saved_weights(module: nn.Module, directory: Path) -> None:
+    """model.safetensors into a rebuilt model; a mismatch is a UserError with the counts."""
+    missing, unexpected = load_model(module, str(directory / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise UserError(f"{directory}: weights do not match the config "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected)")
 
 
 def read_model_record(directory: Path) -> dict:

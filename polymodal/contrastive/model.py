@@ -8,16 +8,14 @@ Example (the contrastive stage of a recipe builds one around its model's encoder
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 
-from polymodal.config import ContrastiveConfig, ModelConfig, RecipeConfig, from_dict, to_dict
+from polymodal.config import ContrastiveConfig, ModelConfig, RecipeConfig, from_dict
 from polymodal.contrastive.gather import gather_rows
 from polymodal.contrastive.losses import clip_loss, siglip_loss
 from polymodal.contrastive.towers import ImageTower, TextTower
@@ -25,12 +23,11 @@ from polymodal.data.formats import Sample
 from polymodal.encoders.base import Encoder, build_encoder
 from polymodal.errors import UserError
 from polymodal.model import (
-    FORMAT,
-    FORMAT_VERSION,
     Output,
-    atomic_write,
+    load_saved_weights,
     read_model_record,
     upgrade_record,
+    write_model_files,
 )
 from polymodal.sources import PartLoader
 
@@ -95,11 +92,7 @@ class DualEncoder(nn.Module):
         if self.model_config is None:
             raise UserError("only a dual-encoder built from a model config can be saved")
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        record = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                  "model": to_dict(self.model_config), "architectures": self.architectures}
-        atomic_write(directory / "config.json", lambda path: path.write_text(json.dumps(record, indent=2)))
-        atomic_write(directory / "model.safetensors", lambda path: save_model(self, str(path)))
+        write_model_files(directory, self, self.model_config, self.architectures)
         self.text.tokenizer.save_pretrained(directory / "text")
 
     @classmethod
@@ -111,10 +104,7 @@ class DualEncoder(nn.Module):
         config = from_dict(ModelConfig, record["model"], "model")
         tokenizer = AutoTokenizer.from_pretrained(directory / "text")
         model = cls.from_config(config, PartLoader(architectures=record["architectures"]), tokenizer)
-        missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
-        if missing or unexpected:
-            raise UserError(f"{directory}: weights do not match the config "
-                            f"({len(missing)} missing, {len(unexpected)} unexpected)")
+        load_saved_weights(model, directory)
         return model.eval()
 
     # ------------------------------------------------------------ freezing
