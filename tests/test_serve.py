@@ -316,3 +316,18 @@ def test_remote_images_only_from_allowlisted_hosts_with_every_redirect_checked(t
             decode_image(f"{base}/big.png", allowed, "p")
     finally:
         server.shutdown()
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving():
+    from polymodal.engine.batching import BatchingEngine
+
+    engine = BatchingEngine(sharp_tiny_model(), max_batch=2).start()
+    step = engine.cache.step
+    engine.cache.step = lambda tokens: 1 / 0
+    prompt = {"messages": [{"role": "user", "content": "hi"}]}
+    events = list(engine.submit(prompt, SamplingParams(max_new_tokens=8)).events(timeout=10))
+    assert events[-1][0] == "error" and engine.running == 0
+    engine.cache.step = step
+    events = list(engine.submit(prompt, SamplingParams(max_new_tokens=8)).events(timeout=10))
+    assert events[-1][0] == "done" and events[-1][1].completion_tokens >= 1
+    engine.stop()

@@ -139,10 +139,19 @@ class BatchingEngine:
                         self.lock.wait()
                     if self.stopped:
                         return
-                self._drop_cancelled()
-                self._admit()
-                if self.rows:
-                    self._step()
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self.rows:
+                        self._step()
+                except Exception:  # a failed step fails its requests, not the server
+                    self._fail_running("generation failed")
+
+    def _fail_running(self, message: str) -> None:
+        for row in self.rows:
+            row.request.queue.put(("error", message))
+        self.rows.clear()
+        self.cache.active = 0
 
     def _admit(self) -> None:
         for _ in range(MAX_ADMITS_PER_STEP):
