@@ -39,7 +39,7 @@ def theirs(model, items) -> tuple[float, list[str]]:
     answers = []
     start = time.perf_counter()
     for item in items:
-        encoded = model.processor.encode(item.prompt()["messages"], item.images)  # loads the image
+        encoded = model.processor.encode(item.prompt(model.image_placeholder)["messages"], item.images)  # loads it
         ids = torch.tensor([encoded["input_ids"]])
         embeds = model.embed(ids, encoded["pixel_values"])  # encodes it: [1, T, D]
         out = model.llm.model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),

@@ -79,6 +79,6 @@ def _prompt(model, item: Item, pixels: dict) -> dict:
         if key not in pixels:
             pixels[key] = model.processor.pixels([image])[0]
         images.append(pixels[key])
-    prompt = item.prompt()
+    prompt = item.prompt(model.image_placeholder)
     prompt["images"] = images
     return prompt

@@ -32,8 +32,9 @@ class Item:
     references: list[str]  # accepted answers (captions for `caption`)
     info: dict = field(default_factory=dict)  # kept in predictions.jsonl: type, setting, rotation, ...
 
-    def prompt(self) -> dict:
-        content = "<image>\n" * len(self.images) + self.question
+    def prompt(self, placeholder: str = "<image>") -> dict:
+        """A chat prompt: one placeholder per image (the model's own), then the question."""
+        content = f"{placeholder}\n" * len(self.images) + self.question
         return {"messages": [{"role": "user", "content": content}], "images": list(self.images)}
 
 
