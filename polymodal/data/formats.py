@@ -195,12 +195,19 @@ def easy_vqa_caption(attributes: dict[str, str]) -> str | None:
     return f"a {color} shape" if color else None
 
 
+def easy_vqa_image_attributes(split: str | None = "train", folder: str | Path | None = None
+                              ) -> list[tuple[str, dict[str, str]]]:
+    """(image path, its {"shape", "color"} as far as its questions tell) for every image."""
+    return [(image, easy_vqa_attributes(pairs))
+            for image, pairs in easy_vqa_by_image(easy_vqa_folder(split, folder)).items()]
+
+
 def read_easy_vqa_captions(split: str | None = "train", folder: str | Path | None = None) -> list[Sample]:
     """Caption pairs ("a red triangle") derived from each image's easy-VQA questions; images
     whose questions reveal neither shape nor colour are left out."""
     samples = []
-    for image, pairs in easy_vqa_by_image(easy_vqa_folder(split, folder)).items():
-        caption = easy_vqa_caption(easy_vqa_attributes(pairs))
+    for image, found in easy_vqa_image_attributes(split, folder):
+        caption = easy_vqa_caption(found)
         if caption is not None:
             messages = [{"role": "user", "content": f"<image>\n{CAPTION_PROMPT}"},
                         {"role": "assistant", "content": caption}]

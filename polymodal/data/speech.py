@@ -17,10 +17,8 @@ from pathlib import Path
 from polymodal.data.formats import (
     CAPTION_PROMPT,
     Sample,
-    easy_vqa_attributes,
-    easy_vqa_by_image,
     easy_vqa_caption,
-    easy_vqa_folder,
+    easy_vqa_image_attributes,
 )
 from polymodal.errors import UserError
 
@@ -57,8 +55,7 @@ def speak(text: str, voice: str, speed: int, out: Path) -> Path:
 def easy_vqa_full_captions(split: str | None, folder: str | Path | None = None) -> dict[str, list[str]]:
     """Caption -> the images it describes, for captions naming both colour and shape."""
     by_caption: dict[str, list[str]] = {}
-    for image, pairs in easy_vqa_by_image(easy_vqa_folder(split, folder)).items():
-        found = easy_vqa_attributes(pairs)
+    for image, found in easy_vqa_image_attributes(split, folder):
         if "shape" in found and "color" in found:
             by_caption.setdefault(easy_vqa_caption(found), []).append(image)
     return by_caption

@@ -188,6 +188,12 @@ class SharedPrefixes:
     suffixes: list[list[int]]  # [B] the ids after the prefix
 
 
+def media_key(image) -> str | int:
+    """Which image this is, for sharing: a path by its value, any other object (pixels,
+    PIL image) by its identity."""
+    return image if isinstance(image, str) else id(image)
+
+
 def shared_prefixes(prompts: list[dict], samples: list[dict], image_token_id: int) -> SharedPrefixes | None:
     """Group prompts whose text up to their last image is the same and whose images are
     the same objects (or paths); None when no two prompts share one."""
@@ -201,7 +207,7 @@ def shared_prefixes(prompts: list[dict], samples: list[dict], image_token_id: in
         if cut == len(ids):
             return None  # nothing after the image: no row of its own to run
         images = prompt.get("images", [sample.get("pixel_values")])
-        key = (tuple(ids[:cut]), tuple(i if isinstance(i, str) else id(i) for i in images))
+        key = (tuple(ids[:cut]), tuple(media_key(i) for i in images))
         if key not in groups:
             groups[key] = len(prefixes)
             prefixes.append({"input_ids": ids[:cut], "pixel_values": sample["pixel_values"]})

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from polymodal.engine.generate import media_key
 from polymodal.errors import UserError
 from polymodal.eval.answer import answer_items, answer_logits, image_key
 from polymodal.eval.emap import diagonal_choices, emap_projection
@@ -28,7 +29,7 @@ def blanked(model, items: list[Item]) -> list[Item]:
     flat: dict = {}
 
     def blank(image):
-        key = image if isinstance(image, str) else id(image)
+        key = media_key(image)
         if key not in flat:
             pixels = model.processor.pixels([image])[0]  # [3, S, S]
             flat[key] = pixels.mean(dim=(1, 2), keepdim=True).expand_as(pixels).clone()

@@ -13,14 +13,14 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
-from polymodal.engine.generate import Generator
+from polymodal.engine.generate import Generator, media_key
 from polymodal.engine.sampling import SamplingParams
 from polymodal.eval.tasks import Item
 
 
 def image_key(item: Item) -> tuple:
     """Items with equal keys show the same images: paths by value, objects by identity."""
-    return tuple(image if isinstance(image, str) else id(image) for image in item.images)
+    return tuple(media_key(image) for image in item.images)
 
 
 def answer_items(model, items: list[Item], batch_size: int = 32, max_new_tokens: int = 8,
@@ -66,7 +66,7 @@ def batches(model, items: list[Item], batch_size: int, desc: str) -> Iterator[tu
                 remaining[key] -= 1
                 if remaining[key] == 0:
                     for image in items[index].images:
-                        pixels.pop(image if isinstance(image, str) else id(image), None)
+                        pixels.pop(media_key(image), None)
             progress.update(len(chunk))
 
 
@@ -75,7 +75,7 @@ def _prompt(model, item: Item, pixels: dict) -> dict:
     question about one image, which is how the generator sees that they share it)."""
     images = []
     for image in item.images:
-        key = image if isinstance(image, str) else id(image)
+        key = media_key(image)
         if key not in pixels:
             pixels[key] = model.processor.pixels([image])[0]
         images.append(pixels[key])

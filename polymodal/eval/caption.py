@@ -11,10 +11,8 @@ from pathlib import Path
 
 from polymodal.data.formats import (
     CAPTION_PROMPT,
-    easy_vqa_attributes,
-    easy_vqa_by_image,
     easy_vqa_caption,
-    easy_vqa_folder,
+    easy_vqa_image_attributes,
 )
 from polymodal.errors import UserError
 from polymodal.eval.caption_metrics import caption_scores
@@ -43,8 +41,8 @@ def read_caption_file(path: str | Path, prompt: str) -> list[Item]:
 
 def easy_vqa_caption_items(split: str | None, folder: str | None, prompt: str) -> list[Item]:
     items = []
-    for image, pairs in easy_vqa_by_image(easy_vqa_folder(split, folder)).items():
-        caption = easy_vqa_caption(easy_vqa_attributes(pairs))
+    for image, found in easy_vqa_image_attributes(split, folder):
+        caption = easy_vqa_caption(found)
         if caption:
             items.append(Item(Path(image).stem, prompt, [image], [caption]))
     return items

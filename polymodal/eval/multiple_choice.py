@@ -18,9 +18,7 @@ from pathlib import Path
 from polymodal.data.formats import (
     EASY_VQA_COLORS,
     EASY_VQA_SHAPES,
-    easy_vqa_attributes,
-    easy_vqa_by_image,
-    easy_vqa_folder,
+    easy_vqa_image_attributes,
 )
 from polymodal.errors import UserError
 from polymodal.eval.report import prediction_row
@@ -68,8 +66,8 @@ def _answer_index(answer, options: list[str]) -> int | None:
 def easy_vqa_choices(split: str | None, folder: str | None, seed: int) -> list[Question]:
     rng = random.Random(seed)
     questions = []
-    for image, pairs in easy_vqa_by_image(easy_vqa_folder(split, folder)).items():
-        found, stem = easy_vqa_attributes(pairs), Path(image).stem
+    for image, found in easy_vqa_image_attributes(split, folder):
+        stem = Path(image).stem
         if "shape" in found:
             others = [s for s in EASY_VQA_SHAPES if s != found["shape"]]
             questions.append((f"{stem}:shape", [image], "Which shape is in the image?", [found["shape"], *others]))

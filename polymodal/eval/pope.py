@@ -17,7 +17,7 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from polymodal.data.formats import easy_vqa_attributes, easy_vqa_by_image, easy_vqa_folder
+from polymodal.data.formats import easy_vqa_image_attributes
 from polymodal.errors import UserError
 from polymodal.eval.metrics import binary_metrics, says_yes
 from polymodal.eval.plots import plot_grouped_bars
@@ -39,8 +39,7 @@ Annotations = list[tuple[str, set[str]]]  # (image path, names of the objects in
 
 def easy_vqa_objects(split: str | None, folder: str | None) -> Annotations:
     annotations = []
-    for image, pairs in easy_vqa_by_image(easy_vqa_folder(split, folder)).items():
-        found = easy_vqa_attributes(pairs)
+    for image, found in easy_vqa_image_attributes(split, folder):
         shape, color = found.get("shape"), found.get("color")
         objects = {name for name in (shape, color and f"{color} shape",
                                      shape and color and f"{color} {shape}") if name}

@@ -20,9 +20,7 @@ from polymodal.contrastive.embed import embed_images, embed_texts, require_dual_
 from polymodal.data.formats import (
     EASY_VQA_COLORS,
     EASY_VQA_SHAPES,
-    easy_vqa_attributes,
-    easy_vqa_by_image,
-    easy_vqa_folder,
+    easy_vqa_image_attributes,
 )
 from polymodal.errors import UserError
 from polymodal.eval.metrics import confusion
@@ -50,8 +48,7 @@ def read_label_file(path: str | Path) -> Labelled:
 
 def easy_vqa_labels(split: str | None, folder: str | None) -> Labelled:
     labelled = []
-    for image, pairs in easy_vqa_by_image(easy_vqa_folder(split, folder)).items():
-        found = easy_vqa_attributes(pairs)
+    for image, found in easy_vqa_image_attributes(split, folder):
         labelled += [(image, attribute, found[attribute]) for attribute in ("shape", "color") if attribute in found]
     return labelled
 
