@@ -56,6 +56,9 @@ class LoraConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+    # Only these decoder layers (0 = the first) get adapters; None: all. With the layers
+    # below the first adapted one frozen, backward stops there.
+    layers: list[int] | None = None
 
 
 @dataclass
@@ -150,7 +153,11 @@ class StageConfig:
     steps: int = 100  # optimizer steps
     batch_size: int = 8
     grad_accum: int = 1
-    warmup_ratio: float = 0.03  # linear warmup over this fraction of steps, then cosine to 0
+    warmup_ratio: float = 0.03  # linear warmup over this fraction of steps, then the schedule
+    # `cosine`: cosine decay to 0 after warmup. `wsd` (warmup-stable-decay, as MiniCPM): the
+    # peak learning rate until the last `decay_ratio` of steps, then linearly to 0.
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_ratio: float = 0.2
     weight_decay: float = 0.0
     clip: float | None = 1.0  # gradient-norm clipping; None turns it off
     precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16 autocast
@@ -159,6 +166,10 @@ class StageConfig:
     max_length: int | None = None  # longer samples are skipped and counted (never cut)
     max_bad_fraction: float = 0.01
     cache_features: bool = True  # encode each image once when the encoder does not train
+    # Up to this many of a batch's samples in one row, their common prefix (system prompt)
+    # computed once; each attends only to it and to itself, so the loss is unchanged
+    # (processing/branches.py). batch_size still counts samples.
+    share_prefix: int | None = None
     epochs: float | None = None  # when set, steps = ceil(epochs * samples / (batch_size * grad_accum))
     # `lm`: next-token loss on assistant tokens. `contrastive`: the image encoder against a
     # text tower on (image, caption) pairs, without the LLM (parts: encoder, projection, text).
@@ -175,6 +186,10 @@ class StageConfig:
             raise ConfigError(f"lr: no learning rate for trained part {missing[0]!r}")
         if not self.data:
             raise ConfigError("data: a stage needs at least one dataset")
+        if not 0 < self.decay_ratio <= 1:
+            raise ConfigError(f"decay_ratio: must be in (0, 1], got {self.decay_ratio}")
+        if self.share_prefix is not None and (self.share_prefix < 2 or self.objective != "lm"):
+            raise ConfigError("share_prefix: at least 2, and only for objective lm")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")

@@ -102,7 +102,7 @@ def add_lora(model: nn.Module, lora) -> nn.Module:
         raise UserError(f"model.llm.lora.target_modules: no module named {', '.join(missing)} "
                         f"in this LLM")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules))
+                        target_modules=list(lora.target_modules), layers_to_transform=lora.layers)
     return inject_adapter_in_model(config, model)
 
 

@@ -20,6 +20,7 @@ from polymodal.errors import UserError
 from polymodal.fusion import build_fusion
 from polymodal.llm import LanguageModel
 from polymodal.processing import Processor
+from polymodal.processing.branches import branch_attention_mask
 from polymodal.processing.collate import IGNORE, collate
 from polymodal.sources import PartLoader
 
@@ -128,6 +129,9 @@ class MultimodalLM(nn.Module):
                             batch.get("image_features"))
         mask = batch["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if "branch_ids" in batch:  # rows holding a shared prefix and its branches
+            mask = branch_attention_mask(batch["branch_ids"], mask)  # [B, 1, T, T]
+            positions = batch["position_ids"]
         hidden = self.llm.decoder(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
         ).last_hidden_state  # [B, T, D]
@@ -150,15 +154,19 @@ class MultimodalLM(nn.Module):
         limit = min(max_length or self.llm.max_length, self.llm.max_length)
         tokens = self.processor.encode_for_training(sample.messages, [None] * len(sample.images),
                                                     load_images=False)
-        if len(tokens["input_ids"]) > limit:
+        ids, labels = tokens["input_ids"], tokens["labels"]
+        if len(ids) > limit:
             return None
-        return {"input_ids": tokens["input_ids"], "labels": tokens["labels"], "images": sample.images}
+        # Tokens after the last label (the template's closing newline) change no loss: drop them.
+        last = max((i for i, label in enumerate(labels) if label != IGNORE), default=len(ids) - 1)
+        if self.llm.image_token_id not in ids[last + 1 :]:
+            ids, labels = ids[: last + 1], labels[: last + 1]
+        return {"input_ids": ids, "labels": labels, "images": sample.images}
 
     def training_batch(self, examples: list[dict], features=None) -> dict:
         """Examples -> a padded batch with their images loaded, or their encoder features
         from `features` (a `train.mixture.FeatureCache`) when the encoder is frozen."""
-        rows = [{"input_ids": e["input_ids"], "labels": e["labels"],
-                 "pixel_values": self.processor.pixels(e["images"]) if features is None else None}
+        rows = [{**e, "pixel_values": self.processor.pixels(e["images"]) if features is None else None}
                 for e in examples]
         batch = collate(rows, self.pad_id)
         paths = [path for e in examples for path in e["images"]]

@@ -224,3 +224,19 @@ def test_frozen_encoder_features_are_cached_with_the_same_losses(tmp_path):
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
     assert sum(runs[True][1]) == len(WORDS)  # each image encoded once
     assert sum(runs[False][1]) == 5 * 8  # every sample of every step
+
+
+def test_learning_rate_schedules_warm_up_then_decay_to_near_zero():
+    from polymodal.config import DatasetConfig, StageConfig
+    from polymodal.train.loop import learning_rate_factor
+
+    def factors(**options):
+        stage = StageConfig(name="s", train=["connector"], lr={"connector": 1.0}, steps=10, warmup_ratio=0.2,
+                            data=[DatasetConfig(format="easy-vqa")], **options)
+        return [round(learning_rate_factor(stage)(step), 3) for step in range(10)]
+
+    cosine = factors()
+    decaying = cosine[2:]
+    assert cosine[:3] == [0.5, 1.0, 1.0] and decaying == sorted(decaying, reverse=True) and decaying[-1] < 0.05
+    # warmup-stable-decay: the peak until the last 30% of steps, then linear to zero
+    assert factors(schedule="wsd", decay_ratio=0.3) == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.667, 0.333]

@@ -81,7 +81,7 @@ class TextTower(nn.Module):
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt")
+                                return_tensors="pt").to(self.model.device)
         hidden = self.model(**tokens).last_hidden_state  # [B, T, W]
         mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -11,8 +11,10 @@ def collate(samples: list[dict], pad_id: int, left_pad: bool = False) -> dict:
     """Samples {input_ids, labels?, pixel_values? [N_i, 3, S, S]} -> a batch.
 
     Returns input_ids [B, T], attention_mask [B, T], labels [B, T] (when given) and
-    pixel_values [sum N_i, 3, S, S] in reading order (None when there are no images).
-    Generation pads on the left so that every row's last token is at the end.
+    pixel_values [sum N_i, 3, S, S] in reading order (None when there are no images);
+    position_ids and branch_ids [B, T] too when a sample shares a prefix among branches
+    (`processing.branches`). Generation pads on the left so that every row's last token
+    is at the end.
     """
     length = max(len(sample["input_ids"]) for sample in samples)
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
@@ -31,4 +33,17 @@ def collate(samples: list[dict], pad_id: int, left_pad: bool = False) -> dict:
              "pixel_values": torch.cat(pixels) if pixels else None}
     if labels is not None:
         batch["labels"] = labels
+    if any("branch_ids" in sample for sample in samples):
+        batch.update(_branch_layout(samples, length))
     return batch
+
+
+def _branch_layout(samples: list[dict], length: int) -> dict:
+    """position_ids and branch_ids [B, T], right-padded; a plain sample is one prefix."""
+    positions = torch.zeros((len(samples), length), dtype=torch.long)
+    branches = torch.full((len(samples), length), -1, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        positions[row, :n] = torch.as_tensor(sample.get("position_ids", range(n)))
+        branches[row, :n] = torch.as_tensor(sample.get("branch_ids", [0] * n))
+    return {"position_ids": positions, "branch_ids": branches}

@@ -35,6 +35,8 @@ def save(folder: Path, model, optimizer_state: dict, scheduler, meta: dict, keep
         save_model(model, str(temp / "weights.safetensors"))
         tensors, layout = _flatten_optimizer(optimizer_state)
         tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():  # dropout on the GPU draws from its own generator
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
         save_file(tensors, str(temp / "optimizer.safetensors"))
         record = {**meta, "optimizer_layout": layout, "scheduler": scheduler.state_dict()}
         (temp / "meta.json").write_text(json.dumps(record))
@@ -77,6 +79,10 @@ def restore_optimizer(checkpoint: Path, scheduler) -> dict:
     meta = read_meta(checkpoint)
     tensors = load_file(str(checkpoint / "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng.torch"))
+    if "rng.cuda" in tensors:
+        cuda_state = tensors.pop("rng.cuda")
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda_state)
     scheduler.load_state_dict(meta["scheduler"])
     return _unflatten_optimizer(tensors, meta["optimizer_layout"])
 

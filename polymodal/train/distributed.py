@@ -9,7 +9,8 @@ needs layer by layer, and reduce-scatters the gradients. The model itself stays 
 for building batches, caching features and saving: the sharded copy's weights are
 gathered back into it at every checkpoint and at the stage's end.
 
-Training runs on CPU (gloo); the model is never moved to a GPU here.
+Each process trains on its own device: GPU `LOCAL_RANK` when CUDA is there (NCCL between
+processes), else the CPU (gloo). Only the CPU path is exercised here (this machine has no GPU).
 """
 
 from __future__ import annotations
@@ -22,10 +23,29 @@ import torch
 import torch.distributed as dist
 
 
+def default_device(local_rank: int = 0) -> torch.device:
+    """This process's GPU when CUDA is available, else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's parameters live (the CPU for one without any)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch with every tensor on `device` (lists and numbers as they are)."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+CPU = torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class World:
     rank: int = 0
     size: int = 1
+    device: torch.device = CPU
 
     @property
     def is_main(self) -> bool:
@@ -35,7 +55,7 @@ class World:
         """The mean of a number over all processes (itself when alone)."""
         if self.size == 1:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64)
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL: on the GPU
         dist.all_reduce(tensor)
         return float(tensor) / self.size
 
@@ -48,13 +68,17 @@ SINGLE_PROCESS = World()
 
 
 def setup() -> World:
-    """Join the process group that torchrun describes in the environment, if any."""
+    """Join the process group that torchrun describes in the environment, if any; each
+    process takes its own GPU (LOCAL_RANK) when there are GPUs."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = default_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if size == 1:
-        return SINGLE_PROCESS
+        return World(device=device)
     if not dist.is_initialized():
-        dist.init_process_group("gloo")  # the tensors live on the CPU
-    return World(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), device)
 
 
 def wrap(model: torch.nn.Module, world: World, strategy: str = "ddp") -> torch.nn.Module:
@@ -66,7 +90,8 @@ def wrap(model: torch.nn.Module, world: World, strategy: str = "ddp") -> torch.n
         return sharded_copy(model)
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model)
+    device_ids = [world.device.index] if world.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 def sharded_copy(model: torch.nn.Module) -> torch.nn.Module:

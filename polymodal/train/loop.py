@@ -23,6 +23,7 @@ from polymodal.train.distributed import (
     full_optimizer_state,
     gather_into,
     load_full_optimizer_state,
+    to_device,
     wrap,
 )
 from polymodal.train.mixture import Mixture
@@ -54,13 +55,17 @@ def make_optimizer(model, stage: StageConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
 
 
-def warmup_cosine(stage: StageConfig) -> Callable[[int], float]:
-    """Learning-rate factor: linear warmup, then cosine decay to zero at the last step."""
+def learning_rate_factor(stage: StageConfig) -> Callable[[int], float]:
+    """Learning-rate factor per step: linear warmup, then cosine decay to zero at the last
+    step, or (`wsd`) the peak until the last `decay_ratio` of steps and a linear decay to zero."""
     warmup = max(1, round(stage.warmup_ratio * stage.steps)) if stage.warmup_ratio > 0 else 0
+    decay_start = max(warmup, stage.steps - round(stage.decay_ratio * stage.steps))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if stage.schedule == "wsd":
+            return 1.0 if step < decay_start else (stage.steps - step) / max(1, stage.steps - decay_start)
         progress = (step - warmup) / max(1, stage.steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -85,9 +90,10 @@ def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict
     # The model itself, DDP around it (averages the processes' gradients), or its sharded copy (FSDP).
     trainer = wrap(model, world, strategy)
     optimizer = make_optimizer(getattr(trainer, "module", trainer), stage)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(stage))
     trained = [p for group in optimizer.param_groups for p in group["params"]]
-    precision = torch.autocast("cpu", dtype=torch.bfloat16) if stage.precision == "bfloat16" else nullcontext()
+    precision = (torch.autocast(world.device.type, dtype=torch.bfloat16) if stage.precision == "bfloat16"
+                 else nullcontext())
     if resume_from is not None:
         load_full_optimizer_state(trainer, optimizer, checkpoint.restore_optimizer(resume_from, scheduler))
     else:
@@ -103,7 +109,7 @@ def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict
         started = time.perf_counter()
         loss_sum, tokens = 0.0, 0
         for micro in range(stage.grad_accum):
-            batch = mixture.batch(model, step, micro, world.rank, world.size)
+            batch = to_device(mixture.batch(model, step, micro, world.rank, world.size), world.device)
             with precision:
                 output = trainer(batch)
             (output.loss / stage.grad_accum).backward()

@@ -17,6 +17,8 @@ from polymodal.data.formats import (
     split_turns,
 )
 from polymodal.data.validate import check_samples
+from polymodal.processing.branches import merge_branches
+from polymodal.train.distributed import module_device
 
 
 def read_dataset(config: DatasetConfig) -> list[Sample]:
@@ -69,12 +71,13 @@ class Mixture:
     """
 
     def __init__(self, datasets: list[EncodedDataset], batch_size: int, seed: int,
-                 features: FeatureCache | None = None):
+                 features: FeatureCache | None = None, share_prefix: int | None = None):
         self.datasets = [d for d in datasets if d.samples]
         self.features = features
         self.weights = torch.tensor([d.weight for d in self.datasets], dtype=torch.float64)
         self.batch_size = batch_size
         self.seed = seed
+        self.share_prefix = share_prefix
 
     def __len__(self) -> int:
         return sum(len(d.samples) for d in self.datasets)
@@ -87,7 +90,12 @@ class Mixture:
         for index in which.tolist():
             samples = self.datasets[index].samples
             chosen.append(samples[int(torch.randint(len(samples), (1,), generator=generator))])
-        return model.training_batch(chosen[rank::world_size], self.features)
+        mine = chosen[rank::world_size]
+        if self.share_prefix:  # rows of several samples over one copy of their common prefix
+            rows = range(0, len(mine), self.share_prefix)
+            mine = [merge_branches(mine[i : i + self.share_prefix], model.llm.image_token_id,
+                                   model.tokens_per_image or 1) for i in rows]
+        return model.training_batch(mine, self.features)
 
 
 class FeatureCache:
@@ -107,7 +115,7 @@ class FeatureCache:
             was_training = model.encoder.training
             model.encoder.eval()
             inputs = model.media_inputs(missing) if hasattr(model, "media_inputs") else model.processor.pixels(missing)
-            encoded = model.encoder(inputs)
+            encoded = model.encoder(inputs.to(module_device(model.encoder)))
             model.encoder.train(was_training)
             self.features.update(zip(missing, encoded))
         return torch.stack([self.features[p] for p in paths])

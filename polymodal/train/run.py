@@ -94,6 +94,7 @@ def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None 
     if model is None:
         torch.manual_seed(recipe.stages[0].seed)  # parts built from scratch start the same every run
         model = build_model(recipe)
+    model.to(world.device)
     stage_models = StageModels(model, recipe)
     if run.resume_from is not None:  # a checkpoint holds the weights of the model its stage trains
         checkpoint.load_weights(run.resume_from, stage_models.get(run.position[0]))
@@ -105,7 +106,7 @@ def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None 
     world.barrier()
     if not world.is_main:
         return run.summary
-    model.save_pretrained(run.dir / "model")
+    model.to("cpu").save_pretrained(run.dir / "model")
     # Wall time of the whole command (data checks, checkpoints, saving), over resumed sessions too.
     run.summary["wall_seconds"] = run.summary.get("wall_seconds", 0.0) + time.perf_counter() - started
     plot_losses(run.metrics, run.dir / "loss.png")
@@ -153,7 +154,8 @@ class StageModels:
             if self.model.encoder is None:
                 raise UserError(f"stage {stage.name!r}: a contrastive stage needs an image encoder")
             torch.manual_seed(stage.seed)  # the new head starts the same every run
-            self.built = {index: DualEncoder.around(self.model.encoder, stage.contrastive)}
+            head = DualEncoder.around(self.model.encoder, stage.contrastive)
+            self.built = {index: head.to(distributed.module_device(self.model))}
         return self.built[index]
 
 
@@ -163,7 +165,7 @@ def _train_one_stage(run: Run, model, index: int, start: int) -> None:
     datasets = [encode_dataset(model, d, stage, bad_file) for d in stage.data]
     frozen_encoder = getattr(model, "encoder", None) is not None and "encoder" not in stage.train
     cache = FeatureCache() if stage.cache_features and frozen_encoder else None
-    mixture = Mixture(datasets, stage.batch_size, stage.seed, cache)
+    mixture = Mixture(datasets, stage.batch_size, stage.seed, cache, stage.share_prefix)
     if len(mixture) == 0:
         raise UserError(f"stage {stage.name!r}: no usable samples")
     resuming = start > 0

@@ -1,0 +1,110 @@
+"""Shared-prefix rows: the same loss and gradients as the separate samples, at fewer tokens."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_model
+from polymodal.config import DatasetConfig, StageConfig
+from polymodal.errors import ConfigError
+from polymodal.processing.branches import (
+    branch_attention_mask,
+    merge_branches,
+    shared_prefix_length,
+)
+from polymodal.processing.collate import IGNORE
+from polymodal.train.mixture import Mixture, encode_dataset
+
+QUESTIONS = [("What colour is it?", "red"), ("What colour is the shape?", "red"),
+             ("Is it blue?", "no"), ("Is there a shape?", "yes"), ("Is it red?", "yes")]
+
+
+def conversations(folder, images=3):
+    """`images` one-image conversations of five questions each, as LLaVA JSON."""
+    records = []
+    for index in range(images):
+        Image.new("RGB", (32, 32), (200, 60 * index, 0)).save(folder / f"{index}.png")
+        turns = []
+        for number, (question, answer) in enumerate(QUESTIONS):
+            turns += [{"from": "human", "value": ("<image>\n" if number == 0 else "") + question},
+                      {"from": "gpt", "value": answer}]
+        records.append({"id": str(index), "image": f"{index}.png", "conversations": turns})
+    path = folder / "data.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture
+def model():
+    model = tiny_model({"kind": "vit", "image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2},
+                       llm={"system_prompt": "Answer the question about the image in one word, please."})
+    model.set_trainable(["encoder", "connector", "llm"])
+    return model.train()
+
+
+def mixture(model, path, share_prefix=None):
+    dataset = DatasetConfig(format="llava", path=str(path), turns=1)
+    stage = StageConfig(name="s", train=["connector"], lr={"connector": 1e-3}, data=[dataset])
+    return Mixture([encode_dataset(model, dataset, stage, None)], 12, 0, None, share_prefix)
+
+
+def loss_and_gradients(model, batch):
+    model.zero_grad()
+    loss = model(batch).loss
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("share_prefix", [3, 12])
+def test_shared_prefix_rows_give_the_loss_and_gradients_of_the_separate_samples(model, tmp_path, share_prefix):
+    path = conversations(tmp_path)
+    separate = mixture(model, path).batch(model, step=0)
+    shared = mixture(model, path, share_prefix).batch(model, step=0)
+    assert shared["input_ids"].shape[0] == 12 // share_prefix
+    # The same draw: the same images in the same reading order, fewer tokens.
+    torch.testing.assert_close(shared["pixel_values"], separate["pixel_values"])
+    assert shared["attention_mask"].sum() < separate["attention_mask"].sum()
+    loss, gradients = loss_and_gradients(model, separate)
+    shared_loss, shared_gradients = loss_and_gradients(model, shared)
+    assert shared_loss == pytest.approx(loss, rel=1e-5)
+    for a, b in zip(gradients, shared_gradients, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_branch_sees_the_prefix_and_itself_only():
+    branch_ids = torch.tensor([[0, 0, 1, 1, 2, 2, -1]])
+    mask = branch_attention_mask(branch_ids, (branch_ids >= 0).long())[0, 0]
+    assert mask[3].tolist() == [True, True, True, True, False, False, False]
+    assert mask[5].tolist() == [True, True, False, False, True, True, False]
+    assert mask[6].tolist() == [False] * 6 + [True]  # padding sees itself, so no row is empty
+
+
+def test_the_prefix_ends_before_the_first_labels_position():
+    a = {"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE, IGNORE, IGNORE, 4, 5], "images": []}
+    b = {"input_ids": [1, 2, 3, 4, 6], "labels": [IGNORE, IGNORE, IGNORE, 4, 6], "images": []}
+    assert shared_prefix_length([a, b]) == 2  # position 2 predicts the label at 3: in each branch
+    merged = merge_branches([a, b])
+    assert merged["input_ids"] == [1, 2, 3, 4, 5, 3, 4, 6]
+    assert merged["position_ids"] == [0, 1, 2, 3, 4, 2, 3, 4]
+    assert merged["labels"] == [IGNORE, IGNORE, IGNORE, 4, 5, IGNORE, 4, 6]
+
+
+def test_the_prefix_holds_an_image_only_when_every_sample_has_that_image():
+    image = 9  # the placeholder id; two tokens per image
+    same = [{"input_ids": [1, image, image, 2, 5], "labels": [IGNORE] * 4 + [5], "images": ["a.png"]},
+            {"input_ids": [1, image, image, 3, 6], "labels": [IGNORE] * 4 + [6], "images": ["a.png"]}]
+    assert shared_prefix_length(same, image, 2) == 3
+    assert merge_branches(same, image, 2)["images"] == ["a.png"]
+    other = [same[0], {**same[1], "images": ["b.png"]}]
+    assert shared_prefix_length(other, image, 2) == 1
+    assert merge_branches(other, image, 2)["images"] == ["a.png", "b.png"]
+    cut = [same[0], {**same[1], "input_ids": [1, image, image, 2, 6]}]  # common up to the label
+    assert shared_prefix_length(cut, image, 2) == 3
+
+
+def test_share_prefix_is_checked():
+    with pytest.raises(ConfigError, match="share_prefix"):
+        StageConfig(name="s", train=["connector"], lr={"connector": 1e-3},
+                    data=[DatasetConfig(format="easy-vqa")], share_prefix=1)
