@@ -157,7 +157,7 @@ class MultimodalLM(nn.Module):
         ids, labels = tokens["input_ids"], tokens["labels"]
         if len(ids) > limit:
             return None
-        # Tokens after the last label (the template's closing newline) change no loss: drop them.
+        # Tokens after the last label (closing text of some templates) change no loss: drop them.
         last = max((i for i, label in enumerate(labels) if label != IGNORE), default=len(ids) - 1)
         if self.llm.image_token_id not in ids[last + 1 :]:
             ids, labels = ids[: last + 1], labels[: last + 1]
