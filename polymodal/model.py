@@ -154,14 +154,9 @@ class MultimodalLM(nn.Module):
         limit = min(max_length or self.llm.max_length, self.llm.max_length)
         tokens = self.processor.encode_for_training(sample.messages, [None] * len(sample.images),
                                                     load_images=False)
-        ids, labels = tokens["input_ids"], tokens["labels"]
-        if len(ids) > limit:
+        if len(tokens["input_ids"]) > limit:
             return None
-        # Tokens after the last label (closing text of some templates) change no loss: drop them.
-        last = max((i for i, label in enumerate(labels) if label != IGNORE), default=len(ids) - 1)
-        if self.llm.image_token_id not in ids[last + 1 :]:
-            ids, labels = ids[: last + 1], labels[: last + 1]
-        return {"input_ids": ids, "labels": labels, "images": sample.images}
+        return {"input_ids": tokens["input_ids"], "labels": tokens["labels"], "images": sample.images}
 
     def training_batch(self, examples: list[dict], features=None) -> dict:
         """Examples -> a padded batch with their images loaded, or their encoder features

@@ -22,23 +22,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+CPU = torch.device("cpu")
+
 
 def default_device(local_rank: int = 0) -> torch.device:
     """This process's GPU when CUDA is available, else the CPU."""
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else CPU
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
     """Where a module's parameters live (the CPU for one without any)."""
-    return next((p.device for p in module.parameters()), torch.device("cpu"))
+    return next((p.device for p in module.parameters()), CPU)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """A batch with every tensor on `device` (lists and numbers as they are)."""
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
-
-
-CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
