@@ -107,8 +107,9 @@ class ModelConfig:
 class DatasetConfig:
     """One dataset of a stage's mixture, drawn with probability proportional to `weight`."""
 
-    format: Literal["easy-vqa", "easy-vqa-captions", "easy-vqa-speech", "llava", "captions"]
-    path: str | None = None  # the JSON/JSONL file, or an easy-VQA-layout folder
+    # `replay`: text-only questions the model answers itself as the stage begins (data/replay.py)
+    format: Literal["easy-vqa", "easy-vqa-captions", "easy-vqa-speech", "llava", "captions", "replay"]
+    path: str | None = None  # the JSON/JSONL file, an easy-VQA-layout folder, or replay's questions
     split: Literal["train", "test"] | None = None  # easy-VQA from its package
     image_folder: str | None = None  # where image paths are relative to (default: the file's folder)
     weight: float = 1.0
@@ -119,9 +120,10 @@ class DatasetConfig:
     # easy-VQA only: the yes/no questions re-asked about the attribute the image has, answer
     # flipped (see data.formats.read_easy_vqa); a dataset to mix in to balance yes and no.
     flip_yes_no: bool = False
+    max_new_tokens: int = 32  # replay only: longest answer kept (longer ones are dropped)
 
     def __post_init__(self):
-        if not self.format.startswith("easy-vqa") and not self.path:
+        if not self.format.startswith("easy-vqa") and self.format != "replay" and not self.path:
             raise ConfigError(f"path: required for format {self.format}")
         if self.weight <= 0:
             raise ConfigError(f"weight: must be positive, got {self.weight}")
@@ -170,6 +172,10 @@ class StageConfig:
     # computed once; each attends only to it and to itself, so the loss is unchanged
     # (processing/branches.py). batch_size still counts samples.
     share_prefix: int | None = None
+    # `token`: the loss is the mean over all label tokens of a batch (LLaVA's). `sample`: each
+    # sample's mean, then the mean over samples, so a dataset's weight is its share of the
+    # gradient whatever the length of its answers (replay's ~20-token answers next to 1-word ones).
+    loss_average: Literal["token", "sample"] = "token"
     epochs: float | None = None  # when set, steps = ceil(epochs * samples / (batch_size * grad_accum))
     # `lm`: next-token loss on assistant tokens. `contrastive`: the image encoder against a
     # text tower on (image, caption) pairs, without the LLM (parts: encoder, projection, text).
@@ -190,6 +196,10 @@ class StageConfig:
             raise ConfigError(f"decay_ratio: must be in (0, 1], got {self.decay_ratio}")
         if self.share_prefix is not None and (self.share_prefix < 2 or self.objective != "lm"):
             raise ConfigError("share_prefix: at least 2, and only for objective lm")
+        if self.loss_average != "token" and self.objective != "lm":
+            raise ConfigError("loss_average: only for objective lm")
+        if self.objective != "lm" and any(d.format == "replay" for d in self.data):
+            raise ConfigError("data: format replay is for objective lm (it needs the LLM's answers)")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")

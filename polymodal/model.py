@@ -138,8 +138,16 @@ class MultimodalLM(nn.Module):
         targets = batch["labels"][:, 1:]  # token t+1 is predicted at position t
         keep = targets != IGNORE
         logits = self.llm.lm_head(hidden[:, :-1][keep])  # [N_labels, V], nothing else
-        loss = F.cross_entropy(logits.float(), targets[keep])
-        return Output(loss=loss, num_label_tokens=int(keep.sum()))
+        if "sample_ids" not in batch:
+            loss = F.cross_entropy(logits.float(), targets[keep])
+            return Output(loss=loss, num_label_tokens=int(keep.sum()))
+        # Each sample's mean, then the mean over samples: a 20-token answer counts as much
+        # as a 1-token one (stage option loss_average: sample).
+        per_token = F.cross_entropy(logits.float(), targets[keep], reduction="none")  # [N_labels]
+        _, sample = batch["sample_ids"][:, 1:][keep].unique(return_inverse=True)  # [N_labels]
+        sums = per_token.new_zeros(int(sample.max()) + 1).index_add(0, sample, per_token)
+        counts = per_token.new_zeros(sums.shape).index_add(0, sample, torch.ones_like(per_token))
+        return Output(loss=(sums / counts).mean(), num_label_tokens=int(keep.sum()))
 
     # ------------------------------------------------------------ training data
 

@@ -15,7 +15,7 @@ from polymodal.processing.branches import (
     shared_prefix_length,
 )
 from polymodal.processing.collate import IGNORE
-from polymodal.train.mixture import Mixture, encode_dataset
+from polymodal.train.mixture import Mixture, balanced_rows, encode_dataset
 
 QUESTIONS = [("What colour is it?", "red"), ("What colour is the shape?", "red"),
              ("Is it blue?", "no"), ("Is there a shape?", "yes"), ("Is it red?", "yes")]
@@ -44,10 +44,10 @@ def model():
     return model.train()
 
 
-def mixture(model, path, share_prefix=None):
+def mixture(model, path, share_prefix=None, loss_average="token"):
     dataset = DatasetConfig(format="llava", path=str(path), turns=1)
     stage = StageConfig(name="s", train=["connector"], lr={"connector": 1e-3}, data=[dataset])
-    return Mixture([encode_dataset(model, dataset, stage, None)], 12, 0, None, share_prefix)
+    return Mixture([encode_dataset(model, dataset, stage, None)], 12, 0, None, share_prefix, loss_average)
 
 
 def loss_and_gradients(model, batch):
@@ -63,14 +63,40 @@ def test_shared_prefix_rows_give_the_loss_and_gradients_of_the_separate_samples(
     separate = mixture(model, path).batch(model, step=0)
     shared = mixture(model, path, share_prefix).batch(model, step=0)
     assert shared["input_ids"].shape[0] == 12 // share_prefix
-    # The same draw: the same images in the same reading order, fewer tokens.
-    torch.testing.assert_close(shared["pixel_values"], separate["pixel_values"])
+    # The same draw: the same images (rows balance their lengths, so in another order), fewer tokens.
+    def images(batch):
+        return sorted(pixels.sum().item() for pixels in batch["pixel_values"])
+
+    assert images(shared) == pytest.approx(images(separate))
     assert shared["attention_mask"].sum() < separate["attention_mask"].sum()
     loss, gradients = loss_and_gradients(model, separate)
     shared_loss, shared_gradients = loss_and_gradients(model, shared)
     assert shared_loss == pytest.approx(loss, rel=1e-5)
     for a, b in zip(gradients, shared_gradients, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("share_prefix", [None, 3])
+def test_sample_average_is_the_mean_of_each_samples_own_mean(model, tmp_path, share_prefix):
+    path = conversations(tmp_path)
+    token_mean = model(mixture(model, path, share_prefix).batch(model, step=0)).loss.item()
+    batch = mixture(model, path, share_prefix, "sample").batch(model, step=0)
+    sample_mean = model(batch).loss.item()
+    # Each sample alone (its own token mean), the same draw of 12, in the same order.
+    alone = mixture(model, path)
+    separate = alone.batch(model, step=0)
+    means = [model({k: v[row : row + 1] for k, v in separate.items() if k != "pixel_values"}
+                   | {"pixel_values": separate["pixel_values"][row : row + 1]}).loss.item()
+             for row in range(12)]
+    assert sample_mean == pytest.approx(sum(means) / 12, rel=1e-5)
+    assert sample_mean != pytest.approx(token_mean, rel=1e-5)  # answers of 2 and 3 byte tokens
+
+
+def test_rows_balance_their_lengths_and_keep_the_draws_order():
+    examples = [{"input_ids": [0] * n} for n in (30, 5, 5, 5, 5, 5, 28, 6)]
+    rows = balanced_rows(examples, 4)
+    assert [[len(e["input_ids"]) for e in row] for row in rows] == [[30, 5, 5, 5], [5, 5, 28, 6]]
+    assert sorted(len(row) for row in balanced_rows(examples[:7], 4)) == [3, 4]
 
 
 def test_a_branch_sees_the_prefix_and_itself_only():

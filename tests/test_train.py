@@ -172,6 +172,27 @@ def test_resume_after_an_interruption_gives_identical_weights(tmp_path, monkeypa
     assert summary["samples"] == 12 * 4
 
 
+def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from polymodal.train import checkpoint
+
+    path = synthetic_dataset(tmp_path)
+    save_file, calls = checkpoint.save_file, []
+
+    def disk_fills(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_fills)
+    with pytest.raises(UserError, match=r"could not write checkpoint step-0000004 .*No space left.*"
+                                        r"step-0000002 is the newest complete one"):
+        train(two_stage_recipe(path), tmp_path / "run")
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000002"]  # no .tmp left
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     path = synthetic_dataset(tmp_path)
     with pytest.raises(UserError, match="no complete checkpoint"):

@@ -80,3 +80,14 @@ def branch_attention_mask(branch_ids: torch.Tensor, attention_mask: torch.Tensor
     # A padding query sees only itself: a row with no allowed key would make NaN in softmax.
     allowed |= torch.eye(length, dtype=torch.bool, device=branch_ids.device)
     return allowed[:, None]
+
+
+def sample_ids(batch: dict) -> torch.Tensor:
+    """[B, T]: which sample each token belongs to, numbered across the batch: the row, or
+    the row's branch when a row holds several samples over a shared prefix."""
+    rows, length = batch["input_ids"].shape
+    row = torch.arange(rows, device=batch["input_ids"].device)[:, None].expand(rows, length)
+    if "branch_ids" not in batch:
+        return row
+    branches = batch["branch_ids"].clamp(min=0)  # padding (-1) carries no labels
+    return row * (int(branches.max()) + 1) + branches

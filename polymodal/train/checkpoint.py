@@ -15,7 +15,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from polymodal.errors import UserError
 
 FILES = ("weights.safetensors", "optimizer.safetensors", "meta.json")
 
@@ -45,6 +48,11 @@ def save(folder: Path, model, optimizer_state: dict, scheduler, meta: dict, keep
         if final.exists():
             shutil.rmtree(final)
         os.replace(temp, final)
+    except (OSError, SafetensorError) as error:  # a full disk, most often: say so, keep the last one
+        kept = complete(folder)
+        raise UserError(f"could not write checkpoint {final.name} ({error}); "
+                        + (f"{kept[-1].name} is the newest complete one: free space and rerun with --resume"
+                           if kept else "no complete checkpoint yet")) from None
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     for old in sorted(complete(folder))[:-keep]:

@@ -16,8 +16,9 @@ from polymodal.data.formats import (
     read_llava_json,
     split_turns,
 )
+from polymodal.data.replay import answer_questions, read_questions
 from polymodal.data.validate import check_samples
-from polymodal.processing.branches import merge_branches
+from polymodal.processing.branches import merge_branches, sample_ids
 from polymodal.train.distributed import module_device
 
 
@@ -30,6 +31,8 @@ def read_dataset(config: DatasetConfig) -> list[Sample]:
         from polymodal.data.speech import read_easy_vqa_speech
 
         samples = read_easy_vqa_speech(config.split or "train", config.path)
+    elif config.format == "replay":
+        samples = read_questions(config.path)  # answered in encode_dataset, by the model
     elif config.format == "llava":
         samples = read_llava_json(config.path, config.image_folder)
     else:
@@ -48,11 +51,15 @@ class EncodedDataset:
     skipped_too_long: int
 
 
-def encode_dataset(model, config: DatasetConfig, stage: StageConfig, bad_file: Path | None) -> EncodedDataset:
-    """Read, check (bad samples to `bad_file`) and tokenize; images stay paths until batching."""
-    name = config.path or f"easy-vqa/{config.split or 'train'}"
-    samples = check_samples(read_dataset(config), model.image_placeholder, bad_file,
-                            stage.max_bad_fraction, name)
+def encode_dataset(model, config: DatasetConfig, stage: StageConfig, bad_file: Path | None,
+                   replay_file: Path | None = None) -> EncodedDataset:
+    """Read, check (bad samples to `bad_file`) and tokenize; images stay paths until batching.
+    A replay dataset's answers are the model's own, kept in (or taken from) `replay_file`."""
+    name = config.path or (config.format if config.format == "replay" else f"easy-vqa/{config.split or 'train'}")
+    samples = read_dataset(config)
+    if config.format == "replay":
+        samples = answer_questions(model, samples, config.max_new_tokens, replay_file)
+    samples = check_samples(samples, model.image_placeholder, bad_file, stage.max_bad_fraction, name)
     encoded, unusable = [], 0
     for sample in samples:
         example = model.training_example(sample, stage.max_length)
@@ -71,13 +78,15 @@ class Mixture:
     """
 
     def __init__(self, datasets: list[EncodedDataset], batch_size: int, seed: int,
-                 features: FeatureCache | None = None, share_prefix: int | None = None):
+                 features: FeatureCache | None = None, share_prefix: int | None = None,
+                 loss_average: str = "token"):
         self.datasets = [d for d in datasets if d.samples]
         self.features = features
         self.weights = torch.tensor([d.weight for d in self.datasets], dtype=torch.float64)
         self.batch_size = batch_size
         self.seed = seed
         self.share_prefix = share_prefix
+        self.loss_average = loss_average
 
     def __len__(self) -> int:
         return sum(len(d.samples) for d in self.datasets)
@@ -92,10 +101,26 @@ class Mixture:
             chosen.append(samples[int(torch.randint(len(samples), (1,), generator=generator))])
         mine = chosen[rank::world_size]
         if self.share_prefix:  # rows of several samples over one copy of their common prefix
-            rows = range(0, len(mine), self.share_prefix)
-            mine = [merge_branches(mine[i : i + self.share_prefix], model.llm.image_token_id,
-                                   model.tokens_per_image or 1) for i in rows]
-        return model.training_batch(mine, self.features)
+            mine = [merge_branches(row, model.llm.image_token_id, model.tokens_per_image or 1)
+                    for row in balanced_rows(mine, self.share_prefix)]
+        batch = model.training_batch(mine, self.features)
+        if self.loss_average == "sample":  # the model averages per sample, then over samples
+            batch["sample_ids"] = sample_ids(batch)
+        return batch
+
+
+def balanced_rows(examples: list[dict], per_row: int) -> list[list[dict]]:
+    """Up to `per_row` examples per row, the longest placed first, each in the row with the
+    fewest tokens so far: rows pad to the longest, and one long sample (a replay answer)
+    would otherwise pad every other row to its length. Rows keep the draw's order inside."""
+    count = -(-len(examples) // per_row)
+    rows, lengths = [[] for _ in range(count)], [0] * count
+    by_length = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    for index in by_length:
+        row = min((r for r in range(count) if len(rows[r]) < per_row), key=lengths.__getitem__)
+        rows[row].append(index)
+        lengths[row] += len(examples[index]["input_ids"])
+    return [[examples[i] for i in sorted(row)] for row in rows]
 
 
 class FeatureCache:

@@ -4,6 +4,7 @@ RUN_DIR/
   recipe.yaml        the resolved recipe (overrides applied)
   metrics.jsonl      one line per logged step
   bad_samples.jsonl  samples skipped by the up-front check, with reasons
+  replay-*.jsonl     a replay dataset's answers, as the model gave them when its stage began
   checkpoints/       resumable checkpoints (see checkpoint.py)
   loss.png           loss curves, one per stage
   summary.json       train_seconds (total and per stage), samples, tokens, final loss
@@ -162,10 +163,11 @@ class StageModels:
 def _train_one_stage(run: Run, model, index: int, start: int) -> None:
     stage = run.recipe.stages[index]
     bad_file = run.bad_samples if run.world.is_main else None
-    datasets = [encode_dataset(model, d, stage, bad_file) for d in stage.data]
+    datasets = [encode_dataset(model, d, stage, bad_file, run.dir / f"replay-{stage.name}-{i}.jsonl")
+                for i, d in enumerate(stage.data)]
     frozen_encoder = getattr(model, "encoder", None) is not None and "encoder" not in stage.train
     cache = FeatureCache() if stage.cache_features and frozen_encoder else None
-    mixture = Mixture(datasets, stage.batch_size, stage.seed, cache, stage.share_prefix)
+    mixture = Mixture(datasets, stage.batch_size, stage.seed, cache, stage.share_prefix, stage.loss_average)
     if len(mixture) == 0:
         raise UserError(f"stage {stage.name!r}: no usable samples")
     resuming = start > 0
