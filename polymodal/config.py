@@ -174,7 +174,7 @@ class StageConfig:
     share_prefix: int | None = None
     # `token`: the loss is the mean over all label tokens of a batch (LLaVA's). `sample`: each
     # sample's mean, then the mean over samples, so a dataset's weight is its share of the
-    # gradient whatever the length of its answers (replay's ~20-token answers next to 1-word ones).
+    # gradient whatever the length of its answers (replay's sentences next to one-word answers).
     loss_average: Literal["token", "sample"] = "token"
     epochs: float | None = None  # when set, steps = ceil(epochs * samples / (batch_size * grad_accum))
     # `lm`: next-token loss on assistant tokens. `contrastive`: the image encoder against a

@@ -141,7 +141,7 @@ class MultimodalLM(nn.Module):
         if "sample_ids" not in batch:
             loss = F.cross_entropy(logits.float(), targets[keep])
             return Output(loss=loss, num_label_tokens=int(keep.sum()))
-        # Each sample's mean, then the mean over samples: a 20-token answer counts as much
+        # Each sample's mean, then the mean over samples: a 14-token answer counts as much
         # as a 1-token one (stage option loss_average: sample).
         per_token = F.cross_entropy(logits.float(), targets[keep], reduction="none")  # [N_labels]
         _, sample = batch["sample_ids"][:, 1:][keep].unique(return_inverse=True)  # [N_labels]
