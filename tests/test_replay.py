@@ -31,7 +31,7 @@ def text_then_images(tmp_path, replay: bool) -> RecipeConfig:
     (tmp_path / "questions.txt").write_text("# taught in stage 1\n" + "\n".join(QUESTIONS))
     images = [{"format": "llava", "path": str(synthetic_dataset(tmp_path))}]
     if replay:
-        images.append({"format": "replay", "path": str(tmp_path / "questions.txt"), "weight": 0.3})
+        images.append({"format": "replay", "path": str(tmp_path / "questions.txt"), "weight": 0.4})
     return from_dict(RecipeConfig, {"name": "test", "model": MODEL, "stages": [
         stage("text", ["llm"], 40, [{"format": "llava", "path": str(tmp_path / "text.json")}]),
         stage("images", ["encoder", "connector", "llm"], 60, images)]})

@@ -137,6 +137,13 @@ def weights(run_dir):
     return load_file(str(run_dir / "model" / "model.safetensors"))
 
 
+def saved_parts(checkpoint_dir):
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint_dir / "weights.safetensors"), "pt") as handle:
+        return {name.split(".")[0] for name in handle.keys()}  # noqa: SIM118 - not a dict
+
+
 def test_resume_after_an_interruption_gives_identical_weights(tmp_path, monkeypatch):
     path = synthetic_dataset(tmp_path)
     config = two_stage_recipe(path)
@@ -156,6 +163,9 @@ def test_resume_after_an_interruption_gives_identical_weights(tmp_path, monkeypa
     monkeypatch.setattr(MultimodalLM, "forward", forward)
     checkpoints = tmp_path / "resumed" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000006", "step-0000008"]  # keep 2
+    # Checkpoints hold what stages so far trained; the rest is rebuilt from its source and seed.
+    assert saved_parts(checkpoints / "step-0000006") == {"connector"}  # the end of align
+    assert saved_parts(checkpoints / "step-0000008") == {"connector", "llm"}
 
     # A save killed half-way leaves a .tmp folder, or a folder without all its files: never picked.
     (checkpoints / ".tmp-killed").mkdir()
@@ -182,7 +192,7 @@ def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_last_che
 
     def disk_fills(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:  # the weights of the second checkpoint
             raise OSError(errno.ENOSPC, "No space left on device")
         return save_file(*args, **kwargs)
 

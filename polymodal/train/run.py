@@ -180,7 +180,9 @@ def _train_one_stage(run: Run, model, index: int, start: int) -> None:
         _record(run, stage.name, stage_totals, sum(d.skipped_too_long for d in datasets))
         meta = {"stage_index": index, "step": step, "global_step": run.global_step(index, step),
                 "summary": {k: v for k, v in run.summary.items() if k != "wall_seconds"}}
-        checkpoint.save(run.checkpoints, model, optimizer_state, scheduler, meta, run.recipe.checkpoint.keep)
+        trained_so_far = [part for earlier in run.recipe.stages[: index + 1] for part in earlier.train]
+        checkpoint.save(run.checkpoints, checkpoint.trained_tensors(model, trained_so_far), optimizer_state,
+                        scheduler, meta, run.recipe.checkpoint.keep)
 
     train_stage(model, stage, mixture, log, totals=totals, start_step=start,
                 resume_from=run.resume_from if resuming else None,
