@@ -120,6 +120,9 @@ class DatasetConfig:
     # easy-VQA only: the yes/no questions re-asked about the attribute the image has, answer
     # flipped (see data.formats.read_easy_vqa); a dataset to mix in to balance yes and no.
     flip_yes_no: bool = False
+    # easy-VQA only: keep only questions of these types (shape, colour, yes/no), e.g. a second
+    # dataset of the yes/no questions alone, weighted, to see more of the ones learned last.
+    question_types: list[str] | None = None
     max_new_tokens: int = 32  # replay only: longest answer kept (longer ones are dropped)
 
     def __post_init__(self):
@@ -129,6 +132,15 @@ class DatasetConfig:
             raise ConfigError(f"weight: must be positive, got {self.weight}")
         if self.flip_yes_no and self.format != "easy-vqa":
             raise ConfigError("flip_yes_no: only for format easy-vqa")
+        if self.question_types is not None:
+            from polymodal.data.formats import EASY_VQA_QUESTION_TYPES
+
+            if self.format != "easy-vqa":
+                raise ConfigError("question_types: only for format easy-vqa")
+            unknown = [t for t in self.question_types if t not in EASY_VQA_QUESTION_TYPES]
+            if unknown or not self.question_types:
+                raise ConfigError(f"question_types: {unknown[0] if unknown else 'empty'!r}; "
+                                  f"choose from {', '.join(EASY_VQA_QUESTION_TYPES)}")
         if self.turns is not None and self.turns < 1:
             raise ConfigError(f"turns: must be at least 1, got {self.turns}")
 
@@ -176,6 +188,9 @@ class StageConfig:
     # sample's mean, then the mean over samples, so a dataset's weight is its share of the
     # gradient whatever the length of its answers (replay's sentences next to one-word answers).
     loss_average: Literal["token", "sample"] = "token"
+    # LoRA+ (Hayou et al., 2024): the adapters' B matrices learn this many times faster than
+    # their A matrices (the `llm.lora` rate); the paper reports faster fine-tuning at ~4-16.
+    lora_plus_ratio: float | None = None
     epochs: float | None = None  # when set, steps = ceil(epochs * samples / (batch_size * grad_accum))
     # `lm`: next-token loss on assistant tokens. `contrastive`: the image encoder against a
     # text tower on (image, caption) pairs, without the LLM (parts: encoder, projection, text).
@@ -200,6 +215,8 @@ class StageConfig:
             raise ConfigError("loss_average: only for objective lm")
         if self.objective != "lm" and any(d.format == "replay" for d in self.data):
             raise ConfigError("data: format replay is for objective lm (it needs the LLM's answers)")
+        if self.lora_plus_ratio is not None and (self.lora_plus_ratio <= 0 or "llm.lora" not in self.train):
+            raise ConfigError("lora_plus_ratio: a positive number, for a stage that trains llm.lora")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")

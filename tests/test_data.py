@@ -82,6 +82,24 @@ def test_easy_vqa_one_turn_per_sample():
     assert all(len(s.messages) == 2 and s.messages[0]["content"].startswith("<image>\n") for s in samples)
 
 
+@needs_package("easy_vqa")
+def test_easy_vqa_question_types_keep_only_those_questions():
+    from polymodal.config import DatasetConfig
+    from polymodal.data.formats import easy_vqa_question_type
+    from polymodal.errors import ConfigError
+    from polymodal.train.mixture import read_dataset
+
+    everything = read_dataset(DatasetConfig(format="easy-vqa", split="test", turns=1))
+    yes_no = read_dataset(DatasetConfig(format="easy-vqa", split="test", turns=1, question_types=["yes/no"]))
+    assert {s.messages[1]["content"] for s in yes_no} == {"yes", "no"}
+    assert len(yes_no) == sum(easy_vqa_question_type(s.messages[1]["content"]) == "yes/no" for s in everything)
+    assert all(s.messages[0]["content"].startswith("<image>\n") for s in yes_no)  # the image stays with the first
+    with pytest.raises(ConfigError, match="question_types: 'color'; choose from shape, colour, yes/no"):
+        DatasetConfig(format="easy-vqa", question_types=["color"])
+    with pytest.raises(ConfigError, match="question_types: only for format easy-vqa"):
+        DatasetConfig(format="captions", path="x.jsonl", question_types=["shape"])
+
+
 def test_bad_samples_are_skipped_listed_and_can_stop_the_run(tmp_path):
     good = {"image": "red_circle.png",
             "conversations": [{"from": "human", "value": "<image>Shape?"}, {"from": "gpt", "value": "circle"}]}

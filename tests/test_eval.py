@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from conftest import RECIPES
+from polymodal.data.formats import easy_vqa_question_type as question_type
 from polymodal.engine.generate import Completion, Generator
-from polymodal.eval.easy_vqa import question_type
 from polymodal.eval.metrics import accuracy_by, confusion, normalize
 from polymodal.eval.run import evaluate
 from polymodal.eval.tasks import TaskOptions

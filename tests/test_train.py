@@ -271,3 +271,23 @@ def test_learning_rate_schedules_warm_up_then_decay_to_near_zero():
     assert cosine[:3] == [0.5, 1.0, 1.0] and decaying == sorted(decaying, reverse=True) and decaying[-1] < 0.05
     # warmup-stable-decay: the peak until the last 30% of steps, then linear to zero
     assert factors(schedule="wsd", decay_ratio=0.3) == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.667, 0.333]
+
+
+def test_lora_plus_gives_the_b_matrices_their_own_rate():
+    from polymodal.errors import ConfigError
+    from polymodal.train.loop import make_optimizer
+
+    lora_model = {**MODEL, "llm": {"source": "tiny:llama", "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}}
+    config = from_dict(RecipeConfig, {"name": "plus", "model": lora_model, "stages": [
+        {"name": "tune", "train": ["connector", "llm.lora"], "lr": {"connector": 1e-3, "llm.lora": 2e-4},
+         "lora_plus_ratio": 8, "data": [{"format": "easy-vqa"}]}]})
+    model = MultimodalLM.from_config(config)
+    groups = {g["name"]: g for g in make_optimizer(model, config.stages[0]).param_groups}
+    assert {name: g["lr"] for name, g in groups.items()} == {"connector": 1e-3, "llm.lora": 2e-4, "llm.lora.B": 1.6e-3}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert groups["llm.lora.B"]["params"] and all("lora_B" in names[id(p)] for p in groups["llm.lora.B"]["params"])
+    assert all("lora_A" in names[id(p)] for p in groups["llm.lora"]["params"])
+    with pytest.raises(ConfigError, match=r"lora_plus_ratio: a positive number, for a stage that trains llm\.lora"):
+        from_dict(RecipeConfig, {"name": "x", "model": lora_model, "stages": [
+            {"name": "a", "train": ["connector"], "lr": {"connector": 1e-3}, "lora_plus_ratio": 4,
+             "data": [{"format": "easy-vqa"}]}]})

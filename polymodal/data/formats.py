@@ -110,18 +110,32 @@ def easy_vqa_by_image(folder: Path) -> dict[str, list[tuple[str, str]]]:
     return by_image
 
 
+def easy_vqa_question_type(answer: str) -> str:
+    """shape, colour or yes/no: the question types easy-VQA's accuracy is reported by."""
+    if answer in ("yes", "no"):
+        return "yes/no"
+    return "shape" if attribute_kind(answer) == "shape" else "colour"
+
+
+EASY_VQA_QUESTION_TYPES = ("shape", "colour", "yes/no")
+
+
 def read_easy_vqa(split: str | None = "train", folder: str | Path | None = None,
-                  flip_yes_no: bool = False) -> list[Sample]:
+                  flip_yes_no: bool = False, question_types: list[str] | None = None) -> list[Sample]:
     """One conversation per image: its questions in file order, the image in the first turn.
 
     `flip_yes_no`: instead, for each yes/no question about a shape or colour the image does
     not have, the same question about the one it has, answer flipped ("is there a red
     shape?" no -> "is there a blue shape?" yes). easy-VQA asks mostly about absent colours,
     so "no" dominates its yes/no answers; mixed in, these balance them, as POPE balances probes.
+    `question_types`: keep only questions of these types (`easy_vqa_question_type`).
     """
     by_image = easy_vqa_by_image(easy_vqa_folder(split, folder))
     if flip_yes_no:
         by_image = {image: flipped_yes_no(pairs) for image, pairs in by_image.items()}
+    if question_types is not None:
+        by_image = {image: [(q, a) for q, a in pairs if easy_vqa_question_type(a) in question_types]
+                    for image, pairs in by_image.items()}
     samples = []
     for image, pairs in by_image.items():
         if not pairs:

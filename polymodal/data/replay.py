@@ -23,7 +23,7 @@ from polymodal.data.formats import Sample
 from polymodal.errors import UserError
 
 BUILTIN_QUESTIONS = Path(__file__).with_name("replay_questions.txt")
-BATCH = 64  # questions answered together; one shared copy of the system prompt
+BATCH = 256  # questions answered together (one batch for the built-in list: 24 s against 29 s in batches of 64)
 
 
 def read_questions(path: str | Path | None = None) -> list[Sample]:

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from polymodal.data.formats import attribute_kind, easy_vqa_folder, read_easy_vqa_questions
+from polymodal.data.formats import easy_vqa_folder, easy_vqa_question_type, read_easy_vqa_questions
 from polymodal.eval.metrics import accuracy_by, confusion, normalize
 from polymodal.eval.plots import plot_confusion
 from polymodal.eval.report import prediction_row
 from polymodal.eval.tasks import Item, Task, TaskOptions, register_task, seeded_sample
 
 
-def question_type(answer: str) -> str:
-    if answer in ("yes", "no"):
-        return "yes/no"
-    return "shape" if attribute_kind(answer) == "shape" else "colour"
-
-
 def easy_vqa_items(options: TaskOptions) -> list[Item]:
     """The questions of an easy-VQA split (or folder in its layout), one item each."""
     questions = read_easy_vqa_questions(easy_vqa_folder(options.split, options.data))
     items = [Item(f"{Path(image).stem}:{number}", question, [image], [answer],
-                  {"type": question_type(answer)})
+                  {"type": easy_vqa_question_type(answer)})
              for number, (question, answer, image) in enumerate(questions)]
     return seeded_sample(items, options.limit, options.seed)
 

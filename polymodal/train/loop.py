@@ -42,7 +42,9 @@ def make_optimizer(model, stage: StageConfig) -> torch.optim.Optimizer:
         # `llm` already holds the adapters when both are named; never add a tensor twice.
         params = [p for p in part_parameters(model, part) if p.requires_grad and id(p) not in seen]
         seen.update(id(p) for p in params)
-        if params:
+        if part == "llm.lora" and stage.lora_plus_ratio:
+            groups += lora_plus_groups(model, params, stage.lr[part], stage.lora_plus_ratio)
+        elif params:
             groups.append({"params": params, "lr": stage.lr[part], "name": part})
     if not groups:
         raise UserError(f"stage {stage.name!r}: nothing to train in {stage.train}")
@@ -50,6 +52,15 @@ def make_optimizer(model, stage: StageConfig) -> torch.optim.Optimizer:
     # tensor: ~50 ms a step for the easy-VQA recipe's 420 adapter tensors (profiled).
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, weight_decay=stage.weight_decay, fused=fused)
+
+
+def lora_plus_groups(model, params: list, lr: float, ratio: float) -> list[dict]:
+    """LoRA+: the adapters' A matrices at `lr`, their B matrices (zero at the start) at `ratio` x `lr`."""
+    b_ids = {id(p) for name, p in model.llm.named_parameters() if "lora_B" in name or "lora_embedding_B" in name}
+    a_part = [p for p in params if id(p) not in b_ids]
+    b_part = [p for p in params if id(p) in b_ids]
+    return [group for group in ({"params": a_part, "lr": lr, "name": "llm.lora"},
+                                {"params": b_part, "lr": lr * ratio, "name": "llm.lora.B"}) if group["params"]]
 
 
 def learning_rate_factor(stage: StageConfig) -> Callable[[int], float]:

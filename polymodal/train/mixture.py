@@ -24,7 +24,8 @@ from polymodal.train.distributed import module_device
 
 def read_dataset(config: DatasetConfig) -> list[Sample]:
     if config.format == "easy-vqa":
-        samples = read_easy_vqa(config.split or "train", config.path, config.flip_yes_no)
+        samples = read_easy_vqa(config.split or "train", config.path, config.flip_yes_no,
+                                config.question_types)
     elif config.format == "easy-vqa-captions":
         samples = read_easy_vqa_captions(config.split or "train", config.path)
     elif config.format == "easy-vqa-speech":
