@@ -100,7 +100,7 @@ class Processor:
     def _through_end_of_turn(self, answer: list[int]) -> list[int]:
         """The conversation's last answer ends at its end-of-turn token: what a template puts
         after it (ChatML's "\n") only separates turns, is never generated, and would cost a
-        token per sample: 1 of ~18 in an easy-VQA question."""
+        token per sample: 1 of ~21 in an easy-VQA question."""
         stops = self.llm.stop_token_ids()
         ends = [i for i, token in enumerate(answer) if token in stops]
         return answer[: ends[-1] + 1] if ends else answer

@@ -4,7 +4,7 @@ Layout: RUN_DIR/checkpoints/step-000120/{weights.safetensors, optimizer.safetens
 The weights are those some stage so far has trained (`trained_tensors`), not the whole
 model: a resumed run rebuilds the rest as the first run did, pretrained parts from their
 sources and untrained new parts from the recipe's seed. For the easy-VQA recipe that is
-~40 MB of connector and adapters per checkpoint instead of the 620 MB with the frozen LLM.
+~80 MB of connector and adapters per checkpoint instead of the 620 MB with the frozen LLM.
 A checkpoint is written into a `.tmp-*` folder, every file fsynced, and renamed into
 place in one step, so a save killed half-way leaves only a `.tmp-*` folder that
 `latest()` never picks. No pickle: tensors go to safetensors, the rest to JSON.
