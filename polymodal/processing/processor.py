@@ -6,6 +6,8 @@ parts: `{"type": "text", "text": ...}` and `{"type": "image", "image": path or P
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 
 from polymodal.errors import UserError
@@ -97,12 +99,15 @@ class Processor:
                    for image in images]
         return torch.stack(tensors)
 
+    @cached_property
+    def _stop_ids(self) -> set[int]:
+        return self.llm.stop_token_ids()  # fixed once the LLM is built; asked once per sample
+
     def _through_end_of_turn(self, answer: list[int]) -> list[int]:
         """The conversation's last answer ends at its end-of-turn token: what a template puts
         after it (ChatML's "\n") only separates turns, is never generated, and would cost a
         token per sample: 1 of ~21 in an easy-VQA question."""
-        stops = self.llm.stop_token_ids()
-        ends = [i for i, token in enumerate(answer) if token in stops]
+        ends = [i for i, token in enumerate(answer) if token in self._stop_ids]
         return answer[: ends[-1] + 1] if ends else answer
 
     def _tokenize(self, text: str) -> list[int]:
