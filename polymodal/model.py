@@ -155,13 +155,23 @@ class MultimodalLM(nn.Module):
     def image_placeholder(self) -> str:
         return self.llm.image_token
 
-    def training_example(self, sample, max_length: int | None = None) -> dict | None:
+    def training_example(self, sample, max_length: int | None = None, memo: dict | None = None) -> dict | None:
         """A `data.formats.Sample` -> {input_ids, labels, images: paths}; None when it is
         longer than `max_length` (or the LLM's context): whole samples are skipped, never
-        cut inside an image's tokens."""
+        cut inside an image's tokens.
+
+        `memo` (a dict kept across one dataset's samples) tokenizes each distinct conversation
+        text once: the tokens depend on the text, not on which image fills a placeholder, and
+        easy-VQA asks the same few hundred questions of 4,000 images. Examples from the memo
+        share their id and label lists, which nothing downstream modifies.
+        """
         limit = min(max_length or self.llm.max_length, self.llm.max_length)
-        tokens = self.processor.encode_for_training(sample.messages, [None] * len(sample.images),
-                                                    load_images=False)
+        memo = {} if memo is None else memo
+        key = (json.dumps(sample.messages), len(sample.images))
+        if key not in memo:
+            memo[key] = self.processor.encode_for_training(sample.messages, [None] * len(sample.images),
+                                                           load_images=False)
+        tokens = memo[key]
         if len(tokens["input_ids"]) > limit:
             return None
         return {"input_ids": tokens["input_ids"], "labels": tokens["labels"], "images": sample.images}

@@ -15,7 +15,7 @@ from polymodal.processing.branches import (
     shared_prefix_length,
 )
 from polymodal.processing.collate import IGNORE
-from polymodal.train.mixture import Mixture, balanced_rows, encode_dataset
+from polymodal.train.mixture import Mixture, balanced_rows, encode_dataset, read_dataset
 
 QUESTIONS = [("What colour is it?", "red"), ("What colour is the shape?", "red"),
              ("Is it blue?", "no"), ("Is there a shape?", "yes"), ("Is it red?", "yes")]
@@ -134,3 +134,19 @@ def test_share_prefix_is_checked():
     with pytest.raises(ConfigError, match="share_prefix"):
         StageConfig(name="s", train=["connector"], lr={"connector": 1e-3},
                     data=[DatasetConfig(format="easy-vqa")], share_prefix=1)
+
+
+def test_each_distinct_conversation_text_is_tokenized_once(tmp_path, model, monkeypatch):
+    """encode_dataset tokenizes a text once for all the images it is asked of, and every
+    example is what tokenizing it alone gives, with its own image."""
+    dataset = DatasetConfig(format="llava", path=str(conversations(tmp_path, images=4)), turns=1)
+    stage = StageConfig(name="s", train=["connector"], lr={"connector": 1e-3}, data=[dataset])
+    samples = read_dataset(dataset)
+    alone = [model.training_example(sample) for sample in samples]
+    calls = []
+    encode = model.processor.encode_for_training
+    monkeypatch.setattr(model.processor, "encode_for_training", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    encoded = encode_dataset(model, dataset, stage, None).samples
+    assert encoded == alone and len(encoded) == 4 * len(QUESTIONS)
+    assert len(calls) == len(QUESTIONS)
+    assert [e["images"] for e in encoded] == [s.images for s in samples]

@@ -118,3 +118,16 @@ def test_bad_samples_are_skipped_listed_and_can_stop_the_run(tmp_path):
     assert reasons["count"] == "2 image(s) but 1 <image> placeholder(s)"
     with pytest.raises(UserError, match=r"3 of 10 samples are bad \(more than 1%\)"):
         check_samples(samples, "<image>", None)
+
+
+def test_a_file_that_changes_after_its_check_is_checked_again(tmp_path):
+    """Media verdicts are remembered per process (the stages of a recipe check the same
+    images), keyed by the file's size and time, so a file replaced since is decoded anew."""
+    records = [{"id": "a", "image": "picture.png",
+                "conversations": [{"from": "human", "value": "<image>Shape?"}, {"from": "gpt", "value": "circle"}]}]
+    path = write_llava(tmp_path, records)
+    shutil.copy(f"{DATA}/red_circle.png", tmp_path / "picture.png")
+    assert len(check_samples(read_llava_json(path), "<image>", None)) == 1
+    shutil.copy(f"{DATA}/not_an_image.png", tmp_path / "picture.png")
+    with pytest.raises(UserError, match="not an image"):
+        check_samples(read_llava_json(path), "<image>", None)

@@ -94,3 +94,16 @@ def test_replay_input_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="replay is for objective lm"):
         from_dict(StageConfig, {"name": "v", "objective": "contrastive", "train": ["encoder"],
                                 "lr": {"encoder": 1e-3}, "data": [{"format": "replay"}]})
+
+
+def test_a_fresh_run_asks_its_own_model_again(tmp_path):
+    """The answers kept in a run directory serve --resume only: a fresh run into the same
+    directory (perhaps with another LLM) must not replay the last run's answers."""
+    from polymodal.train.distributed import SINGLE_PROCESS
+    from polymodal.train.run import Run
+
+    stale = tmp_path / "run" / "replay-images-1.jsonl"
+    stale.parent.mkdir()
+    stale.write_text('{"id": "replay-0", "messages": []}\n')
+    Run(text_then_images(tmp_path, replay=True), tmp_path / "run", resume=False, world=SINGLE_PROCESS)
+    assert not stale.exists()

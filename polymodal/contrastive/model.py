@@ -150,8 +150,9 @@ class DualEncoder(nn.Module):
 
     # ------------------------------------------------------------ training data
 
-    def training_example(self, sample: Sample, max_length: int | None = None) -> dict | None:
-        """An (image, text) pair: the sample's one image and its last assistant message."""
+    def training_example(self, sample: Sample, max_length: int | None = None, memo: dict | None = None) -> dict | None:
+        """An (image, text) pair: the sample's one image and its last assistant message
+        (`max_length` and `memo` are the LM's; a pair has no tokens to limit or reuse)."""
         replies = [m["content"] for m in sample.messages if m["role"] == "assistant"]
         if len(sample.images) != 1 or not replies:
             return None

@@ -95,8 +95,9 @@ def easy_vqa_folder(split: str | None = None, folder: str | Path | None = None) 
 def read_easy_vqa_questions(folder: Path) -> list[tuple[str, str, str]]:
     """(question, answer, image path) triples in file order."""
     triples = _read_json(folder / "questions.json")
+    images = str(folder / "images")  # joined as strings: 38,575 Path joins take 0.2 s
     try:
-        return [(question, answer, str(folder / "images" / f"{image_id}.png"))
+        return [(question, answer, f"{images}/{image_id}.png")
                 for question, answer, image_id in triples]
     except (TypeError, ValueError):
         raise UserError(f"{folder / 'questions.json'}: expected [question, answer, image_id] triples") from None

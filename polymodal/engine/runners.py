@@ -98,6 +98,12 @@ class LlamaRunner:
         self.positions = self.positions + 1
         return self.lm_head(self._forward(embeds, positions))
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Carry on with only these rows [B'] of the batch (the others finished)."""
+        self.keys = [keys[rows] for keys in self.keys]
+        self.values = [values[rows] for values in self.values]
+        self.key_mask, self.positions = self.key_mask[rows], self.positions[rows]
+
     def _mask(self, length: int, start: int) -> torch.Tensor | None:
         """Boolean attention mask [B, 1, T, start + T], or None when nothing is masked."""
         keys = self.key_mask[:, : start + length]  # [B, S]
@@ -186,6 +192,11 @@ class HFRunner:
         """The same answer as LlamaRunner.prefill_shared, by copying each prefix into its rows."""
         embeds = torch.cat([prefix[owner], suffix], dim=1)
         return self.prefill(embeds, torch.cat([prefix_mask[owner], suffix_mask], dim=1), max_length)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Carry on with only these rows [B'] of the batch (the others finished)."""
+        self.cache.batch_select_indices(rows)
+        self.attention_mask, self.positions = self.attention_mask[rows], self.positions[rows]
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         ones = self.attention_mask.new_ones(self.attention_mask.shape[0], 1)

@@ -61,9 +61,9 @@ def encode_dataset(model, config: DatasetConfig, stage: StageConfig, bad_file: P
     if config.format == "replay":
         samples = answer_questions(model, samples, config.max_new_tokens, replay_file)
     samples = check_samples(samples, model.image_placeholder, bad_file, stage.max_bad_fraction, name)
-    encoded, unusable = [], 0
+    encoded, unusable, memo = [], 0, {}
     for sample in samples:
-        example = model.training_example(sample, stage.max_length)
+        example = model.training_example(sample, stage.max_length, memo)
         if example is None:
             unusable += 1  # e.g. too long: whole samples are skipped, never cut inside an image
             continue

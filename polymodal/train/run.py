@@ -51,7 +51,8 @@ class Run:
         if not world.is_main:
             return  # only rank 0 writes
         if not resume:  # a fresh run replaces the last one's records, so --resume never mixes them
-            for path in (self.metrics, self.bad_samples):
+            # (replay answers too: a fresh run asks its own model, which may differ from the last's)
+            for path in (self.metrics, self.bad_samples, *run_dir.glob("replay-*.jsonl")):
                 path.unlink(missing_ok=True)
             shutil.rmtree(self.checkpoints, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
