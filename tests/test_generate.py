@@ -21,8 +21,10 @@ def prompts(count=3):
 @pytest.fixture(params=["tiny:llama", "tiny:qwen2"])
 def model(request):
     model = tiny_model({"kind": "hf", "source": "tiny:clip"}, {"kind": "mlp"}, {"source": request.param})
-    with torch.no_grad():  # a sharper random model, so greedy choices are not near-ties
-        model.llm.model.get_output_embeddings().weight.mul_(8)
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger random weights: answers that differ by prompt and by step
+        for parameter in model.llm.model.parameters():  # (the default init repeats one token)
+            parameter.normal_(0, 0.3)
     return model
 
 
@@ -32,6 +34,7 @@ def test_cached_generation_equals_recomputing_every_step(model):
     uncached = Generator(model, use_cache=False).generate(prompts(), params)
     assert [c.token_ids for c in cached] == [u.token_ids for u in uncached]
     assert all(len(c.token_ids) > 0 for c in cached)
+    assert len({tuple(c.token_ids) for c in cached}) > 1  # the answers differ: a real comparison
 
 
 def test_batched_generation_equals_one_by_one(model):
@@ -171,3 +174,39 @@ def test_shared_prefix_prefill_matches_the_full_prompt_in_both_runners(model):
             shared = runner.prefill_shared(prefix, prefix_mask, owner, suffix, suffix_mask, 12)
             torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-4)
             runner.step(torch.tensor([3, 4, 5]))  # the cache keeps going after a shared prefill
+
+
+def test_text_only_prompts_share_the_ids_they_begin_with_and_answer_as_alone(model):
+    from polymodal.engine.generate import shared_prefixes
+
+    batch = [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS]
+    generator = Generator(model)
+    samples = [generator.encode(p) for p in batch]
+    shared = shared_prefixes(batch, samples, model.llm.image_token_id)
+    assert shared is not None and shared.owner == [0, 0, 0]
+    prefix = shared.prefixes[0]["input_ids"]
+    assert len(prefix) > 1 and all(s["input_ids"][: len(prefix)] == prefix for s in samples)
+    params = SamplingParams(max_new_tokens=10)
+    together = generator.generate(batch, params)
+    alone = [generator.generate([p], params)[0] for p in batch]
+    assert [t.token_ids for t in together] == [a.token_ids for a in alone]
+
+
+@pytest.mark.parametrize("runner", [LlamaRunner, HFRunner])
+def test_rows_that_finish_leave_the_batch_and_the_rest_answer_unchanged(model, monkeypatch, runner):
+    from polymodal.engine import generate
+
+    monkeypatch.setattr(generate, "make_runner", runner)
+    kept = []
+    keep_rows = runner.keep_rows
+    monkeypatch.setattr(runner, "keep_rows", lambda self, rows: kept.append(len(rows)) or keep_rows(self, rows))
+    batch, params = prompts(4), SamplingParams(max_new_tokens=8)
+    free = Generator(model)
+    free.stop_ids = set()
+    stop = free.generate(batch, params)[0].token_ids[1]  # the first row ends at its second token
+    cached, uncached = Generator(model), Generator(model, use_cache=False)
+    cached.stop_ids = uncached.stop_ids = {stop}
+    answers = cached.generate(batch, params)
+    assert [a.token_ids for a in answers] == [u.token_ids for u in uncached.generate(batch, params)]
+    assert answers[0].finish_reason == "stop" and len(answers[0].token_ids) <= 1
+    assert kept and kept[0] < 4 and any(len(a.token_ids) > 2 for a in answers)
