@@ -71,6 +71,43 @@ def test_frozen_parts_stay_bit_identical(tmp_path):
         assert changed == name.startswith("connector."), name
 
 
+def lora_then_connector(path) -> RecipeConfig:
+    """Adapters trained first (so they are not zero), then a stage for the connector alone."""
+    model = {**MODEL, "llm": {**MODEL["llm"], "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}}
+    stages = [{"name": name, "train": parts, "lr": dict.fromkeys(parts, 3e-3), "steps": 3, "batch_size": 4,
+               "data": [{"format": "llava", "path": str(path)}]}
+              for name, parts in (("tune", ["llm.lora"]), ("align", ["connector"]))]
+    return from_dict(RecipeConfig, {"name": "fold", "model": model, "stages": stages})
+
+
+def test_a_stage_that_freezes_the_adapters_runs_them_folded_in(tmp_path, monkeypatch):
+    """The connector-only stage runs the LLM with its (trained, non-zero) adapters folded into
+    the base weights: no adapter matmul in its steps, the same connector as running them
+    unfolded (to float round-off), and the LLM's weights bit-identical afterwards."""
+    from polymodal.train import loop, run
+
+    config = lora_then_connector(synthetic_dataset(tmp_path))
+    models, adapter_runs = {}, {}
+    for folded in (True, False):
+        if not folded:
+            monkeypatch.setattr(run, "adapters_folded_unless_trained", lambda model, stage: loop.nullcontext())
+        torch.manual_seed(0)
+        model = MultimodalLM.from_config(config)
+        adapter_runs[folded] = 0
+        first_adapter = next(m for n, m in model.llm.named_modules() if n.endswith("lora_A.default"))
+        first_adapter.register_forward_hook(lambda *_, f=folded: adapter_runs.__setitem__(f, adapter_runs[f] + 1))
+        train(config, tmp_path / f"run-{folded}", model)
+        models[folded] = dict(model.named_parameters())
+    assert adapter_runs == {True: 3, False: 6}  # one forward per step: tune's 3, then align's 3 unless folded
+    for name, parameter in models[True].items():
+        if name.startswith("connector."):
+            # 3 Adam steps of 3e-3 move a weight by up to 9e-3; round-off in a near-zero
+            # gradient can move one by ~1e-4 differently (Adam divides by its size)
+            torch.testing.assert_close(parameter, models[False][name], rtol=0, atol=3e-4)
+        else:
+            assert torch.equal(parameter, models[False][name]), name
+
+
 def test_nan_loss_stops_naming_the_step(tmp_path, monkeypatch):
     path = synthetic_dataset(tmp_path)
     config = recipe(path, ["connector"], steps=5)

@@ -27,7 +27,7 @@ from polymodal.errors import UserError
 from polymodal.model import MultimodalLM, atomic_write
 from polymodal.train import checkpoint, distributed
 from polymodal.train.distributed import World
-from polymodal.train.loop import train_stage
+from polymodal.train.loop import adapters_folded_unless_trained, train_stage
 from polymodal.train.mixture import FeatureCache, Mixture, encode_dataset, read_dataset
 from polymodal.train.plots import plot_losses
 
@@ -185,10 +185,11 @@ def _train_one_stage(run: Run, model, index: int, start: int) -> None:
         checkpoint.save(run.checkpoints, checkpoint.trained_tensors(model, trained_so_far), optimizer_state,
                         scheduler, meta, run.recipe.checkpoint.keep)
 
-    train_stage(model, stage, mixture, log, totals=totals, start_step=start,
-                resume_from=run.resume_from if resuming else None,
-                on_checkpoint=on_checkpoint, checkpoint_every=run.recipe.checkpoint.every, world=run.world,
-                strategy=run.recipe.parallel)
+    with adapters_folded_unless_trained(model, stage):
+        train_stage(model, stage, mixture, log, totals=totals, start_step=start,
+                    resume_from=run.resume_from if resuming else None,
+                    on_checkpoint=on_checkpoint, checkpoint_every=run.recipe.checkpoint.every, world=run.world,
+                    strategy=run.recipe.parallel)
 
 
 def _record(run: Run, name: str, totals: dict, skipped: int) -> None:
