@@ -24,6 +24,7 @@ from polymodal.engine.text import TextTracker
 from polymodal.errors import UserError
 from polymodal.llm import merged_lora
 from polymodal.processing import collate
+from polymodal.processing.branches import common_prefix_length
 
 
 @dataclass
@@ -232,12 +233,7 @@ def common_text_prefix(ids: list[list[int]]) -> SharedPrefixes | None:
     The replay questions of the easy-VQA recipe share 12 of their ~27 tokens."""
     if len(ids) < 2:
         return None
-    common = 0
-    for column in zip(*ids):
-        if any(token != column[0] for token in column):
-            break
-        common += 1
-    cut = min(common, min(map(len, ids)) - 1)
+    cut = min(common_prefix_length(ids), min(map(len, ids)) - 1)
     if cut < 1:
         return None
     return SharedPrefixes([{"input_ids": ids[0][:cut], "pixel_values": None}], [0] * len(ids),

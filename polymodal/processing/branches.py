@@ -22,17 +22,23 @@ from polymodal.processing.collate import IGNORE
 PREFIX = 0  # branch id of the shared prefix; branches are 1, 2, ...; padding is -1
 
 
+def common_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading ids all rows have in common."""
+    common = 0
+    for column in zip(*rows):
+        if any(token != column[0] for token in column):
+            break
+        common += 1
+    return common
+
+
 def shared_prefix_length(examples: list[dict], image_token_id: int | None = None,
                          tokens_per_image: int = 1) -> int:
     """How many leading tokens all examples share and may share: their common ids, ending
     before the token that predicts their first label (that position must belong to each
     branch, which holds the label's own loss), before the first image that differs among
     them (placeholder ids are equal whatever the image) and never inside an image's tokens."""
-    common = 0
-    for column in zip(*(e["input_ids"] for e in examples)):
-        if any(token != column[0] for token in column):
-            break
-        common += 1
+    common = common_prefix_length([e["input_ids"] for e in examples])
     first_labels = [next((i for i, label in enumerate(e["labels"]) if label != IGNORE), len(e["labels"]))
                     for e in examples]
     limit = max(0, min(common, min(first_labels) - 1))
