@@ -13,6 +13,7 @@ stays off unless the caller turns it on.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -211,6 +212,21 @@ def architecture_of(model: PreTrainedModel) -> dict:
     return data
 
 
+def leaves_rng_alone(load):
+    """`load` with the random generator put back as it was: some loading paths draw from
+    it and others do not (transformers' safetensors load does, its GGUF load does not), and
+    what is built at random afterwards (adapters, encoder, connector) must start the same
+    either way, or a run's first load of a GGUF file trains another model than later loads
+    from its cached copy."""
+
+    @functools.wraps(load)
+    def load_quietly(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return load(*args, **kwargs)
+
+    return load_quietly
+
+
 class PartLoader:
     """Gives each part its transformers model, from its source or from a saved architecture.
 
@@ -230,6 +246,7 @@ class PartLoader:
             raise UserError(f"saved model has no architecture for part {key!r}")
         return self.architectures[key]
 
+    @leaves_rng_alone
     def vision_model(self, key: str, source: str):
         """(model, (image_size, mean, std)) for the vision part `key`."""
         if self.from_saved:
@@ -242,6 +259,7 @@ class PartLoader:
                                    "mean": list(mean), "std": list(std)}
         return model, stats
 
+    @leaves_rng_alone
     def text_encoder(self, key: str, source: str):
         """(model, tokenizer or None when rebuilding a saved model) for a text tower `key`."""
         if self.from_saved:
@@ -253,6 +271,7 @@ class PartLoader:
         self.architectures[key] = {"config": architecture_of(model)}
         return model, tokenizer
 
+    @leaves_rng_alone
     def causal_lm(self, key: str, source: str, dtype: torch.dtype):
         """(model, tokenizer or None when rebuilding a saved model) for the LLM part `key`."""
         if self.from_saved:

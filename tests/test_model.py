@@ -104,3 +104,27 @@ def test_bad_model_directory(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         MultimodalLM.from_pretrained(tmp_path)
+
+
+def test_parts_built_at_random_start_the_same_however_the_llm_loads(tmp_path, monkeypatch):
+    """transformers' safetensors load draws random numbers and its GGUF load does not, so
+    without care a run's first load of a GGUF file (dequantized) built other adapters,
+    encoder and connector than later runs reading its cached copy: another model trained."""
+    from polymodal import sources
+
+    llm, tokenizer = sources.load_causal_lm("tiny:llama")
+    llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    parts = ({"kind": "cnn", "image_size": 32, "channels": [8, 16]}, {"kind": "mlp", "depth": 2},
+             {"source": str(tmp_path / "llm"), "lora": {"r": 2}})
+    plain = tiny_model(*parts)
+    load = sources.load_causal_lm
+    monkeypatch.setattr(sources, "load_causal_lm", lambda *a, **k: (torch.rand(1000), load(*a, **k))[1])
+    drawing = tiny_model(*parts)  # loading draws 1,000 more random numbers than before
+    built_at_random = [name for name, _ in plain.named_parameters()
+                       if not name.startswith("llm.") or "lora_" in name]
+    assert any("lora_A" in name for name in built_at_random) and any("connector" in n for n in built_at_random)
+    params = dict(drawing.named_parameters())
+    for name, parameter in plain.named_parameters():
+        if name in built_at_random:
+            assert torch.equal(parameter, params[name]), name
