@@ -107,3 +107,16 @@ def test_cnn_pool_max_pools_the_grid_to_fewer_tokens():
     assert torch.allclose(pooled[:, 0], grid[:, :2, :2].amax((1, 2)))  # top-left 2x2 block
     with pytest.raises(ConfigError, match=r"encoder\.pool"):
         tiny_model({**ENCODERS["cnn"], "pool": 5})
+
+
+def test_mlp_norm_reads_each_token_by_its_shape_not_its_offset_or_scale():
+    """`norm: true`: a LayerNorm before the MLP, so a token's common offset and scale (all of
+    a ReLU CNN's features are positive) no longer swamp what tells tokens apart."""
+    normed = tiny_model(ENCODERS["cnn"], {"kind": "mlp", "depth": 2, "norm": True}).connector
+    plain = tiny_model(ENCODERS["cnn"], {"kind": "mlp", "depth": 2}).connector
+    features = torch.rand(2, 16, 24)  # [B, S, C]
+    shifted = 3 * features + 5
+    with torch.no_grad():
+        torch.testing.assert_close(normed(shifted), normed(features), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(plain(shifted), plain(features), atol=1e-2)
+    assert list(plain.state_dict()) == [k for k in normed.state_dict() if not k.startswith("norm.")]

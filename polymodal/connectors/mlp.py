@@ -30,6 +30,9 @@ class LinearConnectorConfig(ConnectorConfig):
 class MLPConnectorConfig(ConnectorConfig):
     kind: str = "mlp"
     depth: int = 2
+    # LayerNorm over each token's features first, as InternVL's projector: a ReLU CNN's
+    # features are all positive, so its tokens share one large direction and differ little.
+    norm: bool = False
 
 
 @register_connector("linear", config=LinearConnectorConfig)
@@ -54,9 +57,10 @@ class MLPConnector(Connector):
         super().__init__()
         if config.depth < 1:
             raise ConfigError("model.connector.depth: must be at least 1")
+        self.norm = nn.LayerNorm(in_dim) if config.norm else nn.Identity()
         self.mlp = mlp_layers(in_dim, out_dim, config.depth)
         self.num_tokens = in_tokens
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[B, S, in_dim] -> [B, S, out_dim]."""
-        return self.mlp(features)
+        return self.mlp(self.norm(features))
