@@ -119,8 +119,13 @@ def test_parts_built_at_random_start_the_same_however_the_llm_loads(tmp_path, mo
              {"source": str(tmp_path / "llm"), "lora": {"r": 2}})
     plain = tiny_model(*parts)
     load = sources.load_causal_lm
-    monkeypatch.setattr(sources, "load_causal_lm", lambda *a, **k: (torch.rand(1000), load(*a, **k))[1])
-    drawing = tiny_model(*parts)  # loading draws 1,000 more random numbers than before
+
+    def load_drawing_more(*args, **kwargs):
+        torch.rand(1000)  # loading draws 1,000 more random numbers than before
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(sources, "load_causal_lm", load_drawing_more)
+    drawing = tiny_model(*parts)
     built_at_random = [name for name, _ in plain.named_parameters()
                        if not name.startswith("llm.") or "lora_" in name]
     assert any("lora_A" in name for name in built_at_random) and any("connector" in n for n in built_at_random)
