@@ -5,6 +5,11 @@ Rows 0..n-1 of the cache are the running requests. A new request is prefilled on
 (`LlamaRunner`, batch 1) and its keys and values copied into row n; a finished one is
 replaced by the last running row, so the running rows stay a contiguous block and a
 decode step works on views of the cache, never on gathered copies.
+
+Memory is taken by need: the per-layer tensors start at a few rows and `INITIAL_LENGTH`
+slots and double along either axis (up to max_batch and max_length) when a request needs
+more, and drop back to that size when no request runs. Allocating 16 rows of a model's full
+context up front held 6.9 GB for an idle server of a 135M model.
 """
 
 from __future__ import annotations
@@ -14,52 +19,106 @@ import torch.nn.functional as F
 
 from polymodal.engine.runners import LlamaRunner, _rms_norm, _rotate_half
 
+INITIAL_LENGTH = 256  # slots per row before any growth: a short chat without a copy
+INITIAL_ROWS = 1
+
+
+def _grown(have: int, need: int, most: int) -> int:
+    """The capacity to hold `need`: `have` doubled until it does, at most `most`."""
+    while have < need:
+        have *= 2
+    return min(have, most)
+
 
 class SlotCache:
-    """Keys/values [max_batch, H_kv, max_length, head_dim] per layer for one Llama-family model."""
+    """Keys/values [rows, H_kv, length, head_dim] per layer for one Llama-family model, where
+    rows <= max_batch and length <= max_length grow by doubling as requests need them."""
 
-    def __init__(self, model, max_batch: int, max_length: int):
+    def __init__(self, model, max_batch: int, max_length: int, initial_length: int = INITIAL_LENGTH):
         self.runner = LlamaRunner(model)  # its modules, shapes and rotary table
         self.max_batch, self.max_length = max_batch, max_length
-        first = next(model.parameters())
-        shape = (max_batch, self.runner.kv_heads, max_length, self.runner.head_dim)
-        layers = len(self.runner.body.layers)
-        self.keys = [first.new_zeros(shape) for _ in range(layers)]
-        self.values = [first.new_zeros(shape) for _ in range(layers)]
-        self.key_mask = torch.zeros(max_batch, max_length, dtype=torch.bool)
+        self.initial = (min(INITIAL_ROWS, max_batch), min(initial_length, max_length))
+        self._first = next(model.parameters())
+        self._allocate(*self.initial)
         self.lengths = torch.zeros(max_batch, dtype=torch.long)  # slots filled per row
         self.positions = torch.zeros(max_batch, dtype=torch.long)  # position of each row's next token
-        cos, sin = self.runner.body.rotary_emb(first.new_zeros(1), torch.arange(max_length)[None])
+        # The rotary table is small ([max_length, head_dim]), so it is made once, whole.
+        cos, sin = self.runner.body.rotary_emb(self._first.new_zeros(1), torch.arange(max_length)[None])
         self.rotary = (cos[0], sin[0])
-        self.active = 0  # rows 0..active-1 are running
+        self._active = 0  # rows 0..active-1 are running
+
+    @property
+    def active(self) -> int:
+        """The number of running rows (rows 0..active-1)."""
+        return self._active
+
+    @active.setter
+    def active(self, value: int) -> None:
+        self._active = value
+        if value == 0 and self.capacity != self.initial:  # idle: give the grown memory back
+            self._allocate(*self.initial)
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(rows, slots per row) allocated now."""
+        return tuple(self.key_mask.shape)
+
+    def _allocate(self, rows: int, length: int) -> None:
+        shape = (rows, self.runner.kv_heads, length, self.runner.head_dim)
+        layers = len(self.runner.body.layers)
+        self.keys = [self._first.new_zeros(shape) for _ in range(layers)]
+        self.values = [self._first.new_zeros(shape) for _ in range(layers)]
+        self.key_mask = torch.zeros(rows, length, dtype=torch.bool)
+
+    def _reserve(self, rows: int, length: int) -> None:
+        """Make room for `rows` rows of `length` slots, copying the running rows over."""
+        have_rows, have_length = self.capacity
+        if rows <= have_rows and length <= have_length:
+            return
+        rows = _grown(have_rows, rows, self.max_batch)
+        length = _grown(have_length, length, self.max_length)
+        n = self._active
+        span = int(self.lengths[:n].max()) if n else 0
+        old = self.keys, self.values, self.key_mask
+        self.keys, self.values = [], []
+        for keys, values in zip(old[0], old[1]):  # one layer at a time: a small peak
+            for table, source in ((self.keys, keys), (self.values, values)):
+                grown = source.new_zeros(rows, source.shape[1], length, source.shape[3])
+                grown[:n, :, :span] = source[:n, :, :span]
+                table.append(grown)
+        self.key_mask = torch.zeros(rows, length, dtype=torch.bool)
+        self.key_mask[:n, :span] = old[2][:n, :span]
 
     def admit(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Prefill one prompt (embeds [1, T, D]) into the next free row; its logits [1, V]."""
-        if self.active == self.max_batch:
+        """Prefill one prompt (embeds [1, T, D], T <= max_length) into the next free row; its
+        logits [1, V]. Raises RuntimeError when all max_batch rows are running."""
+        if self._active == self.max_batch:
             raise RuntimeError("no free slot")
         length = embeds.shape[1]
         logits = self.runner.prefill(embeds, torch.ones(1, length, dtype=torch.long), length)
-        row = self.active
+        row = self._active
+        self._reserve(row + 1, length)
         for layer, (keys, values) in enumerate(zip(self.runner.keys, self.runner.values)):
             self.keys[layer][row, :, :length] = keys[0]
             self.values[layer][row, :, :length] = values[0]
+        self.runner.keys, self.runner.values = [], []  # the prompt's copy is not needed any more
         self.key_mask[row] = False
         self.key_mask[row, :length] = True
         self.lengths[row], self.positions[row] = length, length
-        self.active += 1
+        self._active += 1
         return logits
 
     def release(self, row: int) -> int | None:
         """Free a row; the last running row moves into it. Returns the row that moved (its
         new index is `row`), or None."""
-        last = self.active - 1
+        last = self._active - 1
         if row != last:
             for keys, values in zip(self.keys, self.values):
                 keys[row] = keys[last]
                 values[row] = values[last]
             for table in (self.key_mask, self.lengths, self.positions):
                 table[row] = table[last]
-        self.active -= 1
+        self.active = last
         return last if row != last else None
 
     @torch.inference_mode()
@@ -67,8 +126,9 @@ class SlotCache:
         """token_ids [n] for the running rows -> next logits [n, V]; one slot more per row."""
         n, runner = self.active, self.runner
         rows, at = torch.arange(n), self.lengths[:n].clone()
-        self.key_mask[rows, at] = True
         span = int(at.max()) + 1  # attend only over the longest row's slots
+        self._reserve(n, span)
+        self.key_mask[rows, at] = True
         mask = self.key_mask[:n, None, None, :span]  # [n, 1, 1, span]
         cos, sin = self.rotary[0][self.positions[:n]][:, None], self.rotary[1][self.positions[:n]][:, None]
         hidden = runner.body.embed_tokens(token_ids)  # [n, D]
