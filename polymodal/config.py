@@ -164,7 +164,10 @@ class StageConfig:
     train: list[str]  # parts: encoder, connector, llm, llm.lora
     data: list[DatasetConfig]
     lr: dict[str, float]  # learning rate per trained part
-    steps: int = 100  # optimizer steps
+    # How long: `steps` (optimizer steps; 100 when neither is given) or `epochs` (steps =
+    # ceil(epochs * samples / (batch_size * grad_accum)), counted when the run reads the data).
+    # Both in one stage is an error naming both; `--set` of one clears the other (apply_overrides).
+    steps: int | None = None
     batch_size: int = 8
     grad_accum: int = 1
     warmup_ratio: float = 0.03  # linear warmup over this fraction of steps, then the schedule
@@ -191,7 +194,7 @@ class StageConfig:
     # LoRA+ (Hayou et al., 2024): the adapters' B matrices learn this many times faster than
     # their A matrices (the `llm.lora` rate); the paper reports faster fine-tuning at ~4-16.
     lora_plus_ratio: float | None = None
-    epochs: float | None = None  # when set, steps = ceil(epochs * samples / (batch_size * grad_accum))
+    epochs: float | None = None  # instead of steps (see steps)
     # `lm`: next-token loss on assistant tokens. `contrastive`: the image encoder against a
     # text tower on (image, caption) pairs, without the LLM (parts: encoder, projection, text).
     objective: Literal["lm", "contrastive"] = "lm"
@@ -200,8 +203,13 @@ class StageConfig:
     def __post_init__(self):
         if self.objective == "contrastive" and self.contrastive is None:
             self.contrastive = ContrastiveConfig()
+        if self.epochs is not None and self.steps is not None:
+            raise ConfigError(f"steps and epochs: both set ({self.steps} steps, {self.epochs} epochs); "
+                              "give one")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs: must be positive, got {self.epochs}")
+        if self.epochs is None and self.steps is None:
+            self.steps = 100
         missing = [part for part in self.train if part not in self.lr]
         if missing:
             raise ConfigError(f"lr: no learning rate for trained part {missing[0]!r}")
@@ -218,7 +226,7 @@ class StageConfig:
         if self.lora_plus_ratio is not None and (self.lora_plus_ratio <= 0 or "llm.lora" not in self.train):
             raise ConfigError("lora_plus_ratio: a positive number, for a stage that trains llm.lora")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
 
 
@@ -385,10 +393,15 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+LENGTH_FIELDS = {"steps": "epochs", "epochs": "steps"}  # a stage's two ways to say how long
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides; values are parsed as YAML (`3`, `true`, `[a, b]`).
 
-    A number indexes a list: `stages.0.steps=50`.
+    A number indexes a list: `stages.0.steps=50`. A stage's `steps` and `epochs` both say how
+    long it trains: setting one of them (to a value, not null) removes the other, so the
+    override the user typed is the one that counts (a stage with both is an error).
     """
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -411,6 +424,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"{'.'.join(parts[:depth])}: is not a mapping; cannot set {key}")
             if last:
                 node[part] = value
+                rival = LENGTH_FIELDS.get(part) if parts[0] == "stages" and depth == 2 else None
+                if rival and value is not None and isinstance(node, dict):
+                    node.pop(rival, None)
             else:
                 if isinstance(node, dict) and node.get(part) is None:
                     node[part] = {}

@@ -15,16 +15,21 @@ def add_parser(commands) -> None:
     parser.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<recipe name>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in RUN_DIR")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the model and checkpoints already in RUN_DIR (else refused)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from polymodal.config import load_recipe
+    from polymodal.errors import UserError
     from polymodal.train.run import train
 
     recipe = load_recipe(args.recipe, args.set)
     run_dir = args.out or f"runs/{recipe.name}"
-    summary = train(recipe, run_dir, resume=args.resume)
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite: give one (continue the run, or replace it)")
+    summary = train(recipe, run_dir, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps({"run_dir": run_dir, "train_seconds": round(summary["train_seconds"], 1),
                       "final_loss": summary["final_loss"], "model": f"{run_dir}/model"}))
     return 0

@@ -9,6 +9,7 @@ RUN_DIR/
   loss.png           loss curves, one per stage
   summary.json       train_seconds (total and per stage), samples, tokens, final loss
   model/             the final model (MultimodalLM.from_pretrained reads it)
+  .lock              held by the one `train` writing here (see polymodal/locks.py)
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ import yaml
 
 from polymodal.config import RecipeConfig, to_dict
 from polymodal.errors import UserError
+from polymodal.locks import exclusive
 from polymodal.model import MultimodalLM, atomic_write
 from polymodal.train import checkpoint, distributed
 from polymodal.train.distributed import World
 from polymodal.train.loop import adapters_folded_unless_trained, train_stage
 from polymodal.train.mixture import FeatureCache, Mixture, encode_dataset, read_dataset
 from polymodal.train.plots import plot_losses
+
+LOCK = ".lock"  # in the run directory: held by the one `train` writing it
 
 
 class Run:
@@ -45,16 +49,19 @@ class Run:
                         "parallel": recipe.parallel if world.size > 1 else None}
         self.position = (0, 0)  # (stage index, steps done in it)
         self.resume_from = checkpoint.latest(self.checkpoints) if resume else None
-        text = yaml.safe_dump(to_dict(recipe), sort_keys=False)
+        text = recipe_text(recipe)
         if resume:
             self._check_same_recipe(text)
         if not world.is_main:
             return  # only rank 0 writes
         if not resume:  # a fresh run replaces the last one's records, so --resume never mixes them
             # (replay answers too: a fresh run asks its own model, which may differ from the last's)
-            for path in (self.metrics, self.bad_samples, *run_dir.glob("replay-*.jsonl")):
+            for path in (self.metrics, self.bad_samples, run_dir / "loss.png", run_dir / "summary.json",
+                         *run_dir.glob("replay-*.jsonl")):
                 path.unlink(missing_ok=True)
-            shutil.rmtree(self.checkpoints, ignore_errors=True)
+            # (the old model too: a failed new run must not leave the old model beside a new recipe)
+            for folder in (self.checkpoints, run_dir / "model"):
+                shutil.rmtree(folder, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "recipe.yaml", lambda p: p.write_text(text))
 
@@ -84,15 +91,47 @@ class Run:
 
 
 def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None = None,
-          resume: bool = False) -> dict:
+          resume: bool = False, overwrite: bool = False) -> dict:
     """Train every stage of `recipe` into `run_dir` (continuing its newest checkpoint if
-    `resume`); returns the summary."""
+    `resume`); returns the summary.
+
+    A run directory that already holds a trained model or checkpoints is refused unless
+    `resume` (continue it) or `overwrite` (replace it). While training, the run directory
+    is locked: a second `train` into it fails naming the holder (only rank 0 writes, so
+    only rank 0 locks)."""
     if not recipe.stages:
         raise UserError(f"recipe {recipe.name!r} has no stages to train")
+    world = distributed.setup()
+    run_dir = Path(run_dir)
+    if not world.is_main:
+        return _train(recipe, run_dir, model, resume, overwrite, world)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the run directory {run_dir}: {error.strerror}") from None
+    with exclusive(run_dir / LOCK, f"run directory {run_dir}"):
+        return _train(recipe, run_dir, model, resume, overwrite, world)
+
+
+def refuse_to_replace(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A fresh run into a directory with a trained model or checkpoints would delete them:
+    that takes the user's word (`--overwrite`), or `--resume` continues them instead."""
+    if resume or overwrite:
+        return
+    held = [name for name, present in (("a model", (run_dir / "model").exists()),
+                                       ("checkpoints", any((run_dir / "checkpoints").glob("step-*"))))
+            if present]
+    if held:
+        raise UserError(f"{run_dir} already holds a run ({' and '.join(held)}); continue it with "
+                        "--resume, replace it with --overwrite, or choose another --out")
+
+
+def _train(recipe: RecipeConfig, run_dir: Path, model, resume: bool, overwrite: bool,
+           world: World) -> dict:
+    refuse_to_replace(run_dir, resume, overwrite)
     started = time.perf_counter()
     resolve_epochs(recipe)
-    world = distributed.setup()
-    run = Run(recipe, Path(run_dir), resume, world)
+    run = Run(recipe, run_dir, resume, world)
     if model is None:
         torch.manual_seed(recipe.stages[0].seed)  # parts built from scratch start the same every run
         model = build_model(recipe)
@@ -114,6 +153,16 @@ def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None 
     plot_losses(run.metrics, run.dir / "loss.png")
     atomic_write(run.dir / "summary.json", lambda p: p.write_text(json.dumps(run.summary, indent=2)))
     return run.summary
+
+
+def recipe_text(recipe: RecipeConfig) -> str:
+    """The recipe as YAML, as the user gave it: a stage in epochs keeps `epochs` and no
+    `steps` (the count `resolve_epochs` put there), so the file loads again as a recipe."""
+    data = to_dict(recipe)
+    for stage in data["stages"]:
+        if stage["epochs"] is not None:
+            stage["steps"] = None
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def build_model(recipe: RecipeConfig):
