@@ -5,6 +5,7 @@ allocated by need."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -97,3 +98,122 @@ def test_a_fresh_slot_cache_holds_a_small_length_and_grows_with_the_same_logits(
     for row in reversed(range(3)):
         cache.release(row)
     assert _cache_elements(cache) == 2 * layers * 1 * 4 * per_slot  # idle again: memory given back
+
+
+# --- Items 2 and 3: an index is written as a set, by one writer at a time -------------------
+
+
+@pytest.fixture
+def dual(tmp_path):
+    """(saved dual-encoder folder, a folder of two images, a folder of two more)."""
+    import torch
+    from PIL import Image
+
+    from polymodal.config import ModelConfig, from_dict
+    from polymodal.contrastive.model import DualEncoder
+
+    config = from_dict(ModelConfig, {"kind": "dual-encoder",
+                                     "encoder": {"kind": "cnn", "image_size": 32, "channels": [8, 16]},
+                                     "contrastive": {"text": "tiny:bert", "pool": "max", "dim": 16}})
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    DualEncoder.from_config(config).eval().save_pretrained(model_dir)
+    folders = []
+    for name, colours in (("first", ["red", "green"]), ("more", ["blue", "gray"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        for colour in colours:
+            Image.new("RGB", (32, 32), colour).save(folder / f"{colour}.png")
+        folders.append(folder)
+    return model_dir, *folders
+
+
+def _built_index(dual, tmp_path):
+    from polymodal.model import load_any
+    from polymodal.search import ImageIndex
+
+    model_dir, first, _ = dual
+    model = load_any(str(model_dir))
+    index, _ = ImageIndex.build(model, model_dir, first)
+    index.save(tmp_path / "index")
+    return model, tmp_path / "index"
+
+
+@pytest.mark.parametrize("fail_at", [("write", 1), ("write", 2), ("write", 3), ("replace", 1), ("replace", 2)])
+def test_a_crash_during_save_leaves_the_last_good_index_searchable(dual, tmp_path, monkeypatch, fail_at):
+    from polymodal.search import ImageIndex
+    from polymodal.search import index as index_module
+
+    model, folder = _built_index(dual, tmp_path)
+    grown = ImageIndex.load(folder)
+    grown.add(model, dual[2])
+    assert len(grown) == 4
+    calls = {"write": 0, "replace": 0}
+    originals = {"write": index_module._write_file, "replace": os.replace}
+
+    def failing(kind):
+        def call(*args, **kwargs):
+            calls[kind] += 1
+            if calls[kind] == fail_at[1] and kind == fail_at[0]:
+                raise OSError("killed")  # the process dies here: nothing after it runs
+            return originals[kind](*args, **kwargs)
+        return call
+
+    with monkeypatch.context() as patch:
+        patch.setattr(index_module, "_write_file", failing("write"))
+        patch.setattr(os, "replace", failing("replace"))
+        with pytest.raises(OSError, match="killed"):
+            grown.save(folder)
+    old = ImageIndex.load(folder)
+    assert len(old) == 2 and len(old.search(model, text="a red square", k=5)) == 2
+    grown.save(folder)  # the next save after the crash succeeds and is whole
+    assert len(ImageIndex.load(folder)) == 4
+
+
+def test_an_index_of_the_older_layout_loads_and_grows(dual, tmp_path):
+    from polymodal.search import ImageIndex
+
+    model, folder = _built_index(dual, tmp_path)
+    version = folder / "versions" / (folder / "current").read_text().strip()
+    older = tmp_path / "older"
+    older.mkdir()
+    for name in ("index.faiss", "items.jsonl", "meta.json"):  # the three files, side by side
+        shutil.copy(version / name, older / name)
+    index = ImageIndex.load(older)
+    assert len(index) == 2
+    index.add(model, dual[2])
+    index.save(older)
+    assert len(ImageIndex.load(older)) == 4 and not (older / "meta.json").exists()
+
+
+def test_a_second_index_writer_fails_naming_the_holder(dual, tmp_path, capsys):
+    from polymodal.cli.main import main
+    from polymodal.search import ImageIndex
+    from polymodal.search.index import index_lock
+
+    _, folder = _built_index(dual, tmp_path)
+    capsys.readouterr()
+    with index_lock(folder):  # another `index add` is running
+        assert main(["index", "add", str(folder), "--images", str(dual[2])]) == 2
+        message = capsys.readouterr().err.strip()
+    assert str(folder) in message and f"pid {os.getpid()}" in message and "\n" not in message
+    assert len(ImageIndex.load(folder)) == 2  # nothing was written by the refused writer
+    assert main(["index", "add", str(folder), "--images", str(dual[2])]) == 0
+    assert len(ImageIndex.load(folder)) == 4
+
+
+def test_two_concurrent_index_adds_lose_no_images(dual, tmp_path):
+    from polymodal.search import ImageIndex
+
+    _, folder = _built_index(dual, tmp_path)
+    extra = tmp_path / "extra"
+    shutil.copytree(dual[1], extra)  # two more images, at other paths
+    command = [sys.executable, "-m", "polymodal.cli.main", "index", "add", str(folder), "--images"]
+    runs = [subprocess.Popen([*command, str(source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for source in (dual[2], extra)]
+    done = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+    succeeded = sum(code == 0 for code, _ in done)
+    assert all(code in (0, 2) for code, _ in done) and succeeded >= 1
+    refused = [err for code, err in done if code == 2]
+    assert all("is in use" in err.strip().splitlines()[-1] for err in refused)
+    assert len(ImageIndex.load(folder)) == 2 + 2 * succeeded  # a success's images are all there

@@ -24,20 +24,23 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     from polymodal.model import load_any
     from polymodal.search import ImageIndex
+    from polymodal.search.index import index_lock
 
-    if args.action == "build":
-        if not args.out:
-            raise UserError("index build needs --out INDEX")
-        model = load_any(args.target)
-        index, skipped = ImageIndex.build(model, args.target, args.images, args.batch_size)
-        destination = args.out
-    else:
-        index = ImageIndex.load(args.target)
-        model = load_any(index.model_path)
-        index.check_model(index.model_path)  # the model at that path is still the same one
-        skipped = index.add(model, args.images, args.batch_size)
-        destination = args.target
-    index.save(destination)
+    if args.action == "build" and not args.out:
+        raise UserError("index build needs --out INDEX")
+    destination = args.out if args.action == "build" else args.target
+    # One writer at a time from load to save: a second `index add` would otherwise save an
+    # index without the first one's images (it loaded the index before they were added).
+    with index_lock(destination, create=args.action == "build"):
+        if args.action == "build":
+            model = load_any(args.target)
+            index, skipped = ImageIndex.build(model, args.target, args.images, args.batch_size)
+        else:
+            index = ImageIndex.load(args.target)
+            model = load_any(index.model_path)
+            index.check_model(index.model_path)  # the model at that path is still the same one
+            skipped = index.add(model, args.images, args.batch_size)
+        index.save(destination)
     report_skipped(skipped)
     print(json.dumps({"index": destination, "count": len(index), "skipped": len(skipped)}))
     return 0

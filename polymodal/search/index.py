@@ -7,14 +7,25 @@ grows by `add` without retraining (an IVF index needs its clusters trained first
 answers in logarithmic time; `benchmarks/search.py` measures its recall against exact
 search.
 
-On disk, INDEX/ holds index.faiss, items.jsonl (row, path) and meta.json (the model's
-path and fingerprint, dimension, count); each file is written atomically, meta.json last.
+On disk, each version of an index is a set of three files that must agree: index.faiss,
+items.jsonl (row, path) and meta.json (the model's path and fingerprint, dimension, count).
+They are written as a set: INDEX/versions/NNNNNN/ holds one version, written whole into a
+temp folder, fsynced and renamed; then the pointer file INDEX/current (the version's name)
+is replaced atomically. A crash at any point leaves the pointer on the last good version,
+which stays on disk (with the one before it, for readers that read the old pointer). An
+index of the older layout (the three files directly in INDEX/) still loads. Writers hold
+`index_lock(INDEX)` across load, add and save, so two of them cannot lose each other's rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +33,63 @@ import numpy as np
 
 from polymodal.contrastive.embed import embed_images, embed_texts, image_files, require_dual_encoder
 from polymodal.errors import UserError
+from polymodal.locks import exclusive
 from polymodal.model import atomic_write
 
 HNSW_NEIGHBOURS = 32  # graph degree M: recall vs memory
 SEARCH_DEPTH = 128  # efSearch: candidates examined per query
+POINTER = "current"  # INDEX/current names the version in INDEX/versions/ that is the index
+VERSION_NAME = re.compile(r"\d{6,}")  # versions/000001, ...: anything else is not ours to read
+KEEP_VERSIONS = 2  # the current one and the one before it (a reader may have just opened it)
+
+
+@contextlib.contextmanager
+def index_lock(directory: str | Path, create: bool = True) -> Iterator[None]:
+    """Hold the writer's lock of the index folder `directory` (created if missing and
+    `create`) for the block. Raises UserError naming the index and the process holding it,
+    if one does, or naming the folder if it is missing and not `create`."""
+    directory = Path(directory)
+    if not create and not directory.is_dir():
+        raise UserError(f"not an image index (no such folder): {directory}")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{directory}: cannot create the index folder: {error.strerror}") from None
+    with exclusive(directory / ".lock", f"the index {directory}"):
+        yield
+
+
+def _write_file(path: Path, write) -> None:
+    """write(path), then fsync it: a version's file is whole on disk before the pointer moves."""
+    write(path)
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_directory(directory: Path) -> None:
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _versions(directory: Path) -> list[int]:
+    folder = directory / "versions"
+    if not folder.is_dir():
+        return []
+    return sorted(int(entry.name) for entry in folder.iterdir() if VERSION_NAME.fullmatch(entry.name))
+
+
+def _current_version(directory: Path) -> Path | None:
+    """The folder INDEX/current points to, or None for an index of the older layout."""
+    pointer = directory / POINTER
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(errors="replace").strip()
+    if not VERSION_NAME.fullmatch(name):  # never a path of the file's choosing
+        raise UserError(f"{pointer}: not a version name ({name[:40]!r}); the index is damaged")
+    return directory / "versions" / name
 
 
 @dataclass
@@ -104,30 +168,87 @@ class ImageIndex:
     # ------------------------------------------------------------ files
 
     def save(self, directory: str | Path) -> None:
+        """Write this index to the folder `directory` as a new version (see the module
+        docstring); the previous version stays readable until this one is whole. Hold
+        `index_lock(directory)` across load/add/save where other processes may write."""
         import faiss
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / "index.faiss", lambda path: faiss.write_index(self.index, str(path)))
-        lines = "".join(json.dumps({"row": row, "path": path}) + "\n" for row, path in enumerate(self.paths))
-        atomic_write(directory / "items.jsonl", lambda path: path.write_text(lines))
-        meta = {"format": "polymodal-image-index", "model": self.model_path, "fingerprint": self.fingerprint,
-                "dim": self.dim, "count": len(self.paths), "kind": f"HNSW{HNSW_NEIGHBOURS},IP"}
-        atomic_write(directory / "meta.json", lambda path: path.write_text(json.dumps(meta, indent=2)))
+        versions = directory / "versions"
+        versions.mkdir(parents=True, exist_ok=True)
+        try:
+            current = _current_version(directory)
+        except UserError:  # a damaged pointer: this save writes a good one
+            current = None
+        number = max([*_versions(directory), int(current.name) if current else 0]) + 1
+        name = f"{number:06d}"
+        temp = versions / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir()
+        try:
+            _write_file(temp / "index.faiss", lambda path: faiss.write_index(self.index, str(path)))
+            lines = "".join(json.dumps({"row": row, "path": path}) + "\n" for row, path in enumerate(self.paths))
+            _write_file(temp / "items.jsonl", lambda path: path.write_text(lines))
+            meta = {"format": "polymodal-image-index", "model": self.model_path, "fingerprint": self.fingerprint,
+                    "dim": self.dim, "count": len(self.paths), "kind": f"HNSW{HNSW_NEIGHBOURS},IP"}
+            _write_file(temp / "meta.json", lambda path: path.write_text(json.dumps(meta, indent=2)))
+            _fsync_directory(temp)
+            os.replace(temp, versions / name)
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+        _fsync_directory(versions)
+        atomic_write(directory / POINTER, lambda path: path.write_text(name + "\n"))
+        _fsync_directory(directory)
+        self._tidy(directory, number)
+
+    @staticmethod
+    def _tidy(directory: Path, current: int) -> None:
+        """Remove versions older than the last KEEP_VERSIONS, temp folders of crashed writes
+        (only writers holding the lock call this) and the files of the older layout."""
+        versions = directory / "versions"
+        for entry in versions.iterdir():
+            stale = entry.name.startswith(".tmp-") or (
+                VERSION_NAME.fullmatch(entry.name) and int(entry.name) <= current - KEEP_VERSIONS)
+            if stale and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+        for name in ("meta.json", "items.jsonl", "index.faiss"):  # meta.json first: no half old index
+            (directory / name).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, directory: str | Path) -> ImageIndex:
+        """The index in the folder `directory` (its current version, or the older layout).
+        Raises UserError, naming the file, for a folder that is not an index or a damaged one."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise UserError(f"not an image index (no such folder): {directory}")
+        folder = _current_version(directory) or directory
+        if not (folder / "meta.json").is_file():
+            raise UserError(f"not an image index (no meta.json): {folder}")
+        return cls._load_files(folder)
+
+    @classmethod
+    def _load_files(cls, folder: Path) -> ImageIndex:
         import faiss
 
-        directory = Path(directory)
-        meta_path = directory / "meta.json"
-        if not meta_path.is_file():
-            raise UserError(f"not an image index (no meta.json): {directory}")
-        meta = json.loads(meta_path.read_text())
-        index = cls(meta["dim"], meta["model"], meta["fingerprint"])
-        index.index = faiss.read_index(str(directory / "index.faiss"))
-        index.index.hnsw.efSearch = SEARCH_DEPTH
-        index.paths = [json.loads(line)["path"] for line in (directory / "items.jsonl").read_text().splitlines()]
-        if len(index.paths) != index.index.ntotal or len(index.paths) != meta["count"]:
-            raise UserError(f"{directory}: index.faiss, items.jsonl and meta.json disagree on the count")
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            index = cls(int(meta["dim"]), str(meta["model"]), str(meta["fingerprint"]))
+            count = int(meta["count"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+            raise UserError(f"{folder / 'meta.json'}: damaged index metadata ({error})") from None
+        if not (folder / "index.faiss").is_file():
+            raise UserError(f"{folder / 'index.faiss'}: missing")
+        try:
+            index.index = faiss.read_index(str(folder / "index.faiss"))
+            index.index.hnsw.efSearch = SEARCH_DEPTH
+        except (RuntimeError, AttributeError) as error:
+            problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"{folder / 'index.faiss'}: not a readable HNSW index ({problem})") from None
+        try:
+            index.paths = [str(json.loads(line)["path"])
+                           for line in (folder / "items.jsonl").read_text().splitlines()]
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+            raise UserError(f"{folder / 'items.jsonl'}: damaged item list ({error})") from None
+        if len(index.paths) != index.index.ntotal or len(index.paths) != count or index.index.d != index.dim:
+            raise UserError(f"{folder}: index.faiss, items.jsonl and meta.json disagree on the count")
         return index
