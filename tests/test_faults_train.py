@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from test_train import MODEL, recipe, synthetic_dataset
+from test_train import MODEL, recipe, synthetic_dataset, two_stage_recipe
 
 from polymodal.config import RecipeConfig, from_dict
 from polymodal.errors import UserError
@@ -116,3 +116,78 @@ def test_steps_set_over_epochs_is_what_trains_and_the_saved_recipe_loads_again(t
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
     again = load_recipe(tmp_path / "epochs" / "recipe.yaml").stages[0]  # no steps+epochs conflict
     assert (again.steps, again.epochs) == (None, 2)
+
+
+# ---------------------------------------------------------------- 4, 5: skipped samples
+
+
+def long_and_short(folder, count=20):
+    """`count` samples on synthetic images; the odd ones with a 60-word answer."""
+    synthetic_dataset(folder)
+    records = [{"id": f"s{i}", "image": f"{i % 8}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"},
+        {"from": "gpt", "value": " ".join(["apple"] * (60 if i % 2 else 1))}]} for i in range(count)]
+    path = folder / "mixed.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def length_between(path, config):
+    """A max_length between the short samples' token count and the long ones'."""
+    from polymodal.data.formats import read_llava_json
+    from polymodal.model import MultimodalLM
+
+    model = MultimodalLM.from_config(config)
+    lengths = {len(model.training_example(s)["input_ids"]) for s in read_llava_json(path)}
+    assert len(lengths) == 2
+    return (min(lengths) + max(lengths)) // 2
+
+
+def test_too_long_samples_are_listed_counted_on_the_console_and_held_to_the_bad_threshold(tmp_path, capsys):
+    path = long_and_short(tmp_path)
+    limit = length_between(path, recipe(path, ["connector"], steps=1))
+    with pytest.raises(UserError, match=rf"{path}: 10 of 20 samples are bad or too long \(more than 1%\); "
+                                        rf"first: s1: longer than max_length {limit}"):
+        train(recipe(path, ["connector"], steps=1, max_length=limit), tmp_path / "stopped")
+    train(recipe(path, ["connector"], steps=1, max_length=limit, max_bad_fraction=0.5), tmp_path / "run")
+    err = capsys.readouterr().err
+    assert f"{path}: skipped 10 of 20 samples (0 bad, 10 longer than max_length {limit})" in err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"s{i}" for i in range(1, 20, 2)]
+    assert {r["reason"] for r in rows} == {f"longer than max_length {limit}"}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stages"]["only"]["skipped_too_long"] == 10
+
+
+def test_bad_and_too_long_samples_count_together_against_the_threshold(tmp_path):
+    path = long_and_short(tmp_path)
+    limit = length_between(path, recipe(path, ["connector"], steps=1))
+    (tmp_path / "0.png").write_text("not a png")  # s0 and s8 and s16 are bad (image 0); 10 too long
+    with pytest.raises(UserError, match=r"13 of 20 samples are bad or too long \(more than 60%\)"):
+        train(recipe(path, ["connector"], steps=1, max_length=limit, max_bad_fraction=0.6), tmp_path / "run")
+    train(recipe(path, ["connector"], steps=1, max_length=limit, max_bad_fraction=0.65), tmp_path / "ok")
+
+
+def test_each_bad_sample_is_listed_once_over_stages_and_resumes(tmp_path, monkeypatch):
+    from polymodal.model import MultimodalLM
+
+    path = synthetic_dataset(tmp_path)
+    (tmp_path / "3.png").write_text("not a png")
+    config = two_stage_recipe(path)
+    for stage in config.stages:
+        stage.max_bad_fraction = 0.2
+    forward, calls = MultimodalLM.forward, []
+
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == 9:  # in the second stage, after its first checkpoint
+            raise KeyboardInterrupt
+        return forward(self, batch)
+
+    monkeypatch.setattr(MultimodalLM, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "run")
+    monkeypatch.setattr(MultimodalLM, "forward", forward)
+    train(config, tmp_path / "run", resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
+    assert [(r["dataset"], r["id"]) for r in rows] == [(str(path), "3")]

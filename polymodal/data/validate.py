@@ -21,11 +21,17 @@ from polymodal.processing.images import open_image
 
 def sample_problem(sample: Sample, placeholder: str, verdicts: dict[str, str | None]) -> str | None:
     """Why this sample cannot be used, or None. `verdicts` holds each media path's, checked once."""
+    if sample.problem:
+        return sample.problem
     found = sum(message["content"].count(placeholder) for message in sample.messages)
     if found != len(sample.images):
         return f"{len(sample.images)} image(s) but {found} {placeholder} placeholder(s)"
     if not any(message["role"] == "assistant" for message in sample.messages):
         return "no assistant turn to learn from"
+    if any(message["role"] == "assistant" and placeholder in message["content"]
+           for message in sample.messages):
+        # its image's features would be trained as part of the answer
+        return f"{placeholder} inside an assistant turn (images go in user turns)"
     for path in sample.images:
         if path not in verdicts:
             verdicts[path] = media_problem(path)
@@ -72,12 +78,39 @@ def check_samples(samples: list[Sample], placeholder: str, bad_file: Path | None
             good.append(sample)
         else:
             bad.append({"id": sample.id, "reason": problem})
-    if bad and bad_file is not None:
+    record_bad(bad_file, name, bad)
+    stop_if_too_many(bad, len(samples), max_bad_fraction, name, bad_file, "bad")
+    return good
+
+
+def record_bad(bad_file: Path | None, name: str, rows: list[dict]) -> None:
+    """Append `rows` ({id, reason}) of dataset `name` to `bad_file`, each (dataset, id,
+    reason) once: the stages of a recipe and every --resume check the same data again."""
+    if not rows or bad_file is None:
+        return
+    listed = set()
+    if bad_file.is_file():
+        for line in bad_file.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                listed.add((row["dataset"], row["id"], row["reason"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a crash: listed again below if it is still bad
+    new = [row for row in rows if (name, row["id"], row["reason"]) not in listed]
+    new = list({(row["id"], row["reason"]): row for row in new}.values())  # repeats within `rows`
+    if new:
         bad_file.parent.mkdir(parents=True, exist_ok=True)
         with open(bad_file, "a") as handle:
-            handle.writelines(json.dumps({"dataset": name, **row}) + "\n" for row in bad)
-    if samples and len(bad) / len(samples) > max_bad_fraction:
-        raise UserError(f"{name}: {len(bad)} of {len(samples)} samples are bad (more than "
-                        f"{max_bad_fraction:.0%}); first: {bad[0]['id']}: {bad[0]['reason']}"
+            handle.writelines(json.dumps({"dataset": name, **row}) + "\n" for row in new)
+
+
+def stop_if_too_many(skipped: list[dict], total: int, max_bad_fraction: float, name: str,
+                     bad_file: Path | None, what: str = "bad", others: int = 0) -> None:
+    """Raise when more than `max_bad_fraction` of `total` samples were skipped (`skipped`,
+    plus `others` counted before; `what`: how the message calls them), naming the first of
+    `skipped` and where all are listed."""
+    count = len(skipped) + others
+    if total and skipped and count / total > max_bad_fraction:
+        raise UserError(f"{name}: {count} of {total} samples are {what} (more than "
+                        f"{max_bad_fraction:.0%}); first: {skipped[0]['id']}: {skipped[0]['reason']}"
                         + (f"; all listed in {bad_file}" if bad_file else ""))
-    return good

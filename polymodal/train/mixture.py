@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from polymodal.config import DatasetConfig, StageConfig
 from polymodal.data.formats import (
@@ -17,7 +21,7 @@ from polymodal.data.formats import (
     split_turns,
 )
 from polymodal.data.replay import answer_questions, read_questions
-from polymodal.data.validate import check_samples
+from polymodal.data.validate import check_samples, record_bad, stop_if_too_many
 from polymodal.processing.branches import merge_branches, sample_ids
 from polymodal.train.distributed import module_device
 
@@ -44,31 +48,97 @@ def read_dataset(config: DatasetConfig) -> list[Sample]:
     return samples
 
 
+class Examples(Sequence):
+    """A dataset's training examples, held compactly; each read gives back the plain dict.
+
+    A list of token ids is held as an int32 array: 4 bytes a token, where a Python list
+    holds an 8-byte pointer to a 28-byte int object (the 195,000 records of a 50 MB LLaVA
+    file held ~1 GB of such lists). Lists the tokenizer memo shares stay shared.
+    """
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.packed: dict[int, array] = {}  # id(list) -> its array, while the memo keeps it alive
+
+    def append(self, example: dict) -> None:
+        self.rows.append({key: self._pack(value) for key, value in example.items()})
+
+    def _pack(self, value):
+        if not isinstance(value, list) or not value or type(value[0]) is not int:
+            return value
+        if id(value) not in self.packed:
+            try:
+                self.packed[id(value)] = array("i", value)
+            except (TypeError, OverflowError):  # not all ints of 32 bits: kept as given
+                return value
+        return self.packed[id(value)]
+
+    def done(self) -> Examples:
+        self.packed = {}  # the memo's lists go away after encoding; their ids may be reused
+        return self
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return {key: value.tolist() if isinstance(value, array) else value
+                for key, value in self.rows[index].items()}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None
+
+
 @dataclass
 class EncodedDataset:
     name: str
     weight: float
-    samples: list[dict]  # the model's training examples, e.g. {input_ids, labels, images: paths}
+    samples: Examples  # the model's training examples, e.g. {input_ids, labels, images: paths}
     skipped_too_long: int
 
 
 def encode_dataset(model, config: DatasetConfig, stage: StageConfig, bad_file: Path | None,
                    replay_file: Path | None = None) -> EncodedDataset:
-    """Read, check (bad samples to `bad_file`) and tokenize; images stay paths until batching.
-    A replay dataset's answers are the model's own, kept in (or taken from) `replay_file`."""
+    """Read, check and tokenize; images stay paths until batching. Samples that are bad or
+    too long are skipped, listed in `bad_file` (rank 0's; None elsewhere) and counted on
+    the console; more than the stage's `max_bad_fraction` of them (both kinds together)
+    stops the run. A replay dataset's answers are the model's own, kept in (or taken
+    from) `replay_file`."""
     name = config.path or (config.format if config.format == "replay" else f"easy-vqa/{config.split or 'train'}")
     samples = read_dataset(config)
     if config.format == "replay":
         samples = answer_questions(model, samples, config.max_new_tokens, replay_file)
+    total = len(samples)
     samples = check_samples(samples, model.image_placeholder, bad_file, stage.max_bad_fraction, name)
-    encoded, unusable, memo = [], 0, {}
-    for sample in samples:
+    bad = total - len(samples)
+    encoded, too_long, memo = Examples(), [], {}
+    reason = unusable_reason(stage)
+    for sample in tqdm(samples, desc=f"encoding {name}", unit="sample", dynamic_ncols=True,
+                       leave=False, disable=bad_file is None):
         example = model.training_example(sample, stage.max_length, memo)
         if example is None:
-            unusable += 1  # e.g. too long: whole samples are skipped, never cut inside an image
+            too_long.append({"id": sample.id, "reason": reason})  # whole samples, never cut
             continue
         encoded.append(example)
-    return EncodedDataset(name, config.weight, encoded, unusable)
+    record_bad(bad_file, name, too_long)
+    if (bad or too_long) and bad_file is not None:
+        print(f"{name}: skipped {bad + len(too_long)} of {total} samples ({bad} bad, {len(too_long)} "
+              f"{reason}); listed in {bad_file}", file=sys.stderr)
+    # the same threshold for both kinds: a sample skipped for its length is as lost as a bad one
+    stop_if_too_many(too_long, total, stage.max_bad_fraction, name, bad_file, "bad or too long", bad)
+    return EncodedDataset(name, config.weight, encoded.done(), len(too_long))
+
+
+def unusable_reason(stage: StageConfig) -> str:
+    """Why the model gives no training example for a checked sample (`training_example`)."""
+    if stage.objective != "lm":
+        return "not one image with an answer"
+    if stage.max_length:
+        return f"longer than max_length {stage.max_length}"
+    return "longer than the LLM's context"
 
 
 class Mixture:
