@@ -60,10 +60,16 @@ class LanguageModel(nn.Module):
         the configured system prompt goes first when the conversation has none."""
         if self.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except (TemplateError, ValueError) as error:  # a template's raise_exception(...)
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UserError(f"the chat template refused the conversation: {first_line}") from None
 
     def stop_token_ids(self) -> set[int]:
         """Ids that end an answer: EOS and, for chat templates, the end-of-turn token."""
@@ -101,6 +107,11 @@ def add_lora(model: nn.Module, lora) -> nn.Module:
     if missing:
         raise UserError(f"model.llm.lora.target_modules: no module named {', '.join(missing)} "
                         f"in this LLM")
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    outside = [layer for layer in lora.layers or () if count is not None and not 0 <= layer < count]
+    if outside:  # peft would raise deep inside its injection, with a traceback
+        raise UserError(f"model.llm.lora.layers: {outside} outside this LLM's {count} layers "
+                        f"(0..{count - 1})")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), layers_to_transform=lora.layers)
     return inject_adapter_in_model(config, model)

@@ -32,10 +32,12 @@ def test_llava_json_single_and_multi_image(tmp_path):
     assert samples[1].images == [str(tmp_path / "red_circle.png"), str(tmp_path / "blue_square.png")]
 
 
-def test_malformed_llava_record_is_named(tmp_path):
+def test_malformed_llava_record_is_a_bad_sample_that_names_it(tmp_path):
     path = write_llava(tmp_path, [{"id": "a", "conversations": [{"from": "robot", "value": "x"}]}])
+    [sample] = read_llava_json(path)
+    assert sample.id == "a" and "record 0 is malformed" in sample.problem
     with pytest.raises(UserError, match="record 0 is malformed"):
-        read_llava_json(path)
+        check_samples([sample], "<image>", None)
 
 
 def test_caption_lines(tmp_path):
@@ -106,7 +108,8 @@ def test_bad_samples_are_skipped_listed_and_can_stop_the_run(tmp_path):
     records = [{"id": f"ok{i}", **good} for i in range(7)] + [
         {"id": "missing", **good, "image": "gone.png"},
         {"id": "corrupt", **good, "image": "not_an_image.png"},
-        {"id": "count", **good, "images": ["red_circle.png", "blue_square.png"]},
+        {"id": "count", "conversations": good["conversations"],
+         "images": ["red_circle.png", "blue_square.png"]},
     ]
     samples = read_llava_json(write_llava(tmp_path, records))
     bad_file = tmp_path / "bad_samples.jsonl"

@@ -80,8 +80,9 @@ class TextTower(nn.Module):
         return torch.stack([self._frozen_cache[t] for t in texts])
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
+        # A text that spells "[SEP]" or "</s>" is text: the tokenizer adds the real markers.
         tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(self.model.device)
+                                split_special_tokens=True, return_tensors="pt").to(self.model.device)
         hidden = self.model(**tokens).last_hidden_state  # [B, T, W]
         mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -26,19 +26,28 @@ class Sample:
     id: str
     messages: list[dict]  # [{"role", "content"}], `<image>` where each image goes
     images: list[str] = field(default_factory=list)  # paths, in placeholder order
+    problem: str | None = None  # why the record cannot be used, found while reading it
 
 
 def _read_json(path: Path):
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     try:
-        return json.loads(path.read_text())
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the JSON.
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as error:
         raise UserError(f"{path}: not valid JSON (line {error.lineno})") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start})") from None
 
 
 def read_llava_json(path: str | Path, image_folder: str | Path | None = None) -> list[Sample]:
-    """LLaVA's conversation format; a malformed record is an error naming its index."""
+    """LLaVA's conversation format; a malformed record is a sample whose `problem` names it.
+
+    `image` or `images` holds one path or a list of paths (either key, either form). Turns
+    before the first user turn that are the assistant's are dropped, as LLaVA and xtuner do:
+    there is nothing they answer (a chat template would refuse them).
+    """
     path = Path(path)
     folder = Path(image_folder) if image_folder else path.parent
     records = _read_json(path)
@@ -46,14 +55,48 @@ def read_llava_json(path: str | Path, image_folder: str | Path | None = None) ->
         raise UserError(f"{path}: expected a JSON list of records")
     samples = []
     for index, record in enumerate(records):
+        identifier = str(record.get("id", index)) if isinstance(record, dict) else str(index)
         try:
-            images = record.get("images") or ([record["image"]] if record.get("image") else [])
-            messages = [{"role": ROLES[turn["from"]], "content": turn["value"]}
-                        for turn in record["conversations"]]
-        except (KeyError, TypeError, AttributeError) as error:
-            raise UserError(f"{path}: record {index} is malformed (missing or unknown {error})") from None
-        samples.append(Sample(str(record.get("id", index)), messages, [str(folder / i) for i in images]))
+            images, messages = _llava_record(record, f"record {index}")
+        except UserError as error:  # one odd record is a bad sample, listed; the rest train
+            samples.append(Sample(identifier, [], [], problem=str(error)))
+            continue
+        samples.append(Sample(identifier, messages, [str(folder / i) for i in images]))
     return samples
+
+
+def _llava_record(record, where: str) -> tuple[list[str], list[dict]]:
+    """(image paths, messages) of one LLaVA record; a UserError says what is wrong with it."""
+    try:
+        images = image_paths(record, where)
+        messages = [{"role": ROLES[turn["from"]], "content": turn["value"]}
+                    for turn in record["conversations"]]
+    except (KeyError, TypeError, AttributeError) as error:
+        raise UserError(f"{where} is malformed (missing or unknown {error})") from None
+    if not all(isinstance(m["content"], str) for m in messages):
+        raise UserError(f"{where}: conversations[].value must be text")
+    return images, without_leading_answers(messages)
+
+
+def image_paths(record: dict, where: str) -> list[str]:
+    """The record's image paths: `image` or `images`, a string or a list of strings."""
+    keys = [key for key in ("image", "images") if record.get(key) not in (None, "", [])]
+    if len(keys) > 1:
+        raise UserError(f"{where}: both 'image' and 'images' given; use one")
+    if not keys:
+        return []
+    value = record[keys[0]]
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise UserError(f"{where}: '{keys[0]}' must be a path or a list of paths, "
+                        f"got {type(value).__name__}")
+    return paths
+
+
+def without_leading_answers(messages: list[dict]) -> list[dict]:
+    """The conversation without assistant turns that come before its first user turn."""
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+    return [m for i, m in enumerate(messages) if i >= first_user or m["role"] != "assistant"]
 
 
 def read_captions(path: str | Path, image_folder: str | Path | None = None,
@@ -64,7 +107,11 @@ def read_captions(path: str | Path, image_folder: str | Path | None = None,
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     samples = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not data
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:

@@ -31,7 +31,7 @@ def read_questions(path: str | Path | None = None) -> list[Sample]:
     path = Path(path) if path else BUILTIN_QUESTIONS
     if not path.is_file():
         raise UserError(f"replay questions file not found: {path}")
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     questions = [line for line in lines if line and not line.startswith("#")]
     if not questions:
         raise UserError(f"{path}: no questions (one per line; '#' starts a comment)")

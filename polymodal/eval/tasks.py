@@ -18,6 +18,7 @@ import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from polymodal.data.formats import image_paths
 from polymodal.errors import UserError
 from polymodal.registry import Registry
 
@@ -135,7 +136,11 @@ def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[tuple[int, d
     if not path.is_file():
         raise UserError(f"task file not found: {path}")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not data
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -152,12 +157,9 @@ def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[tuple[int, d
 
 
 def record_images(path: Path, number: int, record: dict) -> list[str]:
-    """The image paths of a record (`image` or `images`), relative to the task file's folder;
-    a missing image is an error naming it."""
-    images = record.get("images") or ([record["image"]] if record.get("image") else [])
-    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-        raise UserError(f"{path}:{number}: 'image' must be a path or 'images' a list of paths")
-    resolved = [str(path.parent / image) for image in images]
+    """The image paths of a record (`image` or `images`: a path or a list of paths), relative
+    to the task file's folder; a missing image is an error naming it."""
+    resolved = [str(path.parent / image) for image in image_paths(record, f"{path}:{number}")]
     for image in resolved:
         if not Path(image).is_file():
             raise UserError(f"{path}:{number}: image not found: {image}")

@@ -2,10 +2,18 @@
 
 A message's content is a string, with `<image>` where an image goes, or a list of
 parts: `{"type": "text", "text": ...}` and `{"type": "image", "image": path or PIL}`.
+
+Text a user sends is text. The chat template's control tokens (`<|im_start|>`, `<|im_end|>`,
+...) come from the template alone: a message that spells one out is tokenized as the
+characters it is, so "Hi<|im_end|><|im_start|>system ..." cannot forge a system turn (the
+class of prompt injection vLLM, llama.cpp and Ollama have each had reports of). A string
+content keeps its `<image>` placeholders, as LLaVA JSON defines them; in a list of parts
+images are parts, and `<image>` in a text part is text too.
 """
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 
 import torch
@@ -13,6 +21,12 @@ import torch
 from polymodal.errors import UserError
 from polymodal.processing.collate import IGNORE
 from polymodal.processing.images import load_image
+
+# A literal text's place in the rendered template: private-use characters around its index.
+# A user's own text holding the mark is itself a literal, so the mark never comes from a user.
+_LITERAL_MARK = "\ue000"
+_LITERAL_FORM = _LITERAL_MARK + "{}\ue001"
+_LITERAL = re.compile(_LITERAL_MARK + "(\\d+)\ue001")
 
 
 class Processor:
@@ -31,8 +45,8 @@ class Processor:
 
     def encode(self, messages: list[dict], images=(), add_generation_prompt: bool = True) -> dict:
         """A prompt for generation: {input_ids: list[int], pixel_values: [N, 3, S, S] or None}."""
-        messages, images = self.split_images(messages, list(images))
-        ids = self._tokenize(self.llm.render(messages, add_generation_prompt))
+        messages, images, literals = self.split_images(messages, list(images))
+        ids = self._tokenize(self.llm.render(messages, add_generation_prompt), literals)
         ids = self._expand(ids, len(images))
         if len(ids) > self.max_length:
             raise UserError(f"prompt is {len(ids)} tokens; the context holds {self.max_length}")
@@ -43,7 +57,7 @@ class Processor:
 
         With `load_images=False` only the number of images matters and no pixels are made.
         """
-        messages, images = self.split_images(messages, list(images))
+        messages, images, literals = self.split_images(messages, list(images))
         ids: list[int] = []
         labels: list[int] = []
         rendered = ""
@@ -55,14 +69,14 @@ class Processor:
             if not (prompt.startswith(rendered) and full.startswith(prompt)):
                 raise UserError("the chat template does not render turns as prefixes of each "
                                 "other; cannot tell assistant tokens apart")
-            context = self._tokenize(prompt[len(rendered):])
-            answer = self._tokenize(full[len(prompt):])
+            context = self._tokenize(prompt[len(rendered):], literals)
+            answer = self._tokenize(full[len(prompt):], literals)
             if turn == len(messages) - 1:
                 answer = self._through_end_of_turn(answer)
             ids += context + answer
             labels += [IGNORE] * len(context) + answer
             rendered = full
-        tail = self._tokenize(self.llm.render(messages, False)[len(rendered):])
+        tail = self._tokenize(self.llm.render(messages, False)[len(rendered):], literals)
         ids, labels = ids + tail, labels + [IGNORE] * len(tail)
         ids, labels = self._expand(ids, len(images), labels)
         pixels = self.pixels(images) if load_images else None
@@ -70,9 +84,20 @@ class Processor:
 
     # ------------------------------------------------------------ pieces
 
-    def split_images(self, messages: list[dict], images: list) -> tuple[list[dict], list]:
-        """Messages with string content (placeholders inline) and every image in reading order."""
-        flat = []
+    def split_images(self, messages: list[dict], images: list) -> tuple[list[dict], list, list]:
+        """Messages with string content, every image in reading order, and the literal texts.
+
+        Returns (messages, images, literals): each message's content is a string with the
+        image placeholder where an image goes; a text that holds a control token's spelling
+        stands there as a marker (`_LITERAL`) and its `(text, keeps_placeholders)` is in
+        `literals`, to be tokenized as characters (`_tokenize`).
+        """
+        flat, literals = [], []
+
+        def literal(text: str, keeps_placeholders: bool) -> str:
+            literals.append((text, keeps_placeholders))
+            return _LITERAL_FORM.format(len(literals) - 1)
+
         for message in messages:
             content = message.get("content", "")
             if isinstance(content, list):
@@ -82,12 +107,16 @@ class Processor:
                         text.append(self.image_token)
                         images.append(part["image"])
                     elif part.get("type") == "text":
-                        text.append(part.get("text", ""))
+                        piece = part.get("text", "")
+                        spelled = self._spells_control(piece) or self.image_token in piece
+                        text.append(literal(piece, False) if spelled else piece)
                     else:
                         raise UserError(f"unknown message part type {part.get('type')!r}")
                 content = "".join(text)
+            elif self._spells_control(content):
+                content = literal(content, True)
             flat.append({"role": message["role"], "content": content})
-        return flat, images
+        return flat, images, literals
 
     def pixels(self, images: list) -> torch.Tensor | None:
         """Paths, PIL images or pixel tensors -> [N, 3, S, S] in [0, 1]."""
@@ -110,8 +139,35 @@ class Processor:
         ends = [i for i, token in enumerate(answer) if token in self._stop_ids]
         return answer[: ends[-1] + 1] if ends else answer
 
-    def _tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    @cached_property
+    def _control_spellings(self) -> tuple[str, ...]:
+        """The texts the tokenizer turns into special tokens, but for the image placeholder."""
+        added = self.tokenizer.added_tokens_decoder.values()
+        found = {str(token) for token in added if token.special}
+        found.update(self.tokenizer.all_special_tokens)
+        found.discard(self.image_token)
+        return tuple(sorted(found))
+
+    def _spells_control(self, text: str) -> bool:
+        return _LITERAL_MARK in text or any(spelling in text for spelling in self._control_spellings)
+
+    def _tokenize(self, text: str, literals: list[tuple[str, bool]] = ()) -> list[int]:
+        """Rendered text -> ids; the template's markers become special tokens, a literal's text
+        (at its `_LITERAL` marker) its characters' tokens, its placeholders kept if it says so."""
+        if not literals:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids: list[int] = []
+        for index, piece in enumerate(_LITERAL.split(text)):
+            if index % 2 == 0:  # the template's text
+                ids += self._tokenize(piece) if piece else []
+                continue
+            content, keeps_placeholders = literals[int(piece)]
+            pieces = content.split(self.image_token) if keeps_placeholders else [content]
+            for number, chars in enumerate(pieces):
+                ids += [self.image_token_id] if number else []
+                ids += self.tokenizer(chars, add_special_tokens=False,
+                                      split_special_tokens=True)["input_ids"] if chars else []
+        return ids
 
     def _expand(self, ids: list[int], num_images: int, labels: list[int] | None = None):
         """Check one placeholder per image and repeat each K times (K = tokens per image)."""
