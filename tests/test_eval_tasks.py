@@ -25,11 +25,11 @@ def test_vqa_normalisation(raw, expected):
     assert normalize_vqa(raw) == expected
 
 
-def test_vqa_soft_accuracy_is_matches_over_three_capped_at_one():
+def test_vqa_soft_accuracy_is_the_leave_one_out_mean_of_matches_over_three():
     references = ["2", "two", "2", "3", "three", "4"]
-    assert soft_accuracy("Two", references) == 1.0  # three references say 2
-    assert soft_accuracy("3", references) == pytest.approx(2 / 3)
-    assert soft_accuracy("4.", references) == pytest.approx(1 / 3)
+    assert soft_accuracy("Two", references) == pytest.approx((3 * 2 / 3 + 3 * 1) / 6)  # three say 2
+    assert soft_accuracy("3", references) == pytest.approx((2 * 1 / 3 + 4 * 2 / 3) / 6)
+    assert soft_accuracy("4.", references) == pytest.approx((1 * 0 + 5 * 1 / 3) / 6)
     assert soft_accuracy("five", references) == 0.0
 
 

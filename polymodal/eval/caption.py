@@ -1,4 +1,5 @@
-"""`caption`: describe each image; BLEU-4 and CIDEr-D against reference captions.
+"""`caption`: describe each image; BLEU-4 and CIDEr-D against reference captions, over at
+least ten images (CIDEr-D's weights come from the evaluated set; docs/metrics.md).
 
 Task file (JSONL): {"image", "captions": [str]} (or "text": str), image paths relative to
 the file's folder; without one, easy-VQA's images with captions derived from their
@@ -15,7 +16,7 @@ from polymodal.data.formats import (
     easy_vqa_image_attributes,
 )
 from polymodal.errors import UserError
-from polymodal.eval.caption_metrics import caption_scores
+from polymodal.eval.caption_metrics import MIN_CIDER_IMAGES, caption_scores
 from polymodal.eval.report import prediction_row
 from polymodal.eval.tasks import (
     Item,
@@ -48,9 +49,19 @@ def easy_vqa_caption_items(split: str | None, folder: str | None, prompt: str) -
     return items
 
 
+def check_image_count(count: int) -> None:
+    """Raises UserError under MIN_CIDER_IMAGES images: CIDEr-D's n-gram weights come from
+    the evaluated images themselves, so one image scores 0 even for an exact match."""
+    if count < MIN_CIDER_IMAGES:
+        raise UserError(f"task caption: CIDEr-D needs at least {MIN_CIDER_IMAGES} images (it weighs "
+                        f"words by their rarity among the evaluated images); got {count}: raise --limit "
+                        "or add images")
+
+
 @register_task("caption")
 class Caption(Task):
-    """Image captioning: corpus BLEU-4 and CIDEr-D (pycocoevalcap)."""
+    """Image captioning: corpus BLEU-4 and CIDEr-D (pycocoevalcap), over at least
+    MIN_CIDER_IMAGES images."""
 
     headline = "cider_d"
     max_new_tokens = 32
@@ -61,9 +72,12 @@ class Caption(Task):
             items = read_caption_file(options.data, prompt)
         else:
             items = easy_vqa_caption_items(options.split, options.data, prompt)
-        return seeded_sample(items, options.limit, options.seed)
+        items = seeded_sample(items, options.limit, options.seed)
+        check_image_count(len(items))
+        return items
 
     def score(self, items: list[Item], predictions: list[str]) -> tuple[dict, list[dict]]:
+        check_image_count(len(items))
         scores = caption_scores([p.strip() for p in predictions], [item.references for item in items])
         rows = [prediction_row(item, text.strip(), cider, item.references)
                 for item, text, cider in zip(items, predictions, scores["per_item"])]

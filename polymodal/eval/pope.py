@@ -1,5 +1,9 @@
 """`pope`: object hallucination probes (Li et al., EMNLP 2023).
 
+Answers are read as yes, no or unreadable by `metrics.read_yes_no` (the POPE script's
+first-sentence reading, with contractions as negations and empty or hedging answers
+counted apart as `unreadable`, never as yes); docs/metrics.md gives the formulas.
+
 For each image, "Is there a {object} in the image?" about up to three objects it has
 (answer yes) and as many it has not (answer no), the absent ones sampled three ways:
 `random` from all objects, `popular` the most frequent objects in the dataset, and
@@ -19,7 +23,7 @@ from pathlib import Path
 
 from polymodal.data.formats import easy_vqa_image_attributes
 from polymodal.errors import UserError
-from polymodal.eval.metrics import binary_metrics, says_yes
+from polymodal.eval.metrics import binary_metrics, read_yes_no
 from polymodal.eval.plots import plot_grouped_bars
 from polymodal.eval.report import prediction_row
 from polymodal.eval.tasks import (
@@ -51,11 +55,17 @@ def easy_vqa_objects(split: str | None, folder: str | None) -> Annotations:
 def read_object_file(path: str | Path) -> Annotations:
     path = Path(path)
     annotations = []
+    first_line: dict[str, int] = {}  # image -> the line that listed it
     for number, record in read_jsonl(path, ("image", "objects")):
         objects = record["objects"]
         if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
             raise UserError(f"{path}:{number}: 'objects' must be a list of names")
-        annotations.append((record_images(path, number, record)[0], set(objects)))
+        image = record_images(path, number, record)[0]
+        if str(image) in first_line:  # its probes would be asked twice, under the same ids
+            raise UserError(f"{path}:{number}: image {record['image']!r} is listed again "
+                            f"(first on line {first_line[str(image)]}); give all its objects on one line")
+        first_line[str(image)] = number
+        annotations.append((image, set(objects)))
     return annotations
 
 
@@ -108,18 +118,27 @@ class Pope(Task):
         return items
 
     def score(self, items: list[Item], predictions: list[str]) -> tuple[dict, list[dict]]:
-        rows = [prediction_row(item, text.strip(), says_yes(text) == (item.references[0] == "yes"))
-                for item, text in zip(items, predictions)]
+        """Per setting and averaged: `binary_metrics` of `read_yes_no`'s reading. Rows keep
+        the reading under `read` ("yes", "no" or null); `unreadable` counts the nulls, which
+        are wrong answers and never a yes."""
+        rows = []
+        for item, text in zip(items, predictions):
+            read = read_yes_no(text)
+            row = prediction_row(item, text.strip(), read is not None and read == (item.references[0] == "yes"))
+            row["read"] = None if read is None else ("yes" if read else "no")
+            rows.append(row)
         settings = {}
         for setting in dict.fromkeys(row["setting"] for row in rows):
-            chosen = [(says_yes(r["prediction"]), r["reference"] == "yes") for r in rows if r["setting"] == setting]
-            settings[setting] = binary_metrics([p for p, _ in chosen], [t for _, t in chosen])
+            chosen = [row for row in rows if row["setting"] == setting]
+            settings[setting] = binary_metrics([None if r["read"] is None else r["read"] == "yes" for r in chosen],
+                                               [r["reference"] == "yes" for r in chosen])
         count = max(1, len(settings))
         results = {"accuracy": sum(s["accuracy"] for s in settings.values()) / count,
-                   "f1": sum(s["f1"] for s in settings.values()) / count, "settings": settings}
+                   "f1": sum(s["f1"] for s in settings.values()) / count,
+                   "unreadable": sum(row["read"] is None for row in rows), "settings": settings}
         return results, rows
 
     def pictures(self, results: dict, rows: list[dict], out: Path) -> None:
-        groups = {name: {k: v for k, v in metrics.items() if k != "n"}
+        groups = {name: {k: v for k, v in metrics.items() if k not in ("n", "unreadable")}
                   for name, metrics in results["settings"].items()}
         plot_grouped_bars(groups, out / "pope.png", "POPE: object hallucination probes")

@@ -1,5 +1,6 @@
 """`vqa`: open questions with several reference answers; VQAv2 normalisation, exact match
-and VQA soft accuracy.
+and VQA soft accuracy (the official leave-one-out mean, `vqa_answers.soft_accuracy`;
+docs/metrics.md gives the formula).
 
 Task file (JSONL): {"image": path or "images": [paths], "question": str, "answers": [str]},
 image paths relative to the file's folder.

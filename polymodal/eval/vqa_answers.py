@@ -1,5 +1,7 @@
-"""VQAv2 answer normalisation, as the official evaluation script does it, so that our
-numbers compare with published ones: punctuation, number words, articles, contractions."""
+"""VQAv2 answer normalisation and accuracy, as the official evaluation script does them
+(GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py), so that our numbers
+compare with published ones: punctuation, number words, articles, contractions, and the
+accuracy averaged over the ten leave-one-out subsets of the human answers."""
 
 from __future__ import annotations
 
@@ -71,8 +73,22 @@ def normalize_vqa(answer: str) -> str:
 
 
 def soft_accuracy(prediction: str, references: list[str]) -> float:
-    """VQA accuracy: min(number of references equal to the prediction / 3, 1), after
-    normalising both."""
+    """VQA accuracy in [0, 1], as the official script computes it: for each of the N
+    references, drop it and score min(1, matches among the other N - 1 / 3); the mean of
+    the N scores. "2" against 2 x "2" and 8 x "3" scores (2 * 1/3 + 8 * 2/3) / 10 = 0.6.
+
+    Both sides are normalised with `normalize_vqa`. The official script normalises the
+    prediction fully but the references only for punctuation (VQAv2's stored answers are
+    already lower case, with digits and without articles), so the two agree on VQAv2 and
+    ours also reads raw references ("Two") in user files. With a single reference there
+    is no other answer to count, so it scores exact match (1.0 or 0.0) instead of the
+    official formula's constant 0. Raises ValueError when there is no reference.
+    """
+    if not references:
+        raise ValueError("soft_accuracy needs at least one reference answer")
     answer = normalize_vqa(prediction)
-    matches = sum(normalize_vqa(reference) == answer for reference in references)
-    return min(matches / 3.0, 1.0)
+    same = [normalize_vqa(reference) == answer for reference in references]
+    if len(same) == 1:
+        return float(same[0])
+    matches = sum(same)
+    return sum(min(1.0, (matches - dropped) / 3.0) for dropped in same) / len(same)
