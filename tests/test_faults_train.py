@@ -191,3 +191,60 @@ def test_each_bad_sample_is_listed_once_over_stages_and_resumes(tmp_path, monkey
     train(config, tmp_path / "run", resume=True)
     rows = [json.loads(line) for line in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
     assert [(r["dataset"], r["id"]) for r in rows] == [(str(path), "3")]
+
+
+# ---------------------------------------------------------------- 3: resume reads the same data
+
+
+def interrupted_run(tmp_path, monkeypatch, config, run, at_call):
+    """Train `config` into `run`, stopped (as by Ctrl-C) at the `at_call`-th forward."""
+    from polymodal.model import MultimodalLM
+
+    forward, calls = MultimodalLM.forward, []
+
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return forward(self, batch)
+
+    monkeypatch.setattr(MultimodalLM, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run)
+    monkeypatch.setattr(MultimodalLM, "forward", forward)
+
+
+def one_stage_with_checkpoints(path):
+    return from_dict(RecipeConfig, {"name": "ck", "model": MODEL, "checkpoint": {"every": 2, "keep": 3},
+                                    "stages": [{"name": "align", "train": ["connector"], "lr": {"connector": 1e-3},
+                                                "steps": 6, "batch_size": 4, "log_every": 1,
+                                                "data": [{"format": "llava", "path": str(path)}]}]})
+
+
+@pytest.mark.parametrize("change", ["image", "records"])
+def test_resume_on_changed_data_is_refused_naming_the_file(tmp_path, monkeypatch, change):
+    from PIL import Image
+
+    path = synthetic_dataset(tmp_path)
+    config = one_stage_with_checkpoints(path)
+    interrupted_run(tmp_path, monkeypatch, config, tmp_path / "run", at_call=4)  # after step 2's checkpoint
+    if change == "image":
+        Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / "5.png")  # same name, other pixels
+        changed = str(tmp_path / "5.png")
+    else:
+        records = json.loads(path.read_text())
+        records[2]["conversations"][1]["value"] = "pear"
+        path.write_text(json.dumps(records))
+        changed = str(path)
+    with pytest.raises(UserError, match=rf"--resume: {changed} \(dataset 0 of stage 'align'\) changed"):
+        train(config, tmp_path / "run", resume=True)
+
+
+def test_resume_on_the_same_data_written_again_continues(tmp_path, monkeypatch):
+    path = synthetic_dataset(tmp_path)
+    config = one_stage_with_checkpoints(path)
+    interrupted_run(tmp_path, monkeypatch, config, tmp_path / "run", at_call=4)
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=2))  # other bytes, same records
+    train(config, tmp_path / "run", resume=True)
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5, 6]

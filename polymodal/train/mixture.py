@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -98,17 +101,59 @@ class EncodedDataset:
     weight: float
     samples: Examples  # the model's training examples, e.g. {input_ids, labels, images: paths}
     skipped_too_long: int
+    fingerprint: dict[str, str] = field(default_factory=dict)  # see `fingerprint`
+
+
+# Files up to this size are hashed whole; bigger ones (long audio, a big JSON) by their size
+# and their first and last FINGERPRINT_PART bytes, which catches a replaced, truncated or
+# extended file without reading gigabytes at every start (an edit inside that keeps the size
+# is missed).
+FINGERPRINT_WHOLE = 8 << 20
+FINGERPRINT_PART = 1 << 20
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime): the stages share images
+
+
+def file_digest(path: str) -> str:
+    """sha256 (hex, first 16 digits) of a file's bytes, or of its size and ends if it is big."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return "missing"
+    key = (path, status.st_size, status.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            if status.st_size <= FINGERPRINT_WHOLE:
+                digest.update(handle.read())
+            else:
+                digest.update(str(status.st_size).encode() + handle.read(FINGERPRINT_PART))
+                handle.seek(-FINGERPRINT_PART, os.SEEK_END)
+                digest.update(handle.read())
+        _FILE_DIGESTS[key] = digest.hexdigest()[:16]
+    return _FILE_DIGESTS[key]
+
+
+def fingerprint(name: str, samples: list[Sample]) -> dict[str, str]:
+    """What a resumed run must see again to be bit-identical: the samples as read (ids,
+    turns, media paths; so the data file's formatting does not matter, and easy-VQA's
+    package files count too), under the dataset's `name`, and each media file's bytes."""
+    records = hashlib.sha256()
+    for sample in samples:
+        records.update(json.dumps([sample.id, sample.messages, sample.images]).encode() + b"\n")
+    media = dict.fromkeys(path for sample in samples for path in sample.images)
+    return {name: records.hexdigest()[:16], **{path: file_digest(path) for path in media}}
 
 
 def encode_dataset(model, config: DatasetConfig, stage: StageConfig, bad_file: Path | None,
-                   replay_file: Path | None = None) -> EncodedDataset:
+                   replay_file: Path | None = None, fingerprinted: bool = False) -> EncodedDataset:
     """Read, check and tokenize; images stay paths until batching. Samples that are bad or
     too long are skipped, listed in `bad_file` (rank 0's; None elsewhere) and counted on
     the console; more than the stage's `max_bad_fraction` of them (both kinds together)
     stops the run. A replay dataset's answers are the model's own, kept in (or taken
-    from) `replay_file`."""
+    from) `replay_file`. `fingerprinted`: also the data's `fingerprint`."""
     name = config.path or (config.format if config.format == "replay" else f"easy-vqa/{config.split or 'train'}")
     samples = read_dataset(config)
+    prints = fingerprint(name, samples) if fingerprinted else {}
     if config.format == "replay":
         samples = answer_questions(model, samples, config.max_new_tokens, replay_file)
     total = len(samples)
@@ -129,7 +174,7 @@ def encode_dataset(model, config: DatasetConfig, stage: StageConfig, bad_file: P
               f"{reason}); listed in {bad_file}", file=sys.stderr)
     # the same threshold for both kinds: a sample skipped for its length is as lost as a bad one
     stop_if_too_many(too_long, total, stage.max_bad_fraction, name, bad_file, "bad or too long", bad)
-    return EncodedDataset(name, config.weight, encoded.done(), len(too_long))
+    return EncodedDataset(name, config.weight, encoded.done(), len(too_long), prints)
 
 
 def unusable_reason(stage: StageConfig) -> str:

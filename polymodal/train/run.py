@@ -3,7 +3,8 @@
 RUN_DIR/
   recipe.yaml        the resolved recipe (overrides applied)
   metrics.jsonl      one line per logged step
-  bad_samples.jsonl  samples skipped by the up-front check, with reasons
+  bad_samples.jsonl  samples skipped (bad or too long), each with its reason, once
+  fingerprints.json  each stage's data as it began (mixture.fingerprint): --resume checks it
   replay-*.jsonl     a replay dataset's answers, as the model gave them when its stage began
   checkpoints/       resumable checkpoints (see checkpoint.py)
   loss.png           loss curves, one per stage
@@ -44,6 +45,7 @@ class Run:
         self.metrics = run_dir / "metrics.jsonl"
         self.bad_samples = run_dir / "bad_samples.jsonl"
         self.checkpoints = run_dir / "checkpoints"
+        self.fingerprints = run_dir / "fingerprints.json"  # the data each stage began with
         self.summary = {"recipe": recipe.name, "stages": {}, "train_seconds": 0.0,
                         "samples": 0, "tokens": 0, "final_loss": None, "processes": world.size,
                         "parallel": recipe.parallel if world.size > 1 else None}
@@ -57,6 +59,7 @@ class Run:
         if not resume:  # a fresh run replaces the last one's records, so --resume never mixes them
             # (replay answers too: a fresh run asks its own model, which may differ from the last's)
             for path in (self.metrics, self.bad_samples, run_dir / "loss.png", run_dir / "summary.json",
+                         self.fingerprints,
                          *run_dir.glob("replay-*.jsonl")):
                 path.unlink(missing_ok=True)
             # (the old model too: a failed new run must not leave the old model beside a new recipe)
@@ -81,6 +84,35 @@ class Run:
             rows = [json.loads(line) for line in self.metrics.read_text().splitlines()]
             kept = "".join(json.dumps(r) + "\n" for r in rows if r["global_step"] <= global_step)
             atomic_write(self.metrics, lambda p: p.write_text(kept))
+
+    def check_data(self, stage: str, prints: list[dict[str, str]], resuming: bool) -> None:
+        """A stage resumed mid-way must read the data it began with (or the resumed run is
+        no longer the uninterrupted one): compare each dataset's `mixture.fingerprint`
+        with the one recorded in RUN_DIR/fingerprints.json when the stage began."""
+        recorded = self._fingerprints()
+        if resuming and stage in recorded:
+            for index, (then, now) in enumerate(zip(recorded[stage], prints, strict=False)):
+                changed = [name for name in {**then, **now} if then.get(name) != now.get(name)]
+                if changed:
+                    raise UserError(
+                        f"--resume: {changed[0]} (dataset {index} of stage {stage!r}) changed since "
+                        f"the run began ({len(changed)} file(s) differ); a resumed run must read the "
+                        "same data: restore it, or start again with --overwrite")
+            return
+        recorded[stage] = prints
+        text = json.dumps(recorded)
+        atomic_write(self.fingerprints, lambda p: p.write_text(text))
+
+    def _fingerprints(self) -> dict:
+        if not self.fingerprints.is_file():
+            return {}
+        try:
+            recorded = json.loads(self.fingerprints.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise UserError(f"{self.fingerprints}: damaged; remove it to resume without checking the data")
+        return recorded
 
     def log(self, row: dict) -> None:
         with open(self.metrics, "a") as handle:
@@ -213,8 +245,11 @@ class StageModels:
 def _train_one_stage(run: Run, model, index: int, start: int) -> None:
     stage = run.recipe.stages[index]
     bad_file = run.bad_samples if run.world.is_main else None
-    datasets = [encode_dataset(model, d, stage, bad_file, run.dir / f"replay-{stage.name}-{i}.jsonl")
+    datasets = [encode_dataset(model, d, stage, bad_file, run.dir / f"replay-{stage.name}-{i}.jsonl",
+                               fingerprinted=run.world.is_main)
                 for i, d in enumerate(stage.data)]
+    if run.world.is_main:
+        run.check_data(stage.name, [d.fingerprint for d in datasets], resuming=start > 0)
     frozen_encoder = getattr(model, "encoder", None) is not None and "encoder" not in stage.train
     cache = FeatureCache() if stage.cache_features and frozen_encoder else None
     mixture = Mixture(datasets, stage.batch_size, stage.seed, cache, stage.share_prefix, stage.loss_average)
