@@ -53,7 +53,8 @@ def binary_metrics(predicted_yes: list[bool | None], truly_yes: list[bool]) -> d
             "unreadable": sum(p is None for p in predicted_yes), "n": len(pairs)}
 
 
-YES_WORDS = {"yes", "yeah", "yep", "yup", "correct", "true", "affirmative"}
+YES_WORDS = {"yes", "yeah", "yep", "yup", "correct", "true", "affirmative", "sure", "certainly",
+             "absolutely", "definitely", "indeed"}
 NO_WORDS = {"no", "nope", "nah", "false", "incorrect", "negative"}
 NEGATIONS = NO_WORDS | {"not", "none", "nothing", "never", "neither", "nor", "cannot", "absent",
                         "nobody", "nowhere"}
@@ -63,8 +64,8 @@ PRESENCE = re.compile(r"\b(there (is|are|exists?)|there's|i (can )?see|(is|are) 
                       r"appears?|exists?)\b")
 # Answers that decline to decide; checked before negations, which several of them contain.
 HEDGE = re.compile(r"\b((cannot|can't|can not|could not|couldn't|unable to|impossible to|hard to|"
-                   r"difficult to) (tell|say|determine|answer|know|confirm|decide|be sure|be certain)|"
-                   r"cannot be determined|not (sure|certain|clear)|unsure|uncertain|unclear|no idea|"
+                   r"difficult to|not possible to) (tell|say|determine|answer|know|confirm|decide|be sure|be certain)|"
+                   r"(cannot|can't|can not) be (determined|told)|not (sure|certain|clear)|unsure|uncertain|unclear|no idea|"
                    r"(don't|do not) know|maybe|perhaps|possibly|might|may or may not)\b")
 SENTENCE_END = re.compile(r"[.!?\n]")
 WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
