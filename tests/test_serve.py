@@ -149,7 +149,7 @@ def test_sixteen_clients_at_once_get_their_sequential_answers(served):
 BAD_INPUTS = [
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     ({"messages": image_message("x", "data:image/png;base64,@@@notbase64@@@")}, 400, "invalid base64"),
     ({"messages": image_message("x", "data:application/pdf;base64,AAAA")}, 415, "unsupported media type"),
     ({"messages": image_message("x", "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"0" * 50)
@@ -187,7 +187,7 @@ def test_invalid_json_oversized_body_and_queue_full(served, monkeypatch):
     def full(*args, **kwargs):
         raise QueueFull("busy")
 
-    monkeypatch.setattr(served.engine, "submit", full)
+    monkeypatch.setattr(served.engine, "submit_many", full)
     busy = httpx.post(f"{served.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
     assert busy.json()["error"]["code"] == "queue_full"
@@ -243,7 +243,8 @@ def test_embeddings_from_a_dual_encoder_server():
     model = DualEncoder.from_config(config).eval()
     with LiveServer(create_app(model, "clip", None, MediaLimits())) as server:
         api = client(server)
-        result = api.embeddings.create(model="clip", input=["a red circle", png_uri()])
+        image_part = {"type": "image_url", "image_url": {"url": png_uri()}}
+        result = api.embeddings.create(model="clip", input=["a red circle", image_part])
         assert [len(d.embedding) for d in result.data] == [16, 16]
         with torch.no_grad():
             want = model.encode_texts(["a red circle"])[0]
@@ -305,13 +306,13 @@ def test_remote_images_only_from_allowlisted_hosts_with_every_redirect_checked(t
     try:
         with pytest.raises(APIError, match="remote image URLs are disabled"):
             decode_image(f"{base}/blue.png", MediaLimits(), "p")
-        allowed = MediaLimits(allowed_hosts={"127.0.0.1"}, max_image_bytes=4000)
+        allowed = MediaLimits(allowed_hosts={f"127.0.0.1:{server.server_port}"}, max_image_bytes=4000)
         assert decode_image(f"{base}/blue.png", allowed, "p").size == (8, 8)
         with pytest.raises(APIError, match="'localhost' is not allowed"):
             decode_image(f"{base}/hop", allowed, "p")  # the redirect leaves the allowlist
         with pytest.raises(APIError, match="resolves to a non-public address"):
             decode_image(f"http://localhost:{server.server_port}/blue.png",
-                         MediaLimits(allowed_hosts={"localhost"}), "p")  # a name, not the address
+                         MediaLimits(allowed_hosts={f"localhost:{server.server_port}"}), "p")  # a name
         with pytest.raises(APIError, match="over the 4000 byte limit"):
             decode_image(f"{base}/big.png", allowed, "p")
     finally:

@@ -9,10 +9,15 @@ Example:
     request = engine.submit({"messages": [...], "images": [...]}, SamplingParams(max_new_tokens=32))
     for kind, value in request.events():   # ("text", piece) ... then ("done", Finished)
         ...
+
+A request's own parameters, prompt or any error while handling its row fail that request
+alone (an ("error", message) event); only a failure of the shared decode step fails the
+rows that ran in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -59,7 +64,9 @@ class Request:
         self.cancelled.set()
 
     def events(self, timeout: float | None = None):
-        """("text", piece) for each new piece of the answer, then ("done", Finished)."""
+        """("text", piece) for each new piece of the answer, then ("done", Finished) or
+        ("error", message). With `params.logprobs`, ("logprobs", [entry, ...]) events come
+        before the text of their tokens (entries of held-back text come before "done")."""
         while True:
             kind, value = self.queue.get(timeout=timeout)
             yield kind, value
@@ -75,6 +82,7 @@ class _Row:
     last_token: int = 0
     count: int = 0
     sent: int = 0  # characters of the text already sent
+    logprobs: list = field(default_factory=list)  # entries not sent yet
 
 
 class BatchingEngine:
@@ -101,10 +109,18 @@ class BatchingEngine:
         return self
 
     def stop(self) -> None:
+        """Stop the model thread; requests still waiting or running get an error event."""
         with self.lock:
             self.stopped = True
             self.lock.notify()
-        self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for request in waiting:
+            request.queue.put(("error", "the server is shutting down"))
+        if not self.thread.is_alive():
+            self._fail_running("the server is shutting down")
 
     @property
     def queue_depth(self) -> int:
@@ -114,20 +130,45 @@ class BatchingEngine:
     def running(self) -> int:
         return len(self.rows)
 
+    def encode(self, prompt: dict) -> dict:
+        """A prompt -> {"input_ids", "pixel_values"}; slow (images, tokenizer): callers on an
+        event loop run it in a thread. Errors are the caller's: UserError."""
+        return self.generator.encode(prompt)
+
     def submit(self, prompt: dict, params: SamplingParams) -> Request:
         """Encode a prompt (errors are the caller's: UserError) and queue it."""
-        encoded = self.generator.encode(prompt)
-        total = len(encoded["input_ids"]) + params.max_new_tokens
-        if total > self.max_length:
-            raise UserError(f"prompt ({len(encoded['input_ids'])} tokens) plus max_tokens "
-                            f"({params.max_new_tokens}) exceeds the context of {self.max_length} tokens")
-        request = Request(next(self.ids), encoded["input_ids"], encoded["pixel_values"], params)
+        return self.submit_many(prompt, [params])[0]
+
+    def submit_many(self, prompt: dict, params: list[SamplingParams]) -> list[Request]:
+        """Queue one request per entry of `params` for the same prompt (OpenAI's `n`), all of
+        them or none: QueueFull when they do not all fit, UserError when a prompt plus its
+        `max_new_tokens` is over the context."""
+        encoded = self.encode(prompt)
+        prompt_tokens = len(encoded["input_ids"])
+        for each in params:
+            if prompt_tokens + each.max_new_tokens > self.max_length:
+                raise UserError(f"prompt ({prompt_tokens} tokens) plus max_tokens "
+                                f"({each.max_new_tokens}) exceeds the context of {self.max_length} tokens")
+        requests = [Request(next(self.ids), encoded["input_ids"], encoded["pixel_values"], each)
+                    for each in params]
         with self.lock:
-            if len(self.waiting) >= self.max_queue:
+            self._drop_cancelled_waiting()
+            if len(self.waiting) + len(requests) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting")
-            self.waiting.append(request)
+            self.waiting.extend(requests)
             self.lock.notify()
-        return request
+        return requests
+
+    def _drop_cancelled_waiting(self) -> None:
+        """Cancelled requests leave the queue now rather than hold places in it (lock held)."""
+        if any(request.cancelled.is_set() for request in self.waiting):
+            kept = deque()
+            for request in self.waiting:
+                if request.cancelled.is_set():
+                    request.queue.put(("done", Finished("", "cancelled", len(request.input_ids), 0)))
+                else:
+                    kept.append(request)
+            self.waiting = kept
 
     # ------------------------------------------------------------ the model thread
 
@@ -162,48 +203,64 @@ class BatchingEngine:
             if request.cancelled.is_set():
                 self._finish_request(request, Finished("", "cancelled", len(request.input_ids), 0))
                 continue
-            try:
+            try:  # one bad request must not stop the engine, nor go unanswered
+                params = request.params
+                row = _Row(request, TextTracker(self.model.llm.tokenizer, params.stop), params.generator())
                 ids = torch.tensor([request.input_ids])
                 logits = self.cache.admit(self.model.embed(ids, request.pixels))  # [1, V]
-            except Exception as error:  # one bad request must not stop the engine
-                request.queue.put(("error", str(error)))
+            except Exception as error:
+                request.queue.put(("error", _one_line(error)))
                 continue
-            params = request.params
-            row = _Row(request, TextTracker(self.model.llm.tokenizer, params.stop), params.generator())
             self.rows.append(row)
-            self._advance(len(self.rows) - 1, logits[0])
+            self._advance_or_fail(len(self.rows) - 1, logits[0])
 
     def _step(self) -> None:
         tokens = torch.tensor([row.last_token for row in self.rows])
         logits = self.cache.step(tokens)  # [n, V]
         for index in reversed(range(len(self.rows))):  # reversed: finishing moves later rows
-            self._advance(index, logits[index])
+            self._advance_or_fail(index, logits[index])
 
-    def _advance(self, index: int, logits: torch.Tensor) -> None:
-        """Choose row `index`'s next token from its logits [V]; send text; finish if done."""
-        row = self.rows[index]
+    def _advance_or_fail(self, index: int, logits: torch.Tensor) -> None:
+        """Advance row `index`; an error in it ends that row's request alone."""
+        try:
+            reason = self._advance(self.rows[index], logits, int(self.cache.lengths[index]))
+        except Exception as error:
+            self._release(index, None, f"generation failed: {_one_line(error)}")
+            return
+        if reason:
+            self._release(index, reason)
+
+    def _advance(self, row: _Row, logits: torch.Tensor, length: int) -> str | None:
+        """Choose the row's next token from its logits [V] (its cache holds `length` slots);
+        send text; the finish reason if it is done."""
         params = row.request.params
-        token = int(choose_next(self.generator._allowed(logits[None]), params, row.generator)[0])
+        allowed = self.generator._allowed(logits[None])  # [1, V] float
+        token = int(choose_next(allowed, params, row.generator)[0])
         stop_ids = set() if params.ignore_eos else self.generator.stop_ids
         reason = None
         if token in stop_ids:
             row.tracker.finish()
             reason = "stop"
         else:
+            if params.logprobs:
+                row.logprobs.append(logprob_entry(self.model.llm.tokenizer, allowed[0], token,
+                                                  params.top_logprobs))
             row.tracker.push(token)
             row.count += 1
             row.last_token = token
             if row.tracker.stopped:
                 reason = "stop"
-            elif row.count >= params.max_new_tokens or int(self.cache.lengths[index]) >= self.max_length:
+            elif row.count >= params.max_new_tokens or length >= self.max_length:
                 row.tracker.finish()
                 reason = "length"
         self._send(row)
-        if reason:
-            self._release(index, reason)
+        return reason
 
-    def _send(self, row: _Row) -> None:
+    def _send(self, row: _Row, everything: bool = False) -> None:
         text = row.tracker.text[: row.tracker.emitted]
+        if row.logprobs and (len(text) > row.sent or everything):
+            row.request.queue.put(("logprobs", row.logprobs))
+            row.logprobs = []
         if len(text) > row.sent:
             row.request.queue.put(("text", text[row.sent :]))
             row.sent = len(text)
@@ -213,18 +270,46 @@ class BatchingEngine:
             if self.rows[index].request.cancelled.is_set():
                 self._release(index, "cancelled")
 
-    def _release(self, index: int, reason: str) -> None:
+    def _release(self, index: int, reason: str | None, error: str | None = None) -> None:
+        """Free row `index`'s slot; its request gets "done" with `reason`, or `error`."""
         row = self.rows[index]
         moved = self.cache.release(index)
         if moved is not None:
             self.rows[index] = self.rows[moved]
         self.rows.pop()
+        if error is not None:
+            row.request.queue.put(("error", error))
+            return
+        self._send(row, everything=True)
         self._finish_request(row.request, Finished(row.tracker.text, reason, len(row.request.input_ids), row.count))
 
     def _finish_request(self, request: Request, finished: Finished) -> None:
         request.queue.put(("done", finished))
         if self.on_finish is not None:
-            self.on_finish(request, finished)
+            with contextlib.suppress(Exception):  # a metrics callback must not fail generation
+                self.on_finish(request, finished)
+
+
+def logprob_entry(tokenizer, logits: torch.Tensor, token: int, top: int) -> dict:
+    """OpenAI's log-probability entry of a chosen token: {token, logprob, bytes, top_logprobs}
+    from the model's distribution over the tokens it may emit (logits [V], before temperature
+    and top-p, as OpenAI and vLLM report them); `bytes` are the UTF-8 bytes of the token's text."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+
+    def described(token_id: int, value: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": max(value, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+    entry = described(token, float(logprobs[token]))
+    entry["top_logprobs"] = []
+    if top:
+        values, ids = torch.topk(logprobs, top)
+        entry["top_logprobs"] = [described(int(i), float(v)) for v, i in zip(values, ids)]
+    return entry
+
+
+def _one_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0][:200]
 
 
 def _merge_lora_for_good(model) -> None:

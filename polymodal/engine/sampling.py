@@ -11,7 +11,14 @@ from polymodal.errors import UserError
 
 @dataclass
 class SamplingParams:
-    """How to generate. `temperature` 0 means greedy; `stop` strings end an answer (not shown)."""
+    """How to generate. `temperature` 0 means greedy; `top_p` 0 keeps only the most likely
+    token (OpenAI's range is 0 to 1); `stop` strings end an answer (not shown); `seed` is any
+    integer torch.Generator takes (-2**63 to 2**64 - 1); `logprobs` asks for each chosen
+    token's log-probability and `top_logprobs` (0 to 20) for that many alternatives.
+
+    Raises:
+        UserError: a value out of its range, naming the field.
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -20,16 +27,22 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # always generate max_new_tokens (for benchmarks)
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise UserError(f"temperature must be at least 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_p <= 1:
+            raise UserError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise UserError(f"top_k must be at least 0, got {self.top_k}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise UserError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+        if not 0 <= self.top_logprobs <= 20:
+            raise UserError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
 
     def generator(self) -> torch.Generator | None:
         if self.seed is None:
@@ -37,15 +50,25 @@ class SamplingParams:
         return torch.Generator().manual_seed(self.seed)
 
 
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request seeded `seed` (OpenAI's `n`): `seed + index`,
+    wrapped into torch's unsigned 64-bit range, so every valid seed works for every choice.
+    manual_seed takes a negative seed as its 64-bit two's complement: the same generator."""
+    return (seed + index) % 2**64
+
+
 def choose_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> next token ids [B]."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    # The largest logit becomes 0 before dividing, so a tiny temperature cannot overflow
+    # to inf (and softmax to NaN): the distribution is the same.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
+    if params.top_p < 1.0:  # 0 included: the top token alone
         logits = _top_p_filter(logits, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -56,5 +79,7 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = torch.softmax(sorted_logits, dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
-    sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+    drop = before >= top_p
+    drop[..., 0] = False  # the most likely token stays, even for top_p 0
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)

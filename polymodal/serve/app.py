@@ -2,23 +2,30 @@
 health and metrics, and the web chat page at `/`.
 
     app = create_app(model, "easy-vqa", BatchingEngine(model).start(), MediaLimits())
-    uvicorn.run(app, host="127.0.0.1", port=8000)
+    uvicorn.Server(server_config(app, "127.0.0.1", 8000, ConnectionLimits())).run()
+
+Nothing a request does runs on the event loop for long: bodies are parsed, images decoded
+and prompts encoded in the thread pool, the model runs on the engine's thread.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from polymodal.engine.batching import BatchingEngine, Finished
-from polymodal.serve.chat import complete, stream_chunks, submit, to_prompt
+from polymodal.serve.chat import complete, start, stream_chunks
+from polymodal.serve.connections import ConnectionLimits, server_config  # noqa: F401 - re-exported
 from polymodal.serve.embeddings import embed
-from polymodal.serve.errors import APIError, BodyLimit
+from polymodal.serve.errors import APIError, BodyLimit, validation_error
 from polymodal.serve.media import MediaLimits
 from polymodal.serve.metrics import ServerMetrics
 from polymodal.serve.schemas import ChatRequest, EmbeddingRequest
@@ -27,7 +34,9 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 def create_app(model, model_name: str, engine: BatchingEngine | None, limits: MediaLimits,
-               max_body_bytes: int = 20 * 1024 * 1024) -> FastAPI:
+               max_body_bytes: int = 20 * 1024 * 1024, body_timeout: float | None = 60.0) -> FastAPI:
+    """The ASGI application. Request bodies over `max_bytes` get 413, bodies not received
+    within `body_timeout` seconds of the headers 408 (None: no deadline)."""
     app = FastAPI(title="polymodal", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = ServerMetrics(engine)
     if engine is not None:
@@ -36,7 +45,7 @@ def create_app(model, model_name: str, engine: BatchingEngine | None, limits: Me
             metrics.completion_tokens.inc(done.completion_tokens)
             metrics.latency.observe(time.perf_counter() - request.submitted)
         engine.on_finish = finished
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout=body_timeout)
     _add_error_handlers(app, metrics)
 
     @app.get("/health")
@@ -49,32 +58,68 @@ def create_app(model, model_name: str, engine: BatchingEngine | None, limits: Me
     def prometheus() -> Response:
         return Response(metrics.text(), media_type="text/plain; version=0.0.4")
 
+    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "polymodal"}
+
     @app.get("/v1/models")
     def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "polymodal"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def model_card(model_id: str) -> dict:
+        if model_id != model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server has {model_name!r}",
+                           param="model", code="model_not_found")
+        return card
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         return PAGE.read_text()
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, http: Request):
+    async def chat(http: Request):
+        body = await parse(http, ChatRequest)
         if engine is None:
             raise APIError(400, "this model does not generate text (a dual encoder); use /v1/embeddings")
-        prompt = to_prompt(body, model, limits)
-        requests = [submit(engine, prompt, body, index) for index in range(body.n)]
-        metrics.requests.labels("chat", "200").inc()
-        if body.stream:
-            return StreamingResponse(stream_chunks(body, model_name, requests, http),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await complete(body, model_name, requests, http)
+        requests = await start(engine, model, body, limits)
+        try:
+            metrics.requests.labels("chat", "200").inc()
+            if body.stream:
+                return StreamingResponse(stream_chunks(body, model_name, requests, http),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return await complete(body, model_name, requests, http)
+        except BaseException:
+            for request in requests:  # nobody will read them
+                request.cancel()
+            raise
 
     @app.post("/v1/embeddings")
-    def embeddings(body: EmbeddingRequest) -> dict:
-        return embed(model, model_name, body, limits)
+    async def embeddings(http: Request) -> dict:
+        body = await parse(http, EmbeddingRequest)
+        return await run_in_threadpool(embed, model, model_name, body, limits)
 
     return app
+
+
+async def parse(http: Request, schema: type[BaseModel]):
+    """The request body as `schema`, parsed in the thread pool (a 20 MB body takes the loop
+    a while); a 400 naming the field as the client wrote it otherwise."""
+    raw = await http.body()
+
+    def validate():
+        try:
+            return schema.model_validate_json(raw)
+        except ValidationError as error:
+            errors = error.errors(include_url=False, include_context=False, include_input=False)
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                data = None
+            return validation_error(errors, data)
+
+    result = await run_in_threadpool(validate)
+    if isinstance(result, APIError):
+        raise result
+    return result
 
 
 def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
@@ -88,11 +133,7 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, error: RequestValidationError):
-        first = error.errors()[0] if error.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        if first.get("type") == "json_invalid":
-            return respond(APIError(400, "the request body is not valid JSON"))
-        return respond(APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where or None))
+        return respond(validation_error(list(error.errors()), None))
 
     @app.exception_handler(HTTPException)
     async def http_error(_, error: HTTPException):

@@ -5,61 +5,95 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from polymodal.engine.batching import BatchingEngine, QueueFull
-from polymodal.engine.sampling import SamplingParams
+from polymodal.engine.sampling import SamplingParams, choice_seed
 from polymodal.errors import UserError
 from polymodal.serve.errors import APIError
 from polymodal.serve.media import MediaLimits, decode_image
 from polymodal.serve.schemas import ChatRequest
 
-DEFAULT_MAX_TOKENS = 256
+# Tokenizers and image processors are shared by all requests; encoding runs in the thread
+# pool, one prompt at a time, as a fast tokenizer must not be used by two threads at once.
+_ENCODING = threading.Lock()
 
 
-def submit(engine: BatchingEngine, prompt: dict, body: ChatRequest, index: int):
-    params = SamplingParams(
-        max_new_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
-        temperature=body.temperature, top_p=body.top_p,
-        seed=None if body.seed is None else body.seed + index,
-        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []))
+async def start(engine: BatchingEngine, model, body: ChatRequest, limits: MediaLimits) -> list:
+    """Validate, decode and encode the request off the event loop, then queue all of its
+    `n` choices or none. Raises APIError (4xx) naming the field at fault."""
+    unsupported = body.unsupported()
+    if unsupported:
+        raise APIError(400, unsupported[1], param=unsupported[0])
+    if body.n > engine.max_queue:
+        raise APIError(400, f"n is {body.n}; this server queues at most {engine.max_queue}", param="n")
+    encoded = await run_in_threadpool(_encode, engine, model, body, limits)
+    params = [_params(engine, body, len(encoded["input_ids"]), index) for index in range(body.n)]
     try:
-        return engine.submit(prompt, params)
+        return engine.submit_many(encoded, params)
     except QueueFull:
         raise APIError(429, "the server is busy; retry shortly", kind="rate_limit_error",
                        code="queue_full", headers={"Retry-After": "1"}) from None
     except UserError as error:
-        param = "max_tokens" if "exceeds the context" in str(error) else "messages"
-        raise APIError(400, str(error), param=param, code="context_length_exceeded"
-                       if param == "max_tokens" else None) from None
+        raise APIError(400, str(error), param=body.max_tokens_field() or "messages",
+                       code="context_length_exceeded") from None
+
+
+def _encode(engine: BatchingEngine, model, body: ChatRequest, limits: MediaLimits) -> dict:
+    prompt = to_prompt(body, model, limits)
+    with _ENCODING:
+        try:
+            return engine.encode(prompt)
+        except UserError as error:
+            raise APIError(400, str(error), param="messages") from None
+
+
+def _params(engine: BatchingEngine, body: ChatRequest, prompt_tokens: int, index: int) -> SamplingParams:
+    """Choice `index`'s sampling; without a length limit, up to the room left in the context."""
+    room = engine.max_length - prompt_tokens
+    field = body.max_tokens_field()
+    wanted = getattr(body, field) if field else room
+    if room < 1 or wanted > room:
+        said = f" plus {field} ({wanted})" if field else " leaves no room for an answer: it"
+        raise APIError(400, f"the prompt ({prompt_tokens} tokens){said} exceeds the context of "
+                            f"{engine.max_length} tokens", param=field or "messages",
+                       code="context_length_exceeded")
+    try:
+        return SamplingParams(
+            max_new_tokens=wanted, temperature=body.temperature, top_p=body.top_p,
+            seed=None if body.seed is None else choice_seed(body.seed, index), stop=list(body.stop or []),
+            logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
+    except UserError as error:  # the schema's ranges should have caught it; name the field anyway
+        raise APIError(400, str(error), param=str(error).split(" ", 1)[0]) from None
 
 
 def to_prompt(body: ChatRequest, model, limits: MediaLimits) -> dict:
-    """OpenAI messages -> {"messages": [...], "images": [PIL]} with placeholders in the text."""
+    """OpenAI messages -> {"messages": [...], "images": [PIL]} with placeholders in the text.
+    Decodes images: slow, so callers on the event loop run it in a thread."""
     placeholder = model.image_placeholder
     messages, images = [], []
     for m, message in enumerate(body.messages):
-        content = message.content or ""
-        if isinstance(content, list):
-            pieces = []
-            for p, part in enumerate(content):
-                param = f"messages.{m}.content.{p}"
-                if part.type == "text":
-                    pieces.append(part.text or "")
-                elif part.image_url is None:
-                    raise APIError(400, "an image_url part needs image_url.url", param=param)
-                else:
-                    if len(images) >= limits.max_images:
-                        raise APIError(400, f"too many images: at most {limits.max_images} per request",
-                                       param=param, code="too_many_images")
-                    images.append(decode_image(part.image_url.url, limits, f"{param}.image_url.url"))
-                    pieces.append(placeholder)
-            content = "".join(pieces)
+        pieces = []
+        for p, part in enumerate(message.content or []):
+            param = f"messages[{m}].content[{p}]"
+            if part.type == "text":
+                pieces.append(part.text or "")
+            elif part.image_url is None:
+                raise APIError(400, 'an image_url part needs "image_url": {"url": ...}',
+                               param=f"{param}.image_url")
+            else:
+                if len(images) >= limits.max_images:
+                    raise APIError(400, f"too many images: at most {limits.max_images} per request",
+                                   param=param, code="too_many_images")
+                images.append(decode_image(part.image_url.url, limits, f"{param}.image_url.url"))
+                pieces.append(placeholder)
         role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": content})
+        messages.append({"role": role, "content": "".join(pieces)})
     if images and model.encoder is None:
         raise APIError(400, "this model takes text only; remove the images", param="messages")
     return {"messages": messages, "images": images}
@@ -84,14 +118,18 @@ async def complete(body: ChatRequest, model_name: str, requests, http: Request) 
     choices, prompt_tokens, completion_tokens = [], 0, 0
     try:
         for index, request in enumerate(requests):
+            logprobs = []
             while True:
                 kind, value = await next_event(request, http)
                 if kind == "error":
                     raise APIError(500, "generation failed", kind="server_error")
+                if kind == "logprobs":
+                    logprobs.extend(value)
                 if kind == "done":
                     break
             choices.append({"index": index, "message": {"role": "assistant", "content": value.text},
-                            "finish_reason": value.finish_reason, "logprobs": None})
+                            "finish_reason": value.finish_reason,
+                            "logprobs": {"content": logprobs} if body.logprobs else None})
             prompt_tokens = value.prompt_tokens
             completion_tokens += value.completion_tokens
     finally:
@@ -104,12 +142,17 @@ async def complete(body: ChatRequest, model_name: str, requests, http: Request) 
 
 
 async def stream_chunks(body: ChatRequest, model_name: str, requests, http: Request):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; with
+    `logprobs`, each chunk carries the entries of the tokens whose text it brings."""
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(index: int, delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+    def chunk(index: int, delta: dict, finish: str | None = None, usage: dict | None = None,
+              logprobs: list | None = None) -> str:
+        choice = {"index": index, "delta": delta, "finish_reason": finish}
+        if body.logprobs:
+            choice["logprobs"] = {"content": logprobs or []}
         data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                "choices": [] if index < 0 else [{"index": index, "delta": delta, "finish_reason": finish}]}
+                "choices": [] if index < 0 else [choice]}
         if usage is not None:
             data["usage"] = usage
         return f"data: {json.dumps(data)}\n\n"
@@ -118,17 +161,21 @@ async def stream_chunks(body: ChatRequest, model_name: str, requests, http: Requ
     try:
         for index, request in enumerate(requests):
             yield chunk(index, {"role": "assistant", "content": ""})
+            pending = []
             while True:
                 kind, value = await next_event(request, http)
-                if kind == "text":
-                    yield chunk(index, {"content": value})
+                if kind == "logprobs":
+                    pending.extend(value)
+                elif kind == "text":
+                    yield chunk(index, {"content": value}, logprobs=pending)
+                    pending = []
                 elif kind == "error":
                     yield f"data: {json.dumps(APIError(500, 'generation failed', 'server_error').body())}\n\n"
                     break
                 else:
                     usage["prompt_tokens"] = value.prompt_tokens
                     usage["completion_tokens"] += value.completion_tokens
-                    yield chunk(index, {}, value.finish_reason)
+                    yield chunk(index, {}, value.finish_reason, logprobs=pending)
                     break
         if (body.stream_options or {}).get("include_usage"):
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]

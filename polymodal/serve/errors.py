@@ -3,7 +3,9 @@ Messages are written for the client: never a stack trace, a memory address or a 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 
 class APIError(Exception):
@@ -17,36 +19,119 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-class BodyLimit:
-    """Refuses request bodies over `max_bytes` (413) before they are read whole."""
+def validation_error(errors: list[dict], data) -> APIError:
+    """A pydantic error list -> a 400 naming the field as the client wrote it
+    (`messages[0].content[1].image_url`), with a message in the client's terms."""
+    if not errors:
+        return APIError(400, "invalid request body")
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return APIError(400, "the request body is not valid JSON")
+    paths = [_real_path(e.get("loc", ()), data) for e in errors]
+    # A union reports one error per member; the one that got deepest into the data
+    # is about the member the client meant.
+    best = max(range(len(errors)), key=lambda i: len(paths[i]))
+    where = _param(paths[best])
+    message = _message(errors[best])
+    return APIError(400, f"{where or 'body'}: {message}", param=where or None)
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+
+def _real_path(loc, data) -> list:
+    """The parts of a pydantic location that are fields or indexes of the data (union
+    members' tags, like `str` or `list[str]`, are not)."""
+    path, current = [], data
+    for position, part in enumerate(loc):
+        if part == "body" and position == 0:
+            continue
+        index = isinstance(part, int) and isinstance(current, list) and 0 <= part < len(current)
+        if index or (isinstance(current, dict) and part in current):
+            path.append(part)
+            current = current[part]
+        elif isinstance(current, dict) and position == len(loc) - 1 and isinstance(part, str):
+            path.append(part)  # a missing field
+            current = None
+    return path
+
+
+def _param(path: list) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _message(error: dict) -> str:
+    kind, message = error.get("type", ""), error.get("msg", "invalid")
+    if kind == "value_error":
+        return message.removeprefix("Value error, ")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return "expected an object"
+    if kind == "missing":
+        return "is required"
+    return message
+
+
+class BodyLimit:
+    """Refuses request bodies over `max_bytes` (413), with or without a Content-Length, and
+    bodies not received within `timeout` seconds of the request's headers (408), as
+    nginx's client_max_body_size and client_body_timeout do. The error is sent from here
+    and the connection closed, whatever the application does with the body it was reading."""
+
+    def __init__(self, app, max_bytes: int, timeout: float | None = None):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or {}).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _send_error(send, APIError(413, f"request body is over {self.max_bytes} bytes"))
-        seen = 0
+            return await _send_error(send, self._too_large())
+        state = {"seen": 0, "done": False, "refused": False, "started": False}
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+
+        async def refuse(error: APIError) -> dict:
+            state["refused"] = True
+            if not state["started"]:
+                await _send_error(send, error)
+            return {"type": "http.disconnect"}  # the application stops reading
 
         async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise APIError(413, f"request body is over {self.max_bytes} bytes")
+            if state["refused"]:
+                return {"type": "http.disconnect"}
+            if state["done"] or deadline is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    return await refuse(APIError(408, f"the request body did not arrive within "
+                                                      f"{self.timeout:g} seconds", code="request_timeout"))
+            if message["type"] == "http.request":
+                state["seen"] += len(message.get("body", b""))
+                state["done"] = not message.get("more_body", False)
+                if state["seen"] > self.max_bytes:
+                    return await refuse(self._too_large())
             return message
 
+        async def guarded_send(message):
+            if state["refused"]:
+                return  # the error response has been sent
+            state["started"] = True
+            await send(message)
+
         try:
-            await self.app(scope, limited, send)
-        except APIError as error:
-            await _send_error(send, error)
+            await self.app(scope, limited, guarded_send)
+        except Exception:
+            if not state["refused"]:
+                raise  # after a refusal the application's complaint about the body is moot
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"request body is over {self.max_bytes} bytes", code="request_too_large")
 
 
 async def _send_error(send, error: APIError) -> None:
     body = json.dumps(error.body()).encode()
+    # Connection: close, as the rest of the body is never read.
     await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})

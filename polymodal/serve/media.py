@@ -1,6 +1,8 @@
 """Images in requests: `data:` URIs by default; remote http(s) URLs only for allowlisted
-hosts, with a byte cap, a timeout, every redirect re-checked, and never to loopback,
-private or link-local addresses unless the allowlist names the host; `file://` never.
+hosts and ports (`host` allows 80 and 443, `host:port` one port), with a byte cap, a
+timeout, every redirect re-checked, the connection made to the address that was checked
+(no second DNS lookup to rebind), and never to loopback, private or link-local addresses
+unless the allowlist names the address; `file://` never.
 Sizes are checked before anything is decoded (the header gives the pixel count, so a
 decompression bomb is refused before it expands)."""
 
@@ -8,12 +10,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import ipaddress
 import re
 import socket
+import ssl
+import time
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -30,7 +34,8 @@ class MediaLimits:
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_images: int = 4
-    allowed_hosts: set[str] = field(default_factory=set)  # remote image hosts; empty: none
+    # Remote image hosts: "host" (ports 80 and 443) or "host:port"; empty: none.
+    allowed_hosts: set[str] = field(default_factory=set)
     fetch_timeout: float = 5.0
     max_redirects: int = 3
 
@@ -83,51 +88,102 @@ def _open(data: bytes, limits: MediaLimits, param: str) -> Image.Image:
         raise APIError(400, "the image is corrupt or truncated", param=param) from None
 
 
-def _check_host(url: str, limits: MediaLimits, param: str) -> None:
+def allowed_port(limits: MediaLimits, host: str, port: int) -> bool:
+    """Whether the allowlist lets `host` be fetched on `port`: an entry `host:port` (or
+    `[v6]:port`) names one port; a bare `host` allows only 80 and 443."""
+    bracketed = f"[{host}]" if ":" in host else host
+    if f"{bracketed}:{port}" in limits.allowed_hosts:
+        return True
+    return port in (80, 443) and (host in limits.allowed_hosts or bracketed in limits.allowed_hosts)
+
+
+def _resolve_checked(url: str, limits: MediaLimits, param: str) -> tuple[str, int, str]:
+    """(host, port, address): the URL's host allowed on its port, resolved once; the address
+    is the one the fetch connects to, so a DNS answer that changes afterwards (rebinding)
+    cannot send it elsewhere."""
     parts = urllib.parse.urlsplit(url)
     host = (parts.hostname or "").lower()
     if parts.scheme not in ("http", "https") or not host:
         raise APIError(400, "only http(s) image URLs can be fetched", param=param)
-    if host not in limits.allowed_hosts:
-        raise APIError(400, f"remote image host {host!r} is not allowed (the server's --allow-remote-host)",
-                       param=param)
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)}
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise APIError(400, "the image URL has an invalid port", param=param) from None
+    if not allowed_port(limits, host, port):
+        raise APIError(400, f"remote image host {host!r} is not allowed on port {port} (the server's "
+                            "--allow-remote-host; host:port for a port other than 80/443)", param=param)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError:
         raise APIError(400, f"cannot resolve image host {host!r}", param=param) from None
+    addresses = [info[4][0] for info in infos]
+    if not addresses:
+        raise APIError(400, f"cannot resolve image host {host!r}", param=param)
     for address in addresses:
         ip = ipaddress.ip_address(address.split("%")[0])
         inside = ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_reserved or ip.is_multicast
         # An inside address is reached only when the allowlist names that address itself,
         # so an allowed name cannot be pointed inward through DNS.
-        if inside and str(ip) not in limits.allowed_hosts:
+        if inside and not allowed_port(limits, str(ip), port):
             raise APIError(400, f"image host {host!r} resolves to a non-public address", param=param)
+    return host, port, addresses[0]
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None  # redirects are followed by hand, each one checked
+def _connection(scheme: str, host: str, port: int, address: str, timeout: float):
+    """An HTTP(S) connection to `address` that names `host` (Host header, TLS SNI and
+    certificate check), never resolving `host` again."""
+    if scheme == "https":
+        connection = http.client.HTTPSConnection(host, port, timeout=timeout,
+                                                 context=ssl.create_default_context())
+    else:
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def pinned(_address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+        return socket.create_connection((address, port), timeout, source_address)
+
+    connection._create_connection = pinned  # http.client's hook for opening the socket
+    return connection
 
 
 def fetch_remote(url: str, limits: MediaLimits, param: str) -> bytes:
+    """The bytes at an allowlisted http(s) URL, each redirect re-checked, within the byte
+    cap and `limits.fetch_timeout` seconds in all; an APIError naming `param` otherwise."""
     if not limits.allowed_hosts:
         raise APIError(400, "remote image URLs are disabled on this server; send a data: URI", param=param)
-    opener = urllib.request.build_opener(_NoRedirect)
+    deadline = time.monotonic() + limits.fetch_timeout
     for _ in range(limits.max_redirects + 1):
-        _check_host(url, limits, param)
+        host, port, address = _resolve_checked(url, limits, param)
+        parts = urllib.parse.urlsplit(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        connection = _connection(parts.scheme, host, port, address, limits.fetch_timeout)
         try:
-            response = opener.open(urllib.request.Request(url, headers={"User-Agent": "polymodal"}),
-                                   timeout=limits.fetch_timeout)
-        except urllib.error.HTTPError as error:
-            if error.code in (301, 302, 303, 307, 308) and error.headers.get("Location"):
-                url = urllib.parse.urljoin(url, error.headers["Location"])
+            connection.request("GET", target, headers={"User-Agent": "polymodal", "Accept": "image/*"})
+            response = connection.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                url = urllib.parse.urljoin(url, response.getheader("Location"))
                 continue
-            raise APIError(400, f"fetching the image failed with HTTP {error.code}", param=param) from None
-        except (urllib.error.URLError, TimeoutError, OSError):
+            if response.status != 200:
+                raise APIError(400, f"fetching the image failed with HTTP {response.status}", param=param)
+            data = _read_capped(response, limits, deadline, param)
+        except (OSError, http.client.HTTPException):
             raise APIError(400, "fetching the image failed or timed out", param=param) from None
-        with response:
-            data = response.read(limits.max_image_bytes + 1)
-        if len(data) > limits.max_image_bytes:
-            raise APIError(413, f"image is over the {limits.max_image_bytes} byte limit", param=param)
+        finally:
+            connection.close()
         return data
     raise APIError(400, f"more than {limits.max_redirects} redirects fetching the image", param=param)
+
+
+def _read_capped(response, limits: MediaLimits, deadline: float, param: str) -> bytes:
+    """The body, read in pieces so that neither its size nor a slow sender goes unbounded."""
+    chunks, size = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise APIError(400, f"fetching the image took over {limits.fetch_timeout:g} seconds",
+                           param=param)
+        chunk = response.read1(min(65536, limits.max_image_bytes + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limits.max_image_bytes:
+            raise APIError(413, f"image is over the {limits.max_image_bytes} byte limit", param=param)
