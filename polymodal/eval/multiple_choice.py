@@ -131,7 +131,7 @@ def chosen_letter(answer: str, options: list[str]) -> str | None:
     allowed = LETTERS[: len(options)]
     text = MARKUP.sub("", answer).strip()
     bare = text.strip(" .,:;!()[]{}\"'")
-    if bare in [option.strip() for option in options]:  # options that are letters themselves
+    if bare and bare in [option.strip() for option in options]:  # options that are letters themselves
         return LETTERS[[option.strip() for option in options].index(bare)]
     if len(bare) == 1 and bare.upper() in allowed:
         return bare.upper()
