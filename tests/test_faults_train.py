@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 from test_train import MODEL, recipe, synthetic_dataset, two_stage_recipe
 
 from polymodal.config import RecipeConfig, from_dict
@@ -248,3 +249,51 @@ def test_resume_on_the_same_data_written_again_continues(tmp_path, monkeypatch):
     train(config, tmp_path / "run", resume=True)
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------- 8: a damaged newest checkpoint
+
+
+def damage(checkpoint, how):
+    if how == "weights cut short":
+        weights = checkpoint / "weights.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        return "weights.safetensors"
+    if how == "optimizer garbage":
+        (checkpoint / "optimizer.safetensors").write_bytes(b"\0" * 64)
+        return "optimizer.safetensors"
+    (checkpoint / "meta.json").write_text('{"stage_index": 0, "st')
+    return "meta.json"
+
+
+@pytest.mark.parametrize("how", ["weights cut short", "optimizer garbage", "meta cut short"])
+def test_resume_skips_a_damaged_newest_checkpoint_for_the_one_before(tmp_path, monkeypatch, capsys, how):
+    from test_train import weights
+
+    path = synthetic_dataset(tmp_path)
+    config = one_stage_with_checkpoints(path)
+    interrupted_run(tmp_path, monkeypatch, config, tmp_path / "run", at_call=6)  # checkpoints 2 and 4
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000002", "step-0000004"]
+    file = damage(checkpoints / "step-0000004", how)
+    capsys.readouterr()
+    train(config, tmp_path / "run", resume=True)
+    err = capsys.readouterr().err
+    assert f"skipped checkpoint step-0000004 ({file}: " in err and "resuming from step-0000002" in err
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    if how == "weights cut short":  # from step 2 on, the resumed run is the uninterrupted one
+        train(config, tmp_path / "straight")
+        straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "run")
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_resume_with_every_checkpoint_damaged_says_why_for_each(tmp_path, monkeypatch):
+    path = synthetic_dataset(tmp_path)
+    config = one_stage_with_checkpoints(path)
+    interrupted_run(tmp_path, monkeypatch, config, tmp_path / "run", at_call=6)
+    for name in ("step-0000002", "step-0000004"):
+        damage(tmp_path / "run" / "checkpoints" / name, "meta cut short")
+    with pytest.raises(UserError, match=r"no usable checkpoint in .*: skipped checkpoint step-0000004 "
+                                        r"\(meta.json: .*\); skipped checkpoint step-0000002"):
+        train(config, tmp_path / "run", resume=True)

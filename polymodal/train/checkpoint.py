@@ -102,6 +102,36 @@ def latest(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
+META_KEYS = ("stage_index", "step", "global_step", "summary", "optimizer_layout", "scheduler")
+
+
+def problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint with all its files still cannot be resumed from (a file damaged on
+    disk, cut short by a crash or a full disk outside our rename), or None. Reads it whole."""
+    name = "meta.json"
+    try:
+        meta = read_meta(checkpoint)
+        if not isinstance(meta, dict) or any(key not in meta for key in META_KEYS):
+            return "meta.json: not a checkpoint's record"
+        for name in ("weights.safetensors", "optimizer.safetensors"):
+            load_file(str(checkpoint / name))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        return f"{name}: {first}"
+    return None
+
+
+def latest_usable(folder: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that reads back whole, and a line for each newer one skipped."""
+    skipped = []
+    for candidate in reversed(complete(folder)):
+        why = problem(candidate)
+        if why is None:
+            return candidate, skipped
+        skipped.append(f"skipped checkpoint {candidate.name} ({why})")
+    return None, skipped
+
+
 def read_meta(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "meta.json").read_text())
 

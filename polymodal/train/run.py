@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class Run:
                         "samples": 0, "tokens": 0, "final_loss": None, "processes": world.size,
                         "parallel": recipe.parallel if world.size > 1 else None}
         self.position = (0, 0)  # (stage index, steps done in it)
-        self.resume_from = checkpoint.latest(self.checkpoints) if resume else None
+        self.resume_from = self._usable_checkpoint() if resume else None
         text = recipe_text(recipe)
         if resume:
             self._check_same_recipe(text)
@@ -67,6 +68,16 @@ class Run:
                 shutil.rmtree(folder, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "recipe.yaml", lambda p: p.write_text(text))
+
+    def _usable_checkpoint(self) -> Path | None:
+        """The newest checkpoint that reads back whole; a damaged newer one is skipped, and
+        said so (it stays on disk, replaced when the run saves that step again)."""
+        found, skipped = checkpoint.latest_usable(self.checkpoints)
+        if found is None and skipped:
+            raise UserError(f"--resume: no usable checkpoint in {self.checkpoints}: {'; '.join(skipped)}")
+        if skipped and self.world.is_main:
+            print(f"{'; '.join(skipped)}; resuming from {found.name}", file=sys.stderr)
+        return found
 
     def _check_same_recipe(self, text: str) -> None:
         if self.resume_from is None:
