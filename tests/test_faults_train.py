@@ -1,5 +1,6 @@
 """Faults of issue 21 in training: each test is one kind of fault, tried on a tiny model."""
 
+import errno
 import json
 import os
 
@@ -297,3 +298,65 @@ def test_resume_with_every_checkpoint_damaged_says_why_for_each(tmp_path, monkey
     with pytest.raises(UserError, match=r"no usable checkpoint in .*: skipped checkpoint step-0000004 "
                                         r"\(meta.json: .*\); skipped checkpoint step-0000002"):
         train(config, tmp_path / "run", resume=True)
+
+
+# ---------------------------------------------------------------- 7: a full disk
+
+
+def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def fill_disk_at(monkeypatch, where, run):
+    """Make the write of `where` (a run file) fail as on a full disk."""
+    import matplotlib.figure
+
+    from polymodal.model import MultimodalLM
+    from polymodal.train import run as run_module
+
+    if where == "model":
+        monkeypatch.setattr(MultimodalLM, "save_pretrained", full_disk)
+    elif where == "loss.png":
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    elif where == "metrics.jsonl":
+        monkeypatch.setattr(run_module, "open", full_disk, raising=False)
+    else:  # recipe.yaml, summary.json: atomic writes
+        atomic_write = run_module.atomic_write
+        monkeypatch.setattr(run_module, "atomic_write",
+                            lambda path, write: full_disk() if path.name == where else atomic_write(path, write))
+
+
+@pytest.mark.parametrize("where", ["recipe.yaml", "metrics.jsonl", "model", "loss.png", "summary.json"])
+def test_a_full_disk_anywhere_in_a_run_is_one_line_and_keeps_the_last_good_state(tmp_path, monkeypatch, where):
+    path = synthetic_dataset(tmp_path)
+    config = one_stage_with_checkpoints(path)
+    run = tmp_path / "run"
+    fill_disk_at(monkeypatch, where, run)
+    with pytest.raises(UserError) as failed:
+        train(config, run)
+    message = str(failed.value)
+    assert message.startswith(f"disk full writing {run / where}; ") and "\n" not in message
+    checkpoints = sorted((run / "checkpoints").glob("step-*"))
+    if checkpoints:  # a failure after training names the checkpoint to resume from
+        assert f"the last checkpoint is {checkpoints[-1]}: free space and rerun with --resume" in message
+    assert not [p.name for p in run.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    model_files = sorted(p.name for p in (run / "model").glob("*"))  # none, or all: never half
+    assert not model_files or {"config.json", "model.safetensors"} <= set(model_files)
+    assert bool(model_files) == (where in ("loss.png", "summary.json"))  # saved before those
+    monkeypatch.undo()
+    if checkpoints:  # the disk has room again: --resume completes the run
+        train(config, run, resume=True)
+        assert (run / "model" / "config.json").is_file() and (run / "loss.png").is_file()
+
+
+def test_a_full_disk_while_replacing_a_model_keeps_the_old_one(tmp_path, monkeypatch):
+    from polymodal.model import MultimodalLM
+
+    path = synthetic_dataset(tmp_path)
+    run = tmp_path / "run"
+    train(recipe(path, ["connector"], steps=1), run)
+    before = (run / "model" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(MultimodalLM, "save_pretrained", full_disk)
+    with pytest.raises(UserError, match="disk full writing"):
+        train(recipe(path, ["connector"], steps=1), run, resume=True)
+    assert (run / "model" / "model.safetensors").read_bytes() == before

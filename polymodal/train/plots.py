@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from polymodal.model import atomic_write
+
 
 def plot_losses(metrics: Path, out: Path) -> None:
     import matplotlib
@@ -24,5 +26,7 @@ def plot_losses(metrics: Path, out: Path) -> None:
         axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
+    try:  # atomic (model.atomic_write): a failed save keeps the last complete picture
+        atomic_write(out, lambda temp: figure.savefig(temp, dpi=100, format="png"))
+    finally:
+        plt.close(figure)

@@ -15,8 +15,11 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 
 from polymodal.config import RecipeConfig, to_dict
 from polymodal.errors import UserError
@@ -67,7 +71,8 @@ class Run:
             for folder in (self.checkpoints, run_dir / "model"):
                 shutil.rmtree(folder, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "recipe.yaml", lambda p: p.write_text(text))
+        with writing(run_dir / "recipe.yaml", self.checkpoints):
+            atomic_write(run_dir / "recipe.yaml", lambda p: p.write_text(text))
 
     def _usable_checkpoint(self) -> Path | None:
         """The newest checkpoint that reads back whole; a damaged newer one is skipped, and
@@ -94,7 +99,8 @@ class Run:
         if self.world.is_main and self.metrics.is_file():
             rows = [json.loads(line) for line in self.metrics.read_text().splitlines()]
             kept = "".join(json.dumps(r) + "\n" for r in rows if r["global_step"] <= global_step)
-            atomic_write(self.metrics, lambda p: p.write_text(kept))
+            with writing(self.metrics, self.checkpoints):
+                atomic_write(self.metrics, lambda p: p.write_text(kept))
 
     def check_data(self, stage: str, prints: list[dict[str, str]], resuming: bool) -> None:
         """A stage resumed mid-way must read the data it began with (or the resumed run is
@@ -112,7 +118,8 @@ class Run:
             return
         recorded[stage] = prints
         text = json.dumps(recorded)
-        atomic_write(self.fingerprints, lambda p: p.write_text(text))
+        with writing(self.fingerprints, self.checkpoints):
+            atomic_write(self.fingerprints, lambda p: p.write_text(text))
 
     def _fingerprints(self) -> dict:
         if not self.fingerprints.is_file():
@@ -126,7 +133,7 @@ class Run:
         return recorded
 
     def log(self, row: dict) -> None:
-        with open(self.metrics, "a") as handle:
+        with writing(self.metrics, self.checkpoints), open(self.metrics, "a") as handle:
             handle.write(json.dumps(row) + "\n")
 
     def global_step(self, stage_index: int, step: int) -> int:
@@ -190,12 +197,55 @@ def _train(recipe: RecipeConfig, run_dir: Path, model, resume: bool, overwrite: 
     world.barrier()
     if not world.is_main:
         return run.summary
-    model.to("cpu").save_pretrained(run.dir / "model")
+    save_model(model.to("cpu"), run.dir / "model", run.checkpoints)
     # Wall time of the whole command (data checks, checkpoints, saving), over resumed sessions too.
     run.summary["wall_seconds"] = run.summary.get("wall_seconds", 0.0) + time.perf_counter() - started
-    plot_losses(run.metrics, run.dir / "loss.png")
-    atomic_write(run.dir / "summary.json", lambda p: p.write_text(json.dumps(run.summary, indent=2)))
+    with writing(run.dir / "loss.png", run.checkpoints):
+        plot_losses(run.metrics, run.dir / "loss.png")
+    with writing(run.dir / "summary.json", run.checkpoints):
+        atomic_write(run.dir / "summary.json", lambda p: p.write_text(json.dumps(run.summary, indent=2)))
     return run.summary
+
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def writing(path: Path, checkpoints: Path):
+    """A full disk (or quota) while writing `path` becomes one line naming it and the newest
+    checkpoint to resume from; what was written before stays (every write that matters is
+    atomic, so the file keeps its last complete version or is absent)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        full = (error.errno in FULL_DISK if isinstance(error, OSError)
+                else any(mark in str(error) for mark in ("No space left", "StorageFull", "quota")))
+        if not full:
+            raise
+        kept = checkpoint.complete(checkpoints)
+        where = getattr(error, "filename", None) or path
+        raise UserError(f"disk full writing {where}; " + (
+            f"the last checkpoint is {kept[-1]}: free space and rerun with --resume" if kept
+            else "no checkpoint written yet: free space and run again")) from None
+
+
+def save_model(model, final: Path, checkpoints: Path) -> None:
+    """The final model into a temp folder beside `final`, then renamed into place: a save that
+    fails (a full disk) leaves the previous model folder, or none, never a half-written one."""
+    temp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    try:
+        with writing(final, checkpoints):
+            shutil.rmtree(temp, ignore_errors=True)
+            model.save_pretrained(temp)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(temp, final)
+    finally:
+        if old.exists() and not final.exists():  # the new one never arrived: the old one stays
+            os.replace(old, final)
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def recipe_text(recipe: RecipeConfig) -> str:
@@ -256,9 +306,10 @@ class StageModels:
 def _train_one_stage(run: Run, model, index: int, start: int) -> None:
     stage = run.recipe.stages[index]
     bad_file = run.bad_samples if run.world.is_main else None
-    datasets = [encode_dataset(model, d, stage, bad_file, run.dir / f"replay-{stage.name}-{i}.jsonl",
-                               fingerprinted=run.world.is_main)
-                for i, d in enumerate(stage.data)]
+    with writing(run.bad_samples, run.checkpoints):  # (or a replay file, named by the error)
+        datasets = [encode_dataset(model, d, stage, bad_file, run.dir / f"replay-{stage.name}-{i}.jsonl",
+                                   fingerprinted=run.world.is_main)
+                    for i, d in enumerate(stage.data)]
     if run.world.is_main:
         run.check_data(stage.name, [d.fingerprint for d in datasets], resuming=start > 0)
     frozen_encoder = getattr(model, "encoder", None) is not None and "encoder" not in stage.train
