@@ -197,13 +197,17 @@ class MultimodalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> MultimodalLM:
-        """Rebuild a saved model: architectures from config.json, weights from model.safetensors."""
+        """Rebuild a saved model: architectures from config.json, weights from model.safetensors.
+        Raises UserError naming the file for a missing, damaged or mismatched file (checked
+        before the model is allocated; see polymodal.safe_files)."""
+        from polymodal.safe_files import build_checked
+
         directory = Path(directory)
-        record = read_model_record(directory)
-        config = from_dict(ModelConfig, upgrade_record(record)["model"], "model")
-        loader = PartLoader(architectures=record["architectures"])
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = cls(config, loader, tokenizer)
+        record = upgrade_record(read_model_record(directory))
+        config = from_dict(ModelConfig, record["model"], "model")
+        tokenizer = load_saved_tokenizer(directory)
+        model = build_checked(lambda: cls(config, PartLoader(architectures=record["architectures"]), tokenizer),
+                              directory, record)
         load_saved_weights(model, directory)
         return model.eval()
 
@@ -220,23 +224,53 @@ def write_model_files(directory: Path, module: nn.Module, config: ModelConfig, a
 
 
 def load_saved_weights(module: nn.Module, directory: Path) -> None:
-    """model.safetensors into a rebuilt model; a mismatch is a UserError with the counts."""
-    missing, unexpected = load_model(module, str(directory / "model.safetensors"), strict=False)
+    """model.safetensors into a rebuilt model; a mismatch or a damaged file is a UserError
+    naming the file (the header is checked first: see polymodal.safe_files)."""
+    from safetensors import SafetensorError
+
+    from polymodal.safe_files import read_safetensors_header
+
+    path = directory / "model.safetensors"
+    read_safetensors_header(path)  # a damaged file is named here, before safetensors reads it
+    try:
+        missing, unexpected = load_model(module, str(path), strict=False)
+    except (SafetensorError, RuntimeError, OSError, ValueError) as error:
+        problem = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UserError(f"{path}: cannot load the weights ({problem})") from None
     if missing or unexpected:
         raise UserError(f"{directory}: weights do not match the config "
                         f"({len(missing)} missing, {len(unexpected)} unexpected)")
 
 
+def load_saved_tokenizer(directory: Path):
+    """The tokenizer saved in `directory`; UserError naming the folder if its files are damaged."""
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as error:  # transformers raises many kinds for a damaged tokenizer file
+        problem = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UserError(f"{directory}: cannot load the tokenizer files ({problem})") from None
+
+
 def read_model_record(directory: Path) -> dict:
+    """config.json of a saved model, checked for the fields loading reads; UserError naming
+    the file otherwise (and when model.safetensors is missing)."""
     path = directory / "config.json"
     if not path.is_file():
         raise UserError(f"not a polymodal model directory (no config.json): {directory}")
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path}: not valid JSON") from None
-    if record.get("format") != FORMAT:
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise UserError(f"{directory}: config.json is not a polymodal model")
+    architectures = record.get("architectures")
+    if not isinstance(record.get("model"), dict) or not isinstance(architectures, dict) or not all(
+            isinstance(part, dict) and isinstance(part.get("config"), dict) for part in architectures.values()):
+        raise UserError(f"{path}: damaged (its 'model' and 'architectures' must be objects)")
+    if type(record.get("format_version", 1)) is not int:
+        raise UserError(f"{path}: format_version must be a whole number")
     if not (directory / "model.safetensors").is_file():
         raise UserError(f"{directory}: model.safetensors is missing")
     return record
@@ -254,9 +288,10 @@ def is_model_directory(path: str | os.PathLike) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, OSError):
+        record = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return False
+    return isinstance(record, dict) and record.get("format") == FORMAT
 
 
 def atomic_write(path: Path, write) -> None:
@@ -274,8 +309,10 @@ def atomic_write(path: Path, write) -> None:
 def load_any(source: str, overrides: list[str] = ()):
     """A saved model directory, a recipe YAML (built as configured) or an LLM source (text
     only): a MultimodalLM, or a DualEncoder for `kind: dual-encoder`."""
+    if Path(source, "config.json").is_file() and Path(source, "model.safetensors").is_file():
+        read_model_record(Path(source))  # a damaged config.json: one line naming it
     if is_model_directory(source):
-        if json.loads((Path(source) / "config.json").read_text())["model"].get("kind") == "dual-encoder":
+        if read_model_record(Path(source))["model"].get("kind") == "dual-encoder":
             from polymodal.contrastive.model import DualEncoder
 
             return DualEncoder.from_pretrained(source)

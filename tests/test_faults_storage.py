@@ -217,3 +217,196 @@ def test_two_concurrent_index_adds_lose_no_images(dual, tmp_path):
     refused = [err for code, err in done if code == 2]
     assert all("is in use" in err.strip().splitlines()[-1] for err in refused)
     assert len(ImageIndex.load(folder)) == 2 + 2 * succeeded  # a success's images are all there
+
+
+# --- Item 4: a damaged model directory is one line naming the file ---------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from conftest import tiny_model
+
+    directory = tmp_path_factory.mktemp("saved") / "model"
+    tiny_model({"kind": "hf", "source": "tiny:clip"}, {"kind": "mlp", "depth": 2}).save_pretrained(directory)
+    return directory
+
+
+def _header(path):
+    import json
+
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+def _with_header(path, header, data):
+    import json
+
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def _first_tensor(header):
+    return next(name for name in header if name != "__metadata__")
+
+
+def _truncate(directory):
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _zero_bytes(directory):
+    (directory / "model.safetensors").write_bytes(b"")
+
+
+def _huge_header_length(directory):
+    weights = directory / "model.safetensors"
+    weights.write_bytes((1 << 62).to_bytes(8, "little") + weights.read_bytes()[8:])
+
+
+def _pickle_file(directory):
+    import pickle
+
+    (directory / "model.safetensors").write_bytes(pickle.dumps({"weight": [1.0, 2.0]}))
+
+
+def _torch_save_file(directory):
+    import torch
+
+    torch.save({"weight": torch.zeros(4)}, directory / "model.safetensors")
+
+
+def _header_not_json(directory):
+    weights = directory / "model.safetensors"
+    _, data = _header(weights)
+    text = b"{not json" + b" " * 50
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def _offsets_past_the_end(directory):
+    weights = directory / "model.safetensors"
+    header, data = _header(weights)
+    name = _first_tensor(header)
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin, end + len(data) + 1000]
+    _with_header(weights, header, data)
+
+
+def _unknown_dtype(directory):
+    weights = directory / "model.safetensors"
+    header, data = _header(weights)
+    header[_first_tensor(header)]["dtype"] = "PICKLE"
+    _with_header(weights, header, data)
+
+
+def _wrong_shape(directory):
+    """A tensor of the same bytes but another shape (its rows and columns swapped)."""
+    weights = directory / "model.safetensors"
+    header, data = _header(weights)
+    name = next(n for n, info in header.items() if n != "__metadata__" and len(info["shape"]) == 2
+                and info["shape"][0] != info["shape"][1])
+    header[name]["shape"] = header[name]["shape"][::-1]
+    _with_header(weights, header, data)
+
+
+def _wrong_dtype(directory):
+    """A float32 tensor declared as int32: the same bytes, the wrong kind of number."""
+    weights = directory / "model.safetensors"
+    header, data = _header(weights)
+    name = next(n for n, info in header.items() if n != "__metadata__" and info["dtype"] == "F32")
+    header[name]["dtype"] = "I32"
+    _with_header(weights, header, data)
+
+
+def _config(directory, change):
+    import json
+
+    path = directory / "config.json"
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def _huge_vocabulary(directory):  # 10^9 x width 64 floats: 256 GB
+    _config(directory, lambda r: r["architectures"]["llm"]["config"].update(vocab_size=10**9))
+
+
+def _huge_width(directory):
+    _config(directory, lambda r: r["architectures"]["llm"]["config"].update(intermediate_size=10**8))
+
+
+def _millions_of_layers(directory):
+    _config(directory, lambda r: r["architectures"]["llm"]["config"].update(num_hidden_layers=10**7))
+
+
+def _config_width_not_the_weights(directory):  # small, but not the saved weights' shape
+    _config(directory, lambda r: r["architectures"]["llm"]["config"].update(hidden_size=96))
+
+
+def _config_not_json(directory):
+    (directory / "config.json").write_text('{"format": "polymodal", "model": ')
+
+
+def _config_model_not_an_object(directory):
+    _config(directory, lambda r: r.update(model=[1, 2]))
+
+
+def _unknown_model_type(directory):
+    _config(directory, lambda r: r["architectures"]["llm"]["config"].update(model_type="no-such-model"))
+
+
+# (the file the line names, the damage, what else the line says)
+DAMAGE = [
+    ("model.safetensors", _truncate, "truncated"),
+    ("model.safetensors", _zero_bytes, "not a safetensors file"),
+    ("model.safetensors", _huge_header_length, "not a safetensors file"),
+    ("model.safetensors", _pickle_file, "not a safetensors file"),
+    ("model.safetensors", _torch_save_file, "not a safetensors file"),
+    ("model.safetensors", _header_not_json, "not JSON"),
+    ("model.safetensors", _offsets_past_the_end, "past the end"),
+    ("model.safetensors", _unknown_dtype, "damaged header entry"),
+    ("model.safetensors", _wrong_shape, "has shape"),
+    ("model.safetensors", _wrong_dtype, "is I32"),
+    ("model.safetensors", _config_width_not_the_weights, "hidden_size"),
+    ("config.json", _huge_vocabulary, "vocab_size"),
+    ("config.json", _huge_width, "intermediate_size"),
+    ("config.json", _millions_of_layers, "num_hidden_layers"),
+    ("config.json", _config_not_json, "not valid JSON"),
+    ("config.json", _config_model_not_an_object, "damaged"),
+    ("config.json", _unknown_model_type, "no-such-model"),
+]
+
+
+@pytest.mark.parametrize(("named", "damage", "says"), DAMAGE, ids=[d.__name__ for _, d, _ in DAMAGE])
+def test_a_damaged_model_directory_is_one_line_naming_the_file(saved_model, tmp_path, capsys, named, damage,
+                                                               says):
+    from polymodal.cli.main import main
+
+    directory = tmp_path / "model"
+    shutil.copytree(saved_model, directory)
+    damage(directory)
+    capsys.readouterr()
+    assert main(["chat", str(directory), "hi", "--max-new-tokens", "2"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(directory / named) in lines[0] and says in lines[0], lines
+
+
+def test_the_undamaged_copy_loads_and_answers(saved_model, tmp_path, capsys):
+    from polymodal.cli.main import main
+
+    directory = tmp_path / "model"
+    shutil.copytree(saved_model, directory)
+    assert main(["chat", str(directory), "hi", "--max-new-tokens", "2"]) == 0
+
+
+def test_a_damaged_dual_encoder_is_one_line_naming_the_file(dual, tmp_path, capsys):
+    from polymodal.cli.main import main
+
+    model_dir = dual[0]
+    _truncate(model_dir)
+    (tmp_path / "texts.txt").write_text("a red square\n")
+    capsys.readouterr()
+    assert main(["embed", str(model_dir), "--texts", str(tmp_path / "texts.txt"),
+                 "--out", str(tmp_path / "t.npz")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(model_dir / "model.safetensors") in lines[0], lines

@@ -24,6 +24,7 @@ from polymodal.encoders.base import Encoder, build_encoder
 from polymodal.errors import UserError
 from polymodal.model import (
     Output,
+    load_saved_tokenizer,
     load_saved_weights,
     read_model_record,
     upgrade_record,
@@ -97,13 +98,17 @@ class DualEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> DualEncoder:
-        from transformers import AutoTokenizer
+        """A saved dual encoder. Raises UserError naming the file for a missing, damaged or
+        mismatched file (checked before the model is allocated; see polymodal.safe_files)."""
+        from polymodal.safe_files import build_checked
 
         directory = Path(directory)
         record = upgrade_record(read_model_record(directory))
         config = from_dict(ModelConfig, record["model"], "model")
-        tokenizer = AutoTokenizer.from_pretrained(directory / "text")
-        model = cls.from_config(config, PartLoader(architectures=record["architectures"]), tokenizer)
+        tokenizer = load_saved_tokenizer(directory / "text")
+        model = build_checked(
+            lambda: cls.from_config(config, PartLoader(architectures=record["architectures"]), tokenizer),
+            directory, record)
         load_saved_weights(model, directory)
         return model.eval()
 
