@@ -75,6 +75,7 @@ def test_a_fresh_slot_cache_holds_a_small_length_and_grows_with_the_same_logits(
     per_slot = runner.kv_heads * runner.head_dim
     full = 2 * layers * 4 * 512 * per_slot
     assert _cache_elements(cache) == 2 * layers * 1 * 4 * per_slot < full // 100
+    assert cache.rotary[0].shape[0] == 4  # the rotary table too: a context may be millions long
     embed = llm.get_input_embeddings()
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, embed.num_embeddings, (1, size), generator=generator) for size in (3, 9, 40)]
@@ -95,6 +96,7 @@ def test_a_fresh_slot_cache_holds_a_small_length_and_grows_with_the_same_logits(
                 rows = list(logits.argmax(-1))
     rows_now, length_now = cache.capacity
     assert rows_now >= 3 and 40 + 15 <= length_now < 512  # grown by need, not to the maximum
+    assert cache.rotary[0].shape[0] == length_now
     for row in reversed(range(3)):
         cache.release(row)
     assert _cache_elements(cache) == 2 * layers * 1 * 4 * per_slot  # idle again: memory given back

@@ -42,9 +42,6 @@ class SlotCache:
         self._allocate(*self.initial)
         self.lengths = torch.zeros(max_batch, dtype=torch.long)  # slots filled per row
         self.positions = torch.zeros(max_batch, dtype=torch.long)  # position of each row's next token
-        # The rotary table is small ([max_length, head_dim]), so it is made once, whole.
-        cos, sin = self.runner.body.rotary_emb(self._first.new_zeros(1), torch.arange(max_length)[None])
-        self.rotary = (cos[0], sin[0])
         self._active = 0  # rows 0..active-1 are running
 
     @property
@@ -69,6 +66,14 @@ class SlotCache:
         self.keys = [self._first.new_zeros(shape) for _ in range(layers)]
         self.values = [self._first.new_zeros(shape) for _ in range(layers)]
         self.key_mask = torch.zeros(rows, length, dtype=torch.bool)
+        self._rotary(length)
+
+    def _rotary(self, length: int) -> None:
+        """cos, sin [length, head_dim] for the positions the slots can hold: grown with them,
+        since a model's context (max_length) may be far longer than any request."""
+        positions = torch.arange(length)[None]
+        cos, sin = self.runner.body.rotary_emb(self._first.new_zeros(1), positions)
+        self.rotary = (cos[0], sin[0])
 
     def _reserve(self, rows: int, length: int) -> None:
         """Make room for `rows` rows of `length` slots, copying the running rows over."""
@@ -88,6 +93,7 @@ class SlotCache:
                 table.append(grown)
         self.key_mask = torch.zeros(rows, length, dtype=torch.bool)
         self.key_mask[:n, :span] = old[2][:n, :span]
+        self._rotary(length)
 
     def admit(self, embeds: torch.Tensor) -> torch.Tensor:
         """Prefill one prompt (embeds [1, T, D], T <= max_length) into the next free row; its
