@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from conftest import DATA, tiny_model
-from polymodal.data.formats import read_captions, read_llava_json
+from polymodal.data.formats import Sample, read_captions, read_llava_json
 from polymodal.data.validate import check_samples
 from polymodal.errors import UserError
 from polymodal.eval.tasks import read_jsonl, record_images
@@ -123,9 +123,31 @@ def test_in_content_parts_a_spelled_placeholder_is_text(model):
     parts = [{"type": "text", "text": "what is <image>?"}, {"type": "image", "image": f"{DATA}/red_circle.png"}]
     encoded = model.processor.encode([{"role": "user", "content": parts}])
     assert encoded["pixel_values"].shape[0] == 1  # one image: the part, not the spelled one
-    with pytest.raises(UserError, match="1 image"):
-        model.processor.encode([{"role": "user", "content": [{"type": "text", "text": "<image> hi"}]}],
-                               [f"{DATA}/red_circle.png"])
+    # an image given beside the messages goes before the text, which stays text
+    spelled = model.processor.encode([{"role": "user", "content": [{"type": "text", "text": "<image> hi"}]}],
+                                     [f"{DATA}/red_circle.png"])
+    image_id, per_image = model.llm.image_token_id, model.processor.tokens_per_image
+    assert spelled["input_ids"].count(image_id) == per_image
+    assert "<image> hi" in model.llm.tokenizer.decode(spelled["input_ids"])
+
+
+def test_one_placeholder_rule_everywhere(model):
+    """No placeholder in the text: one per image before the first user turn's text; some:
+    their count must match (training data, eval files, chat and the generator alike)."""
+    image = f"{DATA}/red_circle.png"
+    placed = model.processor.encode([{"role": "user", "content": "Shape?"}], [image, image])
+    marked = model.processor.encode([{"role": "user", "content": "<image><image>\nShape?"}], [image, image])
+    assert placed["input_ids"] == marked["input_ids"]
+    with pytest.raises(UserError, match="2 image"):
+        model.processor.encode([{"role": "user", "content": "<image>\nShape?"}], [image, image])
+    sample = Sample("s", [{"role": "user", "content": "Shape?"}, {"role": "assistant", "content": "circle"}],
+                    [image])
+    assert check_samples([sample], "<image>", None) == [sample]
+    assert model.training_example(sample)["input_ids"].count(model.llm.image_token_id) == per_image(model)
+
+
+def per_image(model) -> int:
+    return model.processor.tokens_per_image
 
 
 def test_the_private_marker_in_user_text_is_text(model):

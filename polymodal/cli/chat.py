@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from polymodal.errors import UserError
+from polymodal.processing.processor import with_placeholders
 
 HELP = "commands: /image PATH (attach to the next message), /reset, /quit"
 
@@ -45,13 +46,6 @@ def run(args: argparse.Namespace) -> int:
     return session.repl(images)
 
 
-def with_placeholders(text: str, count: int, token: str) -> str:
-    """Put one placeholder per image before the text when the user wrote none (LLaVA's layout)."""
-    if count and token not in text:
-        return token * count + "\n" + text
-    return text
-
-
 class ChatSession:
     """A conversation: history, pending images, and streaming the answers to stdout."""
 
@@ -64,6 +58,7 @@ class ChatSession:
         self.token = generator.model.llm.image_token
 
     def ask(self, text: str, images: list) -> str:
+        # the images sent with this message go in it (the conversation's earlier ones are placed)
         content = with_placeholders(text, len(images), self.token)
         messages = [*self.messages, {"role": "user", "content": content}]
         if self.system:

@@ -24,7 +24,8 @@ def sample_problem(sample: Sample, placeholder: str, verdicts: dict[str, str | N
     if sample.problem:
         return sample.problem
     found = sum(message["content"].count(placeholder) for message in sample.messages)
-    if found != len(sample.images):
+    has_user = any(message["role"] == "user" for message in sample.messages)
+    if found != len(sample.images) and (found or not has_user):  # none: put before the first user turn
         return f"{len(sample.images)} image(s) but {found} {placeholder} placeholder(s)"
     if not any(message["role"] == "assistant" for message in sample.messages):
         return "no assistant turn to learn from"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from polymodal.data.formats import image_paths
 from polymodal.errors import UserError
+from polymodal.processing.processor import with_placeholders
 from polymodal.registry import Registry
 
 
@@ -34,8 +35,8 @@ class Item:
     info: dict = field(default_factory=dict)  # kept in predictions.jsonl: type, setting, rotation, ...
 
     def prompt(self, placeholder: str = "<image>") -> dict:
-        """A chat prompt: one placeholder per image (the model's own), then the question."""
-        content = f"{placeholder}\n" * len(self.images) + self.question
+        """A chat prompt: the question, after one placeholder per image unless it marks them."""
+        content = with_placeholders(self.question, len(self.images), placeholder)
         return {"messages": [{"role": "user", "content": content}], "images": list(self.images)}
 
 

@@ -29,6 +29,15 @@ _LITERAL_FORM = _LITERAL_MARK + "{}\ue001"
 _LITERAL = re.compile(_LITERAL_MARK + "(\\d+)\ue001")
 
 
+def with_placeholders(text: str, count: int, token: str) -> str:
+    """The one rule for where images go, everywhere (training data, eval files, chat, the
+    Python generator): a text that marks none gets one placeholder per image before it
+    (LLaVA's layout); a text that marks some keeps them, and their count must match."""
+    if count and token not in text:
+        return token * count + "\n" + text
+    return text
+
+
 class Processor:
     """Chat template, placeholder expansion and image loading for one model; no modules touched."""
 
@@ -88,7 +97,8 @@ class Processor:
         """Messages with string content, every image in reading order, and the literal texts.
 
         Returns (messages, images, literals): each message's content is a string with the
-        image placeholder where an image goes; a text that holds a control token's spelling
+        image placeholder where an image goes (when the conversation has none, one per image
+        before the first user turn's text: `with_placeholders`); a text that holds a control token's spelling
         stands there as a marker (`_LITERAL`) and its `(text, keeps_placeholders)` is in
         `literals`, to be tokenized as characters (`_tokenize`).
         """
@@ -116,6 +126,11 @@ class Processor:
             elif self._spells_control(content):
                 content = literal(content, True)
             flat.append({"role": message["role"], "content": content})
+        placed = sum(m["content"].count(self.image_token) for m in flat) + sum(
+            text.count(self.image_token) for text, keeps in literals if keeps)
+        first_user = next((m for m in flat if m["role"] == "user"), None)
+        if images and not placed and first_user is not None:
+            first_user["content"] = with_placeholders(first_user["content"], len(images), self.image_token)
         return flat, images, literals
 
     def pixels(self, images: list) -> torch.Tensor | None:
