@@ -360,3 +360,80 @@ def test_a_full_disk_while_replacing_a_model_keeps_the_old_one(tmp_path, monkeyp
     with pytest.raises(UserError, match="disk full writing"):
         train(recipe(path, ["connector"], steps=1), run, resume=True)
     assert (run / "model" / "model.safetensors").read_bytes() == before
+
+
+# ---------------------------------------------------------------- 9: signals and stale temp files
+
+
+@pytest.mark.parametrize(("signal_name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stops_train_saying_what_was_kept_and_the_exact_resume_command(
+        tmp_path, monkeypatch, capsys, signal_name, code):
+    import shlex
+    import signal
+
+    from polymodal.cli.main import main
+    from polymodal.model import MultimodalLM
+
+    recipe_path = recipe_file(tmp_path, synthetic_dataset(tmp_path), steps=50, log_every=1)
+    run = tmp_path / "run dir"  # a space: the printed command must quote it
+    command = ["train", str(recipe_path), "--set", "stages.0.steps=6", "--set", "checkpoint.every=2",
+               "--out", str(run)]
+    forward, calls = MultimodalLM.forward, []
+
+    def signalled(self, batch):
+        calls.append(1)
+        if len(calls) == 5:  # step 5: after the checkpoint of step 4
+            os.kill(os.getpid(), getattr(signal, signal_name))
+        return forward(self, batch)
+
+    monkeypatch.setattr(MultimodalLM, "forward", signalled)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(command) == code
+    assert signal.getsignal(signal.SIGTERM) == handler  # put back
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"stopped by {signal_name}; kept checkpoint step-0000004 (stage 1, step 4); "
+                                "resume with: polymodal train ")
+    printed = shlex.split(lines[-1].split("resume with: ", 1)[1])
+    assert printed == ["polymodal", *command, "--resume"]
+    assert not list(run.rglob("*.tmp-*")) and not list(run.rglob(".tmp-*"))
+    monkeypatch.setattr(MultimodalLM, "forward", forward)
+    assert main(printed[1:]) == 0
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_so(tmp_path, monkeypatch, capsys):
+    from polymodal.cli.main import main
+    from polymodal.model import MultimodalLM
+
+    def stopped(self, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MultimodalLM, "forward", stopped)
+    recipe_path = recipe_file(tmp_path, synthetic_dataset(tmp_path))
+    assert main(["train", str(recipe_path), "--out", str(tmp_path / "run")]) == 130
+    assert "stopped by SIGINT before the first checkpoint" in capsys.readouterr().err
+
+
+def test_temp_files_of_a_killed_writer_are_removed_by_the_next_run(tmp_path, monkeypatch):
+    path = synthetic_dataset(tmp_path)
+    config = one_stage_with_checkpoints(path)
+    run = tmp_path / "run"
+    interrupted_run(tmp_path, monkeypatch, config, run, at_call=4)
+    # what `kill -9` leaves: a checkpoint folder and atomic writes that never got renamed
+    (run / "checkpoints" / ".tmp-k9x").mkdir()
+    (run / "checkpoints" / ".tmp-k9x" / "weights.safetensors").write_bytes(b"partial")
+    (run / ".metrics.jsonl.tmp-99999").write_text("partial")
+    (run / ".model.tmp-99999").mkdir()
+    train(config, run, resume=True)
+    assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_model_moved_aside_by_a_killed_save_is_put_back(tmp_path):
+    from polymodal.train.run import remove_stale_temps
+
+    run = tmp_path / "run"
+    (run / ".model.old-4242").mkdir(parents=True)
+    (run / ".model.old-4242" / "config.json").write_text("{}")
+    remove_stale_temps(run)
+    assert (run / "model" / "config.json").read_text() == "{}" and not list(run.glob(".model.*"))

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shlex
+import signal
+import sys
+from pathlib import Path
 
 
 def add_parser(commands) -> None:
@@ -29,7 +34,46 @@ def run(args: argparse.Namespace) -> int:
     run_dir = args.out or f"runs/{recipe.name}"
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite: give one (continue the run, or replace it)")
-    summary = train(recipe, run_dir, resume=args.resume, overwrite=args.overwrite)
+    with stop_on(signal.SIGTERM) as stopped:
+        try:
+            summary = train(recipe, run_dir, resume=args.resume, overwrite=args.overwrite)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through stop_on
+            name = stopped[0] if stopped else "SIGINT"
+            print(stopped_line(args, run_dir, name), file=sys.stderr)
+            return 128 + int(getattr(signal, name))
     print(json.dumps({"run_dir": run_dir, "train_seconds": round(summary["train_seconds"], 1),
                       "final_loss": summary["final_loss"], "model": f"{run_dir}/model"}))
     return 0
+
+
+@contextlib.contextmanager
+def stop_on(number: int):
+    """While inside, signal `number` stops like Ctrl-C (a KeyboardInterrupt, so every
+    `finally` runs: no temp file left) and its name is appended to the yielded list."""
+    stopped: list[str] = []
+
+    def handler(signum, frame):
+        stopped.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(number, handler)
+    except ValueError:  # not the main thread: leave the default
+        yield stopped
+        return
+    try:
+        yield stopped
+    finally:
+        signal.signal(number, previous)
+
+
+def stopped_line(args: argparse.Namespace, run_dir: str, name: str) -> str:
+    """What a stopped run kept and the exact command that continues it."""
+    from polymodal.train.run import resume_point
+
+    kept = resume_point(Path(run_dir))
+    if kept is None:
+        return f"stopped by {name} before the first checkpoint; run the same command to start again"
+    command = ["polymodal", "train", args.recipe, *[part for item in args.set for part in ("--set", item)],
+               "--out", run_dir, "--resume"]
+    return f"stopped by {name}; kept checkpoint {kept}; resume with: {shlex.join(command)}"

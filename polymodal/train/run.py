@@ -176,9 +176,40 @@ def refuse_to_replace(run_dir: Path, resume: bool, overwrite: bool) -> None:
                         "--resume, replace it with --overwrite, or choose another --out")
 
 
+def remove_stale_temps(run_dir: Path) -> None:
+    """Temp files and folders a writer killed mid-write left (`kill -9`, a power cut): with
+    the run directory locked, no live writer owns any. A model folder moved aside just
+    before its replacement arrived is the last complete model: it is put back."""
+    model, stale = run_dir / "model", []
+    for old in sorted(run_dir.glob(".model.old-*")):
+        if model.exists():
+            stale.append(old)
+        else:
+            os.replace(old, model)
+    stale += [*run_dir.glob(".*.tmp-*"), *(run_dir / "checkpoints").glob(".tmp-*"), *model.glob(".*.tmp-*")]
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    if stale:
+        print(f"removed {len(stale)} temp file(s) an interrupted run left in {run_dir}", file=sys.stderr)
+
+
+def resume_point(run_dir: Path) -> str | None:
+    """The newest complete checkpoint of a run, in words, or None (for a stopped run's line)."""
+    found = checkpoint.latest(Path(run_dir) / "checkpoints")
+    if found is None:
+        return None
+    try:
+        meta = checkpoint.read_meta(found)
+        return f"{found.name} (stage {meta['stage_index'] + 1}, step {meta['step']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return found.name
+
+
 def _train(recipe: RecipeConfig, run_dir: Path, model, resume: bool, overwrite: bool,
            world: World) -> dict:
     refuse_to_replace(run_dir, resume, overwrite)
+    if world.is_main:
+        remove_stale_temps(run_dir)
     started = time.perf_counter()
     resolve_epochs(recipe)
     run = Run(recipe, run_dir, resume, world)
