@@ -412,3 +412,19 @@ def test_a_damaged_dual_encoder_is_one_line_naming_the_file(dual, tmp_path, caps
                  "--out", str(tmp_path / "t.npz")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(model_dir / "model.safetensors") in lines[0], lines
+
+
+@pytest.mark.parametrize(("damaged", "content"), [
+    ("index.faiss", b""), ("index.faiss", b"IHNf" + b"\x00" * 7), ("items.jsonl", b"{not json\n"),
+    ("meta.json", b"[1, 2]"), ("current", b"../../etc\n")])
+def test_a_damaged_index_is_one_line_naming_the_file(dual, tmp_path, capsys, damaged, content):
+    from polymodal.cli.main import main
+
+    _, folder = _built_index(dual, tmp_path)
+    version = folder / "versions" / (folder / "current").read_text().strip()
+    path = folder / damaged if damaged == "current" else version / damaged
+    path.write_bytes(content)
+    capsys.readouterr()
+    assert main(["search", str(folder), "--text", "a red square"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0], lines
