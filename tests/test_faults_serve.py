@@ -295,6 +295,21 @@ def test_validation_errors_name_real_fields(served, messages, param, says):
     assert error["param"] == param and says in error["message"]
 
 
+def test_an_image_the_decoder_refuses_is_a_400_naming_the_content_part(served):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="TIFF")  # not an accepted format, whatever the MIME says
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": uri}}]
+    response = post(served, {"messages": [{"role": "user", "content": content}]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "messages[0].content[1].image_url.url" and "not an image" in error["message"]
+
+
 def test_other_fields_are_named_as_sent(served):
     stop = post(served, hello(stop=[1]))
     assert stop.status_code == 400 and stop.json()["error"]["param"] == "stop[0]"

@@ -153,9 +153,9 @@ BAD_INPUTS = [
     ({"messages": image_message("x", "data:image/png;base64,@@@notbase64@@@")}, 400, "invalid base64"),
     ({"messages": image_message("x", "data:application/pdf;base64,AAAA")}, 415, "unsupported media type"),
     ({"messages": image_message("x", "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"0" * 50)
-                                .decode())}, 400, "cannot be read"),
+                                .decode())}, 400, "unreadable image"),
     ({"messages": image_message("x", png_uri()[:-40])}, 400, "corrupt or truncated"),
-    ({"messages": image_message("x", png_uri(size=(1200, 1000)))}, 400, "1200x1000 = 1200000 pixels"),
+    ({"messages": image_message("x", png_uri(size=(1200, 1000)))}, 400, "1200×1000 pixels"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_uri()}}] * 3}]},
      400, "too many images"),
     ({"messages": image_message("x", "file:///etc/passwd")}, 400, "file:// image URLs are refused"),

@@ -59,10 +59,10 @@ def _params(engine: BatchingEngine, body: ChatRequest, prompt_tokens: int, index
     field = body.max_tokens_field()
     wanted = getattr(body, field) if field else room
     if room < 1 or wanted > room:
-        said = f" plus {field} ({wanted})" if field else " leaves no room for an answer: it"
-        raise APIError(400, f"the prompt ({prompt_tokens} tokens){said} exceeds the context of "
-                            f"{engine.max_length} tokens", param=field or "messages",
-                       code="context_length_exceeded")
+        message = (f"the prompt ({prompt_tokens} tokens) plus {field} ({wanted}) exceeds the context of "
+                   f"{engine.max_length} tokens" if field else f"the prompt ({prompt_tokens} tokens) "
+                   f"leaves no room for an answer in the context of {engine.max_length} tokens")
+        raise APIError(400, message, param=field or "messages", code="context_length_exceeded")
     try:
         return SamplingParams(
             max_new_tokens=wanted, temperature=body.temperature, top_p=body.top_p,

@@ -3,7 +3,8 @@ hosts and ports (`host` allows 80 and 443, `host:port` one port), with a byte ca
 timeout, every redirect re-checked, the connection made to the address that was checked
 (no second DNS lookup to rebind), and never to loopback, private or link-local addresses
 unless the allowlist names the address; `file://` never.
-Sizes are checked before anything is decoded (the header gives the pixel count, so a
+Decoding goes through `polymodal.processing.images.image_from_bytes`: only accepted formats,
+sizes checked before anything is decoded (the header gives the pixel count, so a
 decompression bomb is refused before it expands)."""
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import http.client
-import io
 import ipaddress
 import re
 import socket
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from polymodal.errors import UserError
+from polymodal.processing.images import ImageTooLarge, image_from_bytes
 from polymodal.serve.errors import APIError
 
 DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
@@ -73,19 +75,14 @@ def _data_uri_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
 
 
 def _open(data: bytes, limits: MediaLimits, param: str) -> Image.Image:
+    """Decode through the one image decoder (accepted formats only, size checked before
+    decoding, transparency on white); its refusals become 400s naming the content part."""
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-    except Exception:
-        raise APIError(400, "the image cannot be read (not an image, or corrupt)", param=param) from None
-    width, height = image.size
-    if width * height > limits.max_image_pixels:
-        raise APIError(400, f"image is {width}x{height} = {width * height} pixels; the limit is "
-                            f"{limits.max_image_pixels}", param=param, code="image_too_large")
-    try:
-        image.load()  # decode now: a truncated file fails here
-        return image.convert("RGB")
-    except Exception:
-        raise APIError(400, "the image is corrupt or truncated", param=param) from None
+        return image_from_bytes(data, param, limits.max_image_pixels)
+    except ImageTooLarge as error:
+        raise APIError(400, str(error), param=param, code="image_too_large") from None
+    except UserError as error:
+        raise APIError(400, str(error), param=param) from None
 
 
 def allowed_port(limits: MediaLimits, host: str, port: int) -> bool:
