@@ -34,7 +34,18 @@ def test_info_recipe_prints_parts(capsys):
 def test_chat_answers_once_with_an_image(capsys):
     code, out, err = run(capsys, "chat", RECIPE, "--image", f"{DATA}/red_circle.png",
                          "--max-new-tokens", "4", "What shape?")
-    assert code == 0 and out.endswith("\n") and not err
+    assert code == 0 and out.endswith("\n")
+    # stderr says what loads, and that random tiny: parts answer noise (not 256 blank lines unexplained)
+    assert err.startswith(f"loading {RECIPE}") and "tiny:clip, tiny:llama: small random models" in err
+
+
+def test_version_and_a_dual_encoder_in_chat_are_one_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("polymodal ")
+    code, _, err = run(capsys, "chat", f"{RECIPES}/clip-easyvqa.yaml",
+                       "--set", "model.contrastive.text=tiny:bert", "hi")
+    assert code == 2 and "cannot generate text" in err.splitlines()[-1]
 
 
 def test_chat_repl(capsys, monkeypatch):
@@ -64,9 +75,10 @@ def test_chat_repl(capsys, monkeypatch):
 ])
 def test_mistakes_get_one_line_and_exit_2(capsys, argv, message):
     code, _out, err = run(capsys, *argv)
+    *progress, last = err.splitlines()
     assert code == 2
-    assert err.count("\n") == 1 and err.startswith("polymodal: error: ")
-    assert message in err
+    assert last.startswith("polymodal: error: ") and message in last  # the error: one line
+    assert all(line.startswith(("loading ", "loaded in ", "note: ")) for line in progress)
     assert "Traceback" not in err
 
 

@@ -5,7 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from conftest import RECIPES
+from conftest import RECIPES, tiny_model
+from polymodal.cli.main import main
 from polymodal.data.formats import easy_vqa_question_type as question_type
 from polymodal.engine.generate import Completion, Generator
 from polymodal.eval.metrics import accuracy_by, confusion, normalize
@@ -63,7 +64,8 @@ def test_easy_vqa_on_a_folder_writes_its_outputs(folder, tmp_path, scripted, tin
     assert results["n"] == 6 and results["accuracy"] == pytest.approx(4 / 6)
     assert results["accuracy_by_type"] == {"colour": 1.0, "shape": 0.5, "yes/no": 0.5}
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert rows[0]["prediction"] == "circle" and rows[0]["correct"] and rows[0]["prompt"] == QUESTIONS[0][0]
+    assert rows[0]["prediction"] == "Circle." and rows[0]["normalized"] == "circle"  # as said, as scored
+    assert rows[0]["correct"] and rows[0]["prompt"] == QUESTIONS[0][0]
     assert (tmp_path / "eval" / "confusion.png").stat().st_size > 1000
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| accuracy | 0.6667 |" in report and "| yes/no | 0.5000 |" in report
@@ -146,3 +148,21 @@ def test_analyze_command_runs_emap_on_a_real_tiny_model(folder, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["emap"]["n"] == 2 and 0 <= out["emap"]["projection"] <= 1
     assert set(out["drop"]) == {"blank image", "shuffled images", "no question"}
+
+
+def test_eval_takes_a_system_message_and_an_answer_length(folder, monkeypatch, capsys, tmp_path):
+    """`eval --system S --max-new-tokens N`: every question asked after S, answers of up to N."""
+    seen = []
+
+    def generate(self, prompts, params=None):
+        seen.extend((p["messages"], params.max_new_tokens) for p in prompts)
+        return [Completion("circle", [], "stop", 0) for _ in prompts]
+
+    monkeypatch.setattr(Generator, "generate", generate)
+    tiny_llava_dir = tmp_path / "model"
+    tiny_model({"kind": "hf", "source": "tiny:clip"}, {"kind": "mlp"}).save_pretrained(tiny_llava_dir)
+    code = main(["eval", str(tiny_llava_dir), "--task", "easy-vqa", "--data", str(folder),
+                 "--system", "Answer in one word.", "--max-new-tokens", "3"])
+    assert code == 0 and len(seen) == len(QUESTIONS)
+    assert all(messages[0] == {"role": "system", "content": "Answer in one word."} and tokens == 3
+               for messages, tokens in seen)

@@ -23,8 +23,8 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from polymodal.cli.loading import load_for_command
     from polymodal.eval.analyze import analyze
-    from polymodal.model import load_any
 
     task, options = task_options(args)
     if args.emap_size < 0 or args.emap_size == 1:
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if not task.generative:
         raise UserError(f"analyze needs a task a generative model answers, not {task.name}")
     task.items(options)  # bad data fails here, before the model loads
-    model = load_any(args.model)
+    model = load_for_command(args.model, args.set)
     command = "polymodal " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["analyze"] else ""
     results = analyze(model, task, options, args.batch_size, args.emap_size, args.out, command)
     print(json.dumps(results))

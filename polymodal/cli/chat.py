@@ -8,7 +8,7 @@ import sys
 from polymodal.errors import UserError
 from polymodal.processing.processor import with_placeholders
 
-HELP = "commands: /image PATH (attach to the next message), /reset, /quit"
+HELP = "commands: /image PATH (attach to the next message), /reset, /help, /quit"
 
 
 def add_parser(commands) -> None:
@@ -31,15 +31,15 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from polymodal.cli.loading import load_for_command
     from polymodal.engine.generate import Generator
     from polymodal.engine.sampling import SamplingParams
-    from polymodal.model import load_any
     from polymodal.processing.images import open_image
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
     images = [open_image(path) for path in args.image]  # fail on a bad path before a slow load
-    session = ChatSession(Generator(load_any(args.model, args.set)), params, args.system)
+    session = ChatSession(Generator(load_for_command(args.model, args.set)), params, args.system)
     if args.prompt is not None:
         session.ask(args.prompt, images)
         return 0
@@ -91,6 +91,9 @@ class ChatSession:
                 continue
             if line in ("/quit", "/exit"):
                 return 0
+            if line in ("/help", "/?"):
+                print(HELP, file=sys.stderr)
+                continue
             if line == "/reset":
                 self.messages, self.images, pending = [], [], []
                 print("(conversation cleared)", file=sys.stderr)

@@ -26,6 +26,11 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--templates", nargs="+", metavar="TEMPLATE",
                         help='zeroshot: prompt templates, {} for the label ("a photo of a {}.")')
     parser.add_argument("--image-model", metavar="DIR", help="audio-image: the image dual encoder")
+    parser.add_argument("--system", help="a system message before every question")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+                        help="tokens an answer may take (default: the task's own)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field (when MODEL is a recipe)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", metavar="DIR", help="write results.json, predictions.jsonl, report.md and pictures")
 
@@ -48,18 +53,21 @@ def task_options(args: argparse.Namespace):
         raise UserError("--limit must be at least 1")
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
     return task, TaskOptions(split=args.split, data=args.data, limit=args.limit, seed=args.seed,
                              setting=args.setting, prompt=args.prompt,
-                             templates=args.templates, image_model=args.image_model)
+                             templates=args.templates, image_model=args.image_model,
+                             system=args.system, max_new_tokens=args.max_new_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
+    from polymodal.cli.loading import load_for_command
     from polymodal.eval.run import evaluate
-    from polymodal.model import load_any
 
     task, options = task_options(args)
     items = task.items(options) if task.generative else None  # bad data fails before the model loads
-    model = load_any(args.model)
+    model = load_for_command(args.model, args.set)
     command = "polymodal " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else ""
     results, rows = evaluate(model, task, options, args.batch_size, args.out, command, items)
     show_examples(rows, args.show)

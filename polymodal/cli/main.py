@@ -19,6 +19,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         prog="polymodal",
         description="Build, train, evaluate and serve multimodal LLMs from pretrained parts.",
     )
+    from polymodal import __version__
+
+    parser.add_argument("--version", action="version", version=f"polymodal {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"polymodal.cli.{name}").add_parser(commands)

@@ -43,8 +43,8 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from polymodal.cli.loading import load_for_command
     from polymodal.engine.batching import BatchingEngine
-    from polymodal.model import load_any
     from polymodal.serve.app import create_app, server_config
     from polymodal.serve.media import MediaLimits
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             or args.max_connections < 1:
         raise UserError("--header-timeout, --body-timeout, --keep-alive, --shutdown-timeout and "
                         "--max-connections must be positive")
-    model = load_any(args.model)
+    model = load_for_command(args.model)
     generative = not hasattr(model, "encode_texts")
     engine = BatchingEngine(model, args.max_batch, args.max_queue).start() if generative else None
     limits = MediaLimits(max_image_pixels=args.max_image_pixels, max_images=args.max_images,

@@ -47,6 +47,10 @@ class Generator:
     """Generates answers for a MultimodalLM. `use_cache=False` recomputes every step (for tests)."""
 
     def __init__(self, model, use_cache: bool = True):
+        if getattr(model, "llm", None) is None:  # e.g. a dual encoder: it embeds, it has no LLM
+            raise UserError(f"this model cannot generate text (a {type(model).__name__} has no "
+                            f"LLM); use it with embed, index, search, or eval --task zeroshot, "
+                            f"retrieval or audio-image")
         self.model = model.eval()
         self.use_cache = use_cache
         self.stop_ids = model.llm.stop_token_ids()

@@ -82,7 +82,8 @@ def analyze(model, task: Task, options: TaskOptions, batch_size: int = 32, emap_
                 "no question": [task.without_question(item) for item in items]}
     scores, rows = {}, []
     for name, variant in variants.items():
-        predictions = answer_items(model, variant, batch_size, task.max_new_tokens, desc=name)
+        predictions = answer_items(model, variant, batch_size, task.new_tokens(options), desc=name,
+                                   system=options.system)
         metrics, variant_rows = task.score(items, predictions)  # scored against the true answers
         scores[name] = metrics[task.headline]
         rows += [{**row, "ablation": name, "prompt": v.question} for row, v in zip(variant_rows, variant)]

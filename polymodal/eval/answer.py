@@ -24,13 +24,17 @@ def image_key(item: Item) -> tuple:
 
 
 def answer_items(model, items: list[Item], batch_size: int = 32, max_new_tokens: int = 8,
-                 desc: str = "answering") -> list[str]:
-    """The model's greedy answer to every item, in item order."""
+                 desc: str = "answering", system: str | None = None) -> list[str]:
+    """The model's greedy answer to every item, in item order; `system`: a system message
+    before each question."""
     generator = Generator(model)
     params = SamplingParams(max_new_tokens=max_new_tokens)
     answers: list[str] = [""] * len(items)
     with generator.lora_merged():
         for chunk, prompts in batches(model, items, batch_size, desc):
+            if system is not None:
+                for prompt in prompts:
+                    prompt["messages"].insert(0, {"role": "system", "content": system})
             for index, completion in zip(chunk, generator.generate(prompts, params)):
                 answers[index] = completion.text
     return answers

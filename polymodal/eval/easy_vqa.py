@@ -31,7 +31,8 @@ class EasyVQA(Task):
         rows = []
         for item, text in zip(items, predictions):
             prediction = normalize(text)
-            rows.append(prediction_row(item, prediction, prediction == item.references[0]))
+            rows.append(prediction_row(item, text.strip(), prediction == item.references[0],
+                                       normalized=prediction))
         results = {"accuracy": sum(r["correct"] for r in rows) / max(1, len(rows)),
                    "accuracy_by_type": accuracy_by(rows, "type")}
         return results, rows

@@ -21,12 +21,15 @@ def accuracy_by(rows: list[dict], key: str) -> dict[str, float]:
 
 def confusion(rows: list[dict]) -> tuple[list[str], list[list[int]]]:
     """Labels (references, then other predictions) and counts[reference][prediction]."""
+    def scored(row: dict) -> str:  # the form that was scored, where the task normalises
+        return row.get("normalized", row["prediction"])
+
     references = sorted({row["reference"] for row in rows})
-    others = sorted({row["prediction"] for row in rows} - set(references))
+    others = sorted({scored(row) for row in rows} - set(references))
     labels = references + others
     counts = defaultdict(Counter)
     for row in rows:
-        counts[row["reference"]][row["prediction"]] += 1
+        counts[row["reference"]][scored(row)] += 1
     return labels, [[counts[r][p] for p in labels] for r in references]
 
 

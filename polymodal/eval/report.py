@@ -10,12 +10,17 @@ from polymodal.eval.tasks import Item
 from polymodal.model import atomic_write
 
 
-def prediction_row(item: Item, prediction: str, correct: bool | float, reference=None) -> dict:
-    """One line of predictions.jsonl: id, prompt, prediction, reference, correct (+ item info)."""
+def prediction_row(item: Item, prediction: str, correct: bool | float, reference=None,
+                   normalized: str | None = None) -> dict:
+    """One line of predictions.jsonl: id, prompt, prediction (as the model said it), reference,
+    correct (+ `normalized`, the form that was scored, when the task normalises; + item info)."""
     reference = reference if reference is not None else (
         item.references[0] if len(item.references) == 1 else item.references)
-    return {"id": item.id, "prompt": item.question, "prediction": prediction, "reference": reference,
-            "correct": correct, **item.info}
+    row = {"id": item.id, "prompt": item.question, "prediction": prediction, "reference": reference,
+           "correct": correct, **item.info}
+    if normalized is not None:
+        row["normalized"] = normalized
+    return row
 
 
 def write_outputs(out: Path, title: str, results: dict, rows: list[dict], command: str = "") -> None:

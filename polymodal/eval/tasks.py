@@ -50,6 +50,8 @@ class TaskOptions:
     prompt: str | None = None  # caption: the instruction
     templates: list[str] | None = None  # zeroshot: prompt templates with {} for the label
     image_model: str | None = None  # audio-image: the image dual encoder to retrieve with
+    system: str | None = None  # a system message before every question
+    max_new_tokens: int | None = None  # None: the task's own (8 for short answers)
 
 
 class Task:
@@ -74,8 +76,13 @@ class Task:
         items = self.items(options) if items is None else items
         if not items:
             raise UserError(f"task {self.name}: the data holds no questions")
-        predictions = answer_items(model, items, batch_size, self.max_new_tokens, desc=self.name)
+        predictions = answer_items(model, items, batch_size, self.new_tokens(options), desc=self.name,
+                                   system=options.system)
         return self.score(items, predictions)
+
+    def new_tokens(self, options: TaskOptions) -> int:
+        """How many tokens an answer may take: the user's --max-new-tokens, or the task's."""
+        return options.max_new_tokens or self.max_new_tokens
 
     def score(self, items: list[Item], predictions: list[str]) -> tuple[dict, list[dict]]:
         """Answers -> (results: metrics, rows: one per item for predictions.jsonl)."""

@@ -51,7 +51,8 @@ class VQA(Task):
         rows = []
         for item, text in zip(items, predictions):
             answer = normalize_vqa(text)
-            row = prediction_row(item, answer, soft_accuracy(text, item.references), item.references)
+            row = prediction_row(item, text.strip(), soft_accuracy(text, item.references),
+                                 item.references, normalized=answer)
             row["exact_match"] = answer in {normalize_vqa(r) for r in item.references}
             rows.append(row)
         count = max(1, len(rows))

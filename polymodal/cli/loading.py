@@ -1,0 +1,58 @@
+"""Loading a model for a command, with a word to the user: what is loading, how long it
+took, and when its answers cannot mean anything (random `tiny:` parts, an untrained recipe)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def load_for_command(source: str, overrides: list[str] = ()):
+    """`model.load_any(source, overrides)`, saying on stderr what loads and how long it took
+    (a real LLM takes 10-50 s on a CPU), and whether the model is untrained or random.
+
+    Raises:
+        UserError: as `load_any` does, for a source that cannot be loaded.
+    """
+    from polymodal.model import is_model_directory, load_any
+
+    print(f"loading {source} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    model = load_any(source, overrides)
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    if not is_model_directory(source):
+        note = untrained_note(source, overrides)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+    return model
+
+
+def untrained_note(source: str, overrides: list[str] = ()) -> str | None:
+    """Why a model built from `source` (not a saved model) answers noise, or None."""
+    if source.startswith("tiny:"):
+        return f"{source} is a small model with random weights, for tests: its answers are noise"
+    if not source.endswith((".yaml", ".yml")) or not Path(source).is_file():
+        return None
+    from polymodal.config import load_recipe
+
+    recipe = load_recipe(source, overrides)
+    tiny = sorted({value for value in _strings(recipe.model) if value.startswith("tiny:")})
+    if tiny:
+        return (f"{', '.join(tiny)}: small random models for tests; the answers of a model "
+                f"built from them are noise")
+    return ("a recipe builds an untrained model (its new parts are random); train it with "
+            "`polymodal train` and use the model directory it writes")
+
+
+def _strings(value) -> list[str]:
+    """Every string inside a config dataclass (as `dataclasses.asdict`), dict or list."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [text for item in value for text in _strings(item)]
+    return [value] if isinstance(value, str) else []
