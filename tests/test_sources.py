@@ -55,5 +55,18 @@ def test_missing_sources_are_named(source, message):
         locate(source)
 
 
-def test_a_hub_id_is_passed_to_transformers():
+def test_a_hub_id_is_passed_to_transformers(monkeypatch):
+    monkeypatch.setattr("polymodal.sources.check_hub_reachable", lambda hub_id: None)
     assert locate("HuggingFaceTB/SmolLM2-135M-Instruct").hub_id
+
+
+def test_an_uncached_hub_id_offline_fails_before_any_download_pointing_at_offline_sources(monkeypatch):
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried the network")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    with pytest.raises(UserError, match=r"not in the local cache.*HF_HUB_OFFLINE.*pkg:PACKAGE/PATH"):
+        locate("no-such-org/no-such-model")
