@@ -429,6 +429,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                     node.pop(rival, None)
             else:
                 if isinstance(node, dict) and node.get(part) is None:
+                    if parts[depth + 1].isdigit():  # `stages.0.steps=5` where there are no stages
+                        raise ConfigError(f"{where}: the recipe has no list here, so no item "
+                                          f"{parts[depth + 1]} to set; write the list in the recipe "
+                                          f"(recipes/starter.yaml has a stage to copy)")
                     node[part] = {}
                 node = node[part]
     return data

@@ -1,5 +1,7 @@
 """The command line: output on success; one line and exit code 2 on a user's mistake."""
 
+import json
+
 import pytest
 
 from conftest import DATA, RECIPES
@@ -95,3 +97,14 @@ def test_info_and_chat_on_a_saved_model(capsys, tmp_path, tiny_llava):
     code, out, _ = run(capsys, "chat", str(tmp_path / "model"), "--image", f"{DATA}/blue_square.png",
                        "--max-new-tokens", "3", "Colour?")
     assert code == 0
+
+
+def test_the_starter_recipe_trains_out_of_the_box(capsys, tmp_path):
+    code, out, _ = run(capsys, "train", f"{RECIPES}/starter.yaml", "--out", str(tmp_path / "run"))
+    assert code == 0 and (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert json.loads(out.strip().splitlines()[-1])["final_loss"] > 0
+
+
+def test_setting_an_item_of_a_list_the_recipe_lacks_names_it(capsys):
+    code, _, err = run(capsys, "train", RECIPE, "--set", "stages.0.steps=5")
+    assert code == 2 and "stages: the recipe has no list here, so no item 0 to set" in err
