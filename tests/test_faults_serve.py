@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 import torch
-from test_serve import LiveServer, client, free_port, png_uri, sharp_tiny_model
+from test_serve import LiveServer, client, free_port, png_uri, sharp_tiny_model, tiny_server
 
 from polymodal.engine.sampling import SamplingParams, choice_seed, choose_next
 
@@ -19,18 +19,8 @@ openai = pytest.importorskip("openai")
 
 @pytest.fixture(scope="module")
 def served():
-    from polymodal.engine.batching import BatchingEngine
-    from polymodal.serve.app import create_app
-    from polymodal.serve.media import MediaLimits
-
-    model = sharp_tiny_model()
-    engine = BatchingEngine(model, max_batch=4, max_queue=8).start()
-    app = create_app(model, "tiny", engine, MediaLimits(max_image_pixels=1000 * 1000, max_images=2),
-                     max_body_bytes=2 * 1024 * 1024)
-    with LiveServer(app) as server:
-        server.model, server.engine = model, engine
+    with tiny_server(max_queue=8) as server:
         yield server
-    engine.stop()
 
 
 def post(server, body: dict, path: str = "/v1/chat/completions") -> httpx.Response:

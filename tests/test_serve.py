@@ -3,6 +3,7 @@ plain, streamed, with images, embeddings, errors, 16 clients at once, disconnect
 the chat page in a real headless Chromium."""
 
 import base64
+import contextlib
 import io
 import re
 import shutil
@@ -62,20 +63,29 @@ def sharp_tiny_model():
     return model
 
 
-@pytest.fixture(scope="module")
-def served():
+@contextlib.contextmanager
+def tiny_server(max_queue: int):
+    """A live server of `sharp_tiny_model` (batch 4, images up to 1000x1000, bodies to 2 MiB)."""
     from polymodal.engine.batching import BatchingEngine
     from polymodal.serve.app import create_app
     from polymodal.serve.media import MediaLimits
 
     model = sharp_tiny_model()
-    engine = BatchingEngine(model, max_batch=4, max_queue=64).start()
+    engine = BatchingEngine(model, max_batch=4, max_queue=max_queue).start()
     app = create_app(model, "tiny", engine, MediaLimits(max_image_pixels=1000 * 1000, max_images=2),
                      max_body_bytes=2 * 1024 * 1024)
-    with LiveServer(app) as server:
-        server.model, server.engine = model, engine
+    try:
+        with LiveServer(app) as server:
+            server.model, server.engine = model, engine
+            yield server
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def served():
+    with tiny_server(max_queue=64) as server:
         yield server
-    engine.stop()
 
 
 def client(server):
