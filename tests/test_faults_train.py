@@ -437,3 +437,33 @@ def test_a_model_moved_aside_by_a_killed_save_is_put_back(tmp_path):
     (run / ".model.old-4242" / "config.json").write_text("{}")
     remove_stale_temps(run)
     assert (run / "model" / "config.json").read_text() == "{}" and not list(run.glob(".model.*"))
+
+
+# ---------------------------------------------------------------- 10: big inputs
+
+
+def test_encoding_shows_progress_and_keeps_token_ids_compact(tmp_path, capsys):
+    from array import array
+
+    from polymodal.config import DatasetConfig, StageConfig
+    from polymodal.data.formats import read_llava_json
+    from polymodal.model import MultimodalLM
+    from polymodal.train.mixture import Mixture, encode_dataset
+
+    path = long_and_short(tmp_path)
+    config = recipe(path, ["connector"], steps=1)
+    model = MultimodalLM.from_config(config)
+    dataset = DatasetConfig(format="llava", path=str(path))
+    stage = StageConfig(name="s", train=["connector"], lr={"connector": 1e-3}, data=[dataset], batch_size=4)
+    encoded = encode_dataset(model, dataset, stage, tmp_path / "bad.jsonl")
+    err = capsys.readouterr().err
+    assert f"encoding {path}" in err and "sample/s" in err  # tqdm's bar, with its rate
+    stored = encoded.samples.rows
+    assert all(isinstance(row[key], array) and row[key].itemsize == 4
+               for row in stored for key in ("input_ids", "labels"))
+    # the memo's shared lists stay shared: the 10 short samples ask one text, one array
+    assert len({id(row["input_ids"]) for row in stored}) == 2
+    # each read gives back what the model made of the sample, as plain lists
+    assert list(encoded.samples) == [model.training_example(s) for s in read_llava_json(path)]
+    batch = Mixture([encoded], 4, 0).batch(model, 0)
+    assert batch["input_ids"].shape[0] == 4

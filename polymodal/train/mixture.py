@@ -51,6 +51,19 @@ def read_dataset(config: DatasetConfig) -> list[Sample]:
     return samples
 
 
+def pack(value, packed: dict[int, array]):
+    """A list of ints as an int32 array (the one in `packed` if this list has one); any
+    other value as it is. `packed` must not outlive the lists it names (ids are reused)."""
+    if not isinstance(value, list) or not value or type(value[0]) is not int:
+        return value
+    if id(value) not in packed:
+        try:
+            packed[id(value)] = array("i", value)
+        except (TypeError, OverflowError):  # not all ints of 32 bits: kept as given
+            return value
+    return packed[id(value)]
+
+
 class Examples(Sequence):
     """A dataset's training examples, held compactly; each read gives back the plain dict.
 
@@ -61,24 +74,11 @@ class Examples(Sequence):
 
     def __init__(self):
         self.rows: list[dict] = []
-        self.packed: dict[int, array] = {}  # id(list) -> its array, while the memo keeps it alive
 
-    def append(self, example: dict) -> None:
-        self.rows.append({key: self._pack(value) for key, value in example.items()})
-
-    def _pack(self, value):
-        if not isinstance(value, list) or not value or type(value[0]) is not int:
-            return value
-        if id(value) not in self.packed:
-            try:
-                self.packed[id(value)] = array("i", value)
-            except (TypeError, OverflowError):  # not all ints of 32 bits: kept as given
-                return value
-        return self.packed[id(value)]
-
-    def done(self) -> Examples:
-        self.packed = {}  # the memo's lists go away after encoding; their ids may be reused
-        return self
+    def append(self, example: dict, packed: dict[int, array] | None = None) -> None:
+        """`packed`: id(list) -> its array, for lists packed already (the memo's)."""
+        packed = {} if packed is None else packed
+        self.rows.append({key: pack(value, packed) for key, value in example.items()})
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -163,18 +163,24 @@ def encode_dataset(model, config: DatasetConfig, stage: StageConfig, bad_file: P
     reason = unusable_reason(stage)
     for sample in tqdm(samples, desc=f"encoding {name}", unit="sample", dynamic_ncols=True,
                        leave=False, disable=bad_file is None):
+        known = len(memo)
         example = model.training_example(sample, stage.max_length, memo)
+        packed = {}  # for this sample only, while its lists are alive
+        if len(memo) > known and isinstance(memo[key := next(reversed(memo))], dict):
+            # a text tokenized just now: its memo entry holds the arrays from here on, so the
+            # lists are freed as encoding goes (else all of them stay until the end)
+            memo[key] = {name: pack(value, packed) for name, value in memo[key].items()}
         if example is None:
             too_long.append({"id": sample.id, "reason": reason})  # whole samples, never cut
             continue
-        encoded.append(example)
+        encoded.append(example, packed)
     record_bad(bad_file, name, too_long)
     if (bad or too_long) and bad_file is not None:
         print(f"{name}: skipped {bad + len(too_long)} of {total} samples ({bad} bad, {len(too_long)} "
               f"{reason}); listed in {bad_file}", file=sys.stderr)
     # the same threshold for both kinds: a sample skipped for its length is as lost as a bad one
     stop_if_too_many(too_long, total, stage.max_bad_fraction, name, bad_file, "bad or too long", bad)
-    return EncodedDataset(name, config.weight, encoded.done(), len(too_long), prints)
+    return EncodedDataset(name, config.weight, encoded, len(too_long), prints)
 
 
 def unusable_reason(stage: StageConfig) -> str:
