@@ -49,7 +49,7 @@ demo: install $(RUN)/model/config.json
 	@echo "Pictures:      $(RUN)/loss.png  $(RUN)/eval/confusion.png"
 
 $(RUN)/model/config.json: recipes/easy-vqa.yaml | install
-	$(VENV)/bin/polymodal train recipes/easy-vqa.yaml --out $(RUN)
+	$(VENV)/bin/polymodal train recipes/easy-vqa.yaml --out $(RUN) --overwrite
 
 lint: install
 	$(VENV)/bin/ruff check polymodal tests benchmarks

@@ -166,3 +166,15 @@ def test_eval_takes_a_system_message_and_an_answer_length(folder, monkeypatch, c
     assert code == 0 and len(seen) == len(QUESTIONS)
     assert all(messages[0] == {"role": "system", "content": "Answer in one word."} and tokens == 3
                for messages, tokens in seen)
+
+
+def test_a_stopped_eval_says_what_it_kept(folder, monkeypatch, capsys, tmp_path):
+    def interrupted(self, prompts, params=None):
+        raise KeyboardInterrupt  # as Ctrl-C, or SIGTERM through cli.signals.stop_on
+
+    monkeypatch.setattr(Generator, "generate", interrupted)
+    tiny_model({"kind": "hf", "source": "tiny:clip"}, {"kind": "mlp"}).save_pretrained(tmp_path / "model")
+    code = main(["eval", str(tmp_path / "model"), "--task", "easy-vqa", "--data", str(folder),
+                 "--out", str(tmp_path / "eval")])
+    assert code == 130 and "stopped by SIGINT; nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "eval" / "results.json").exists()

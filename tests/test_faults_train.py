@@ -120,6 +120,26 @@ def test_steps_set_over_epochs_is_what_trains_and_the_saved_recipe_loads_again(t
     assert (again.steps, again.epochs) == (None, 2)
 
 
+def test_a_run_saved_with_resolved_steps_beside_epochs_still_resumes(tmp_path):
+    """Runs written before recipe_text kept the steps worked out from `epochs` in recipe.yaml."""
+    import yaml
+
+    from polymodal.config import load_recipe, to_dict
+    from polymodal.train.run import resolve_epochs
+
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(epochs_recipe(synthetic_dataset(tmp_path), epochs=2)))
+    recipe = load_recipe(path)
+    train(recipe, tmp_path / "run")
+    resolved = load_recipe(path)
+    resolve_epochs(resolved)
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(to_dict(resolved), sort_keys=False))
+    assert train(load_recipe(path), tmp_path / "run", resume=True)["final_loss"] is not None
+    (tmp_path / "run" / "recipe.yaml").write_text("name: another\n")
+    with pytest.raises(UserError, match="the recipe differs"):
+        train(load_recipe(path), tmp_path / "run", resume=True)
+
+
 # ---------------------------------------------------------------- 4, 5: skipped samples
 
 
@@ -168,6 +188,24 @@ def test_bad_and_too_long_samples_count_together_against_the_threshold(tmp_path)
     with pytest.raises(UserError, match=r"13 of 20 samples are bad or too long \(more than 60%\)"):
         train(recipe(path, ["connector"], steps=1, max_length=limit, max_bad_fraction=0.6), tmp_path / "run")
     train(recipe(path, ["connector"], steps=1, max_length=limit, max_bad_fraction=0.65), tmp_path / "ok")
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_listed_bad_sample(tmp_path, monkeypatch):
+    from polymodal.llm import LanguageModel
+
+    path = long_and_short(tmp_path)
+    render = LanguageModel.render
+
+    def strict(self, messages, add_generation_prompt):
+        if any("apple apple" in m["content"] for m in messages):  # as a template's raise_exception
+            raise UserError("the chat template refused the conversation: too many apples")
+        return render(self, messages, add_generation_prompt)
+
+    monkeypatch.setattr(LanguageModel, "render", strict)
+    train(recipe(path, ["connector"], steps=1, max_bad_fraction=0.5), tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"s{i}" for i in range(1, 20, 2)]
+    assert {r["reason"] for r in rows} == {"the chat template refused the conversation: too many apples"}
 
 
 def test_each_bad_sample_is_listed_once_over_stages_and_resumes(tmp_path, monkeypatch):

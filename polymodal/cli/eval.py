@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 
 from polymodal.errors import UserError
@@ -63,13 +64,21 @@ def task_options(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from polymodal.cli.loading import load_for_command
+    from polymodal.cli.signals import stop_on
     from polymodal.eval.run import evaluate
 
     task, options = task_options(args)
     items = task.items(options) if task.generative else None  # bad data fails before the model loads
     model = load_for_command(args.model, args.set)
     command = "polymodal " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else ""
-    results, rows = evaluate(model, task, options, args.batch_size, args.out, command, items)
+    with stop_on(signal.SIGTERM) as stopped:
+        try:
+            results, rows = evaluate(model, task, options, args.batch_size, args.out, command, items)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through stop_on
+            name = stopped[0] if stopped else "SIGINT"
+            print(f"stopped by {name}; nothing was written (the results are written once every "
+                  f"question is answered); run the same command again", file=sys.stderr)
+            return 128 + int(getattr(signal, name))
     show_examples(rows, args.show)
     print(json.dumps(results))
     return 0

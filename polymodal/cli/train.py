@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shlex
 import signal
@@ -26,6 +25,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from polymodal.cli.signals import stop_on
     from polymodal.config import load_recipe
     from polymodal.errors import UserError
     from polymodal.train.run import train
@@ -44,27 +44,6 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"run_dir": run_dir, "train_seconds": round(summary["train_seconds"], 1),
                       "final_loss": summary["final_loss"], "model": f"{run_dir}/model"}))
     return 0
-
-
-@contextlib.contextmanager
-def stop_on(number: int):
-    """While inside, signal `number` stops like Ctrl-C (a KeyboardInterrupt, so every
-    `finally` runs: no temp file left) and its name is appended to the yielded list."""
-    stopped: list[str] = []
-
-    def handler(signum, frame):
-        stopped.append(signal.Signals(signum).name)
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(number, handler)
-    except ValueError:  # not the main thread: leave the default
-        yield stopped
-        return
-    try:
-        yield stopped
-    finally:
-        signal.signal(number, previous)
 
 
 def stopped_line(args: argparse.Namespace, run_dir: str, name: str) -> str:

@@ -25,6 +25,7 @@ from polymodal.data.formats import (
 )
 from polymodal.data.replay import answer_questions, read_questions
 from polymodal.data.validate import check_samples, record_bad, stop_if_too_many
+from polymodal.errors import UserError
 from polymodal.processing.branches import merge_branches, sample_ids
 from polymodal.train.distributed import module_device
 
@@ -159,12 +160,16 @@ def encode_dataset(model, config: DatasetConfig, stage: StageConfig, bad_file: P
     total = len(samples)
     samples = check_samples(samples, model.image_placeholder, bad_file, stage.max_bad_fraction, name)
     bad = total - len(samples)
-    encoded, too_long, memo = Examples(), [], {}
+    encoded, too_long, refused, memo = Examples(), [], [], {}
     reason = unusable_reason(stage)
     for sample in tqdm(samples, desc=f"encoding {name}", unit="sample", dynamic_ncols=True,
                        leave=False, disable=bad_file is None):
         known = len(memo)
-        example = model.training_example(sample, stage.max_length, memo)
+        try:
+            example = model.training_example(sample, stage.max_length, memo)
+        except UserError as error:  # e.g. a chat template that refuses this conversation
+            refused.append({"id": sample.id, "reason": str(error)})
+            continue
         packed = {}  # for this sample only, while its lists are alive
         if len(memo) > known and isinstance(memo[key := next(reversed(memo))], dict):
             # a text tokenized just now: its memo entry holds the arrays from here on, so the
@@ -174,12 +179,14 @@ def encode_dataset(model, config: DatasetConfig, stage: StageConfig, bad_file: P
             too_long.append({"id": sample.id, "reason": reason})  # whole samples, never cut
             continue
         encoded.append(example, packed)
-    record_bad(bad_file, name, too_long)
+    record_bad(bad_file, name, refused + too_long)
+    bad += len(refused)
     if (bad or too_long) and bad_file is not None:
         print(f"{name}: skipped {bad + len(too_long)} of {total} samples ({bad} bad, {len(too_long)} "
               f"{reason}); listed in {bad_file}", file=sys.stderr)
     # the same threshold for both kinds: a sample skipped for its length is as lost as a bad one
-    stop_if_too_many(too_long, total, stage.max_bad_fraction, name, bad_file, "bad or too long", bad)
+    stop_if_too_many(refused + too_long, total, stage.max_bad_fraction, name, bad_file,
+                     "bad or too long", bad - len(refused))
     return EncodedDataset(name, config.weight, encoded, len(too_long), prints)
 
 

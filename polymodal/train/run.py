@@ -88,7 +88,9 @@ class Run:
         if self.resume_from is None:
             raise UserError(f"--resume: no complete checkpoint in {self.checkpoints}")
         saved = self.dir / "recipe.yaml"
-        if saved.is_file() and saved.read_text() != text:
+        # Runs written before recipe_text kept a stage's resolved `steps` beside its `epochs`.
+        written_before = yaml.safe_dump(to_dict(self.recipe), sort_keys=False)
+        if saved.is_file() and saved.read_text() not in (text, written_before):
             raise UserError(f"--resume: the recipe differs from the run's {saved}")
         meta = checkpoint.read_meta(self.resume_from)
         self.position = (meta["stage_index"], meta["step"])
