@@ -157,6 +157,31 @@ class ContrastiveConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Held-out measures taken every `every` steps of a stage (and at its end), logged in
+    metrics.jsonl beside the training loss and drawn in loss.png:
+    - `data`: datasets whose mean next-token loss is `val_loss` (the training formats);
+    - `task`: an eval task (`polymodal eval --task`) whose headline metric is `val_<metric>`,
+      on a fixed, seeded sample of `task_limit` of its questions (`task_split` or `task_data`).
+    """
+
+    every: int = 50
+    data: list[DatasetConfig] = field(default_factory=list)
+    batch_size: int = 16
+    task: str | None = None
+    task_split: str = "test"
+    task_data: str | None = None
+    task_limit: int = 200
+
+    def __post_init__(self):
+        if not self.data and self.task is None:
+            raise ConfigError("data or task: validation needs held-out data, a task, or both")
+        for name in ("every", "batch_size", "task_limit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1")
+
+
+@dataclass
 class StageConfig:
     """One training stage: which parts train, how fast, for how long, on which data."""
 
@@ -199,6 +224,7 @@ class StageConfig:
     # text tower on (image, caption) pairs, without the LLM (parts: encoder, projection, text).
     objective: Literal["lm", "contrastive"] = "lm"
     contrastive: ContrastiveConfig | None = None
+    validation: ValidationConfig | None = None  # held-out loss and a task's metric while training
 
     def __post_init__(self):
         if self.objective == "contrastive" and self.contrastive is None:
@@ -223,6 +249,8 @@ class StageConfig:
             raise ConfigError("loss_average: only for objective lm")
         if self.objective != "lm" and any(d.format == "replay" for d in self.data):
             raise ConfigError("data: format replay is for objective lm (it needs the LLM's answers)")
+        if self.validation is not None and self.objective != "lm":
+            raise ConfigError("validation: only for objective lm")
         if self.lora_plus_ratio is not None and (self.lora_plus_ratio <= 0 or "llm.lora" not in self.train):
             raise ConfigError("lora_plus_ratio: a positive number, for a stage that trains llm.lora")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):

@@ -97,13 +97,15 @@ def learning_rate_factor(stage: StageConfig) -> Callable[[int], float]:
 def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict], None],
                 totals: dict | None = None, start_step: int = 0, resume_from=None,
                 on_checkpoint: Callable | None = None, checkpoint_every: int | None = None,
-                world: World = SINGLE_PROCESS, strategy: str = "ddp") -> dict:
+                world: World = SINGLE_PROCESS, strategy: str = "ddp",
+                validate: Callable[[torch.nn.Module], dict] | None = None) -> dict:
     """Run optimizer steps `start_step`..`stage.steps`; returns totals (samples, tokens, seconds, loss).
 
     `resume_from` is a checkpoint whose optimizer, schedule and RNG state continue here;
     `on_checkpoint(step, optimizer_state, scheduler, totals)` runs on rank 0 every
     `checkpoint_every` steps and at the stage's end. `strategy`: ddp or fsdp (with
-    several processes).
+    several processes). `validate(model)` (a `train.validation.Validator`) runs on rank 0
+    every `stage.validation.every` steps and at the end; its row goes to `log`.
     """
     if stage.batch_size % world.size:
         raise UserError(f"stage {stage.name!r}: batch_size {stage.batch_size} does not split over "
@@ -155,6 +157,10 @@ def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict
         if world.is_main and ((step + 1) % stage.log_every == 0 or step + 1 == stage.steps):
             log({"stage": stage.name, "step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
                  "grad_norm": float(grad_norm), rate_key: tokens / seconds})
+        if stage.validation and ((step + 1) % stage.validation.every == 0 or step + 1 == stage.steps):
+            gather_into(model, trainer)  # every process takes part; rank 0 (`validate`) measures
+            if validate is not None:
+                log({"stage": stage.name, "step": step + 1, **validate(model)})
         due = checkpoint_every and (step + 1) % checkpoint_every == 0
         if on_checkpoint is not None and (due or step + 1 == stage.steps):
             gather_into(model, trainer)  # every process takes part in gathering FSDP shards

@@ -1,4 +1,4 @@
-"""Loss curves as a picture, one line per stage."""
+"""Loss curves as a picture: one line per stage, validation dashed."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from polymodal.model import atomic_write
 
 
 def plot_losses(metrics: Path, out: Path) -> None:
+    """Training loss per stage against the optimizer step over all stages; where a stage
+    validates, its `val_loss` dashed and its task metric (`val_<metric>`) on a right axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,14 +18,32 @@ def plot_losses(metrics: Path, out: Path) -> None:
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     figure, axis = plt.subplots(figsize=(7, 4))
+    metric_axis = None
     offset = 0
     for stage in dict.fromkeys(row["stage"] for row in rows):
-        points = [(offset + row["step"], row["loss"]) for row in rows if row["stage"] == stage]
-        axis.plot(*zip(*points), marker=".", label=stage)
+        mine = [row for row in rows if row["stage"] == stage]
+        points = [(offset + row["step"], row["loss"]) for row in mine if "loss" in row]
+        if not points:
+            continue
+        line, = axis.plot(*zip(*points), marker=".", label=stage)
+        validation = [(offset + row["step"], row["val_loss"]) for row in mine if "val_loss" in row]
+        if validation:
+            axis.plot(*zip(*validation), linestyle="--", marker="o", color=line.get_color(),
+                      label=f"{stage}: validation")
+        for name in sorted({key for row in mine for key in row if key.startswith("val_")} - {"val_loss"}):
+            metric_axis = metric_axis or axis.twinx()
+            values = [(offset + row["step"], row[name]) for row in mine if name in row]
+            metric_axis.plot(*zip(*values), linestyle=":", marker="s", color=line.get_color(),
+                             label=f"{stage}: {name}")
+            metric_axis.set_ylabel("validation metric")
         offset = points[-1][0]
     axis.set(xlabel="optimizer step (all stages)", ylabel="loss", title="training loss")
     if rows:
-        axis.legend()
+        handles, labels = axis.get_legend_handles_labels()
+        if metric_axis is not None:
+            extra = metric_axis.get_legend_handles_labels()
+            handles, labels = handles + extra[0], labels + extra[1]
+        axis.legend(handles, labels, fontsize="small")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     try:  # atomic (model.atomic_write): a failed save keeps the last complete picture

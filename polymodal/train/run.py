@@ -38,6 +38,7 @@ from polymodal.train.distributed import World
 from polymodal.train.loop import adapters_folded_unless_trained, train_stage
 from polymodal.train.mixture import FeatureCache, Mixture, encode_dataset, read_dataset
 from polymodal.train.plots import plot_losses
+from polymodal.train.validation import Validator
 
 LOCK = ".lock"  # in the run directory: held by the one `train` writing it
 
@@ -364,11 +365,12 @@ def _train_one_stage(run: Run, model, index: int, start: int) -> None:
         checkpoint.save(run.checkpoints, checkpoint.trained_tensors(model, trained_so_far), optimizer_state,
                         scheduler, meta, run.recipe.checkpoint.keep)
 
+    validate = Validator(model, stage) if stage.validation and run.world.is_main else None
     with adapters_folded_unless_trained(model, stage):
         train_stage(model, stage, mixture, log, totals=totals, start_step=start,
                     resume_from=run.resume_from if resuming else None,
                     on_checkpoint=on_checkpoint, checkpoint_every=run.recipe.checkpoint.every, world=run.world,
-                    strategy=run.recipe.parallel)
+                    strategy=run.recipe.parallel, validate=validate)
 
 
 def _record(run: Run, name: str, totals: dict, skipped: int) -> None:
