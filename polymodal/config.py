@@ -277,6 +277,9 @@ class RecipeConfig:
     name: str
     model: ModelConfig
     description: str = ""
+    # A trained model directory to start from: its parts and weights, then this recipe's
+    # stages (`model:` is then read from its config.json; see load_recipe).
+    init_from: str | None = None
     stages: list[StageConfig] = field(default_factory=list)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # Under torchrun: `ddp` (a whole model per process) or `fsdp` (parameters, gradients
@@ -468,6 +471,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
     """Read a recipe YAML file, apply `--set` overrides, and check every field."""
-    data = apply_overrides(read_yaml(path), list(overrides))
+    data = read_yaml(path)
+    if data.get("init_from") is not None:
+        data = {**data, "model": saved_model_config(data)}
+    data = apply_overrides(data, list(overrides))
     data.setdefault("name", Path(path).stem)
     return from_dict(RecipeConfig, data)
+
+
+def saved_model_config(data: dict) -> dict:
+    """The `model` of a recipe that starts from a trained model: that model's own config."""
+    import json
+
+    folder = Path(str(data["init_from"]))
+    if "model" in data:
+        raise ConfigError(f"model: the model comes from init_from ({folder}); leave model out")
+    try:
+        record = json.loads((folder / "config.json").read_text())
+        return record["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"init_from: not a trained model directory (no readable config.json "
+                          f"with a model): {folder}") from None

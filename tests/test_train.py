@@ -328,3 +328,23 @@ def test_lora_plus_gives_the_b_matrices_their_own_rate():
         from_dict(RecipeConfig, {"name": "x", "model": lora_model, "stages": [
             {"name": "a", "train": ["connector"], "lr": {"connector": 1e-3}, "lora_plus_ratio": 4,
              "data": [{"format": "easy-vqa"}]}]})
+
+
+def test_a_new_run_can_start_from_a_trained_model_directory(tmp_path):
+    from polymodal.config import load_recipe
+    from polymodal.train.run import build_model
+
+    path = synthetic_dataset(tmp_path)
+    train(recipe(path, ["connector", "llm"], steps=30), tmp_path / "first")
+    stage = {"name": "more", "train": ["connector"], "lr": {"connector": 1e-3}, "steps": 2,
+             "batch_size": 8, "log_every": 1, "data": [{"format": "llava", "path": str(path)}]}
+    (tmp_path / "again.yaml").write_text(json.dumps(
+        {"name": "again", "init_from": str(tmp_path / "first" / "model"), "stages": [stage]}))
+    again = load_recipe(tmp_path / "again.yaml")
+    trained = MultimodalLM.from_pretrained(tmp_path / "first" / "model").state_dict()
+    started = build_model(again).state_dict()
+    assert all(torch.equal(trained[name], started[name]) for name in trained)
+    train(again, tmp_path / "second")
+    first = [json.loads(line)["loss"] for line in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]
+    second = json.loads((tmp_path / "second" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert second < first[0] / 2  # it goes on from the trained weights, not from scratch

@@ -293,12 +293,15 @@ def recipe_text(recipe: RecipeConfig) -> str:
 
 
 def build_model(recipe: RecipeConfig):
-    """The recipe's model, untrained parts from scratch and pretrained ones from their sources."""
+    """The recipe's model, untrained parts from scratch and pretrained ones from their
+    sources; or, with `init_from`, the trained model saved there."""
     if recipe.model.kind == "dual-encoder":
         from polymodal.contrastive.model import DualEncoder
 
-        return DualEncoder.from_config(recipe)
-    return MultimodalLM.from_config(recipe)
+        return DualEncoder.from_pretrained(recipe.init_from) if recipe.init_from else \
+            DualEncoder.from_config(recipe)
+    return MultimodalLM.from_pretrained(recipe.init_from) if recipe.init_from else \
+        MultimodalLM.from_config(recipe)
 
 
 def resolve_epochs(recipe: RecipeConfig) -> None:
