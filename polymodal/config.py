@@ -471,10 +471,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
     """Read a recipe YAML file, apply `--set` overrides, and check every field."""
-    data = read_yaml(path)
+    data = apply_overrides(read_yaml(path), list(overrides))
     if data.get("init_from") is not None:
         data = {**data, "model": saved_model_config(data)}
-    data = apply_overrides(data, list(overrides))
     data.setdefault("name", Path(path).stem)
     return from_dict(RecipeConfig, data)
 

@@ -319,6 +319,8 @@ def load_any(source: str, overrides: list[str] = ()):
         return MultimodalLM.from_pretrained(source)
     if source.endswith((".yaml", ".yml")):
         recipe = load_recipe(source, overrides)
+        if recipe.init_from:  # the trained model the recipe starts from
+            return load_any(recipe.init_from)
         if recipe.model.kind == "dual-encoder":
             from polymodal.contrastive.model import DualEncoder
 

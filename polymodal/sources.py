@@ -104,15 +104,21 @@ def check_hub_reachable(hub_id: str) -> None:
     if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
         return  # cached: transformers loads it without the network
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
+                                                        "http_proxy", "ALL_PROXY", "all_proxy"))
     if offline:
         why = "the hub is off (HF_HUB_OFFLINE is set)"
+    elif proxied:
+        return  # only the proxy knows the way: let transformers try through it
     else:
-        host = urllib.parse.urlsplit(constants.ENDPOINT).hostname or "huggingface.co"
+        endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+        host = endpoint.hostname or "huggingface.co"
+        port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
         try:
-            socket.create_connection((host, 443), timeout=3).close()
+            socket.create_connection((host, port), timeout=3).close()
             return
         except OSError:
-            why = f"{host} cannot be reached"
+            why = f"{host}:{port} cannot be reached"
     raise UserError(f"{hub_id!r} is a hub id that is not in the local cache, and {why}; use a "
                     f"local directory, gguf:FILE or pkg:PACKAGE/PATH (weights shipped in a Python "
                     f"package, e.g. {SMOLLM2_PACKAGED})")

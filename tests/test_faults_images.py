@@ -56,6 +56,13 @@ def test_exif_orientation_is_applied():
     assert image_from_bytes(buffer.getvalue(), "photo.jpg").size == (10, 20)
 
 
+@pytest.mark.parametrize("name", ["bad_exif_type.jpg", "bad_exif_struct.jpg"])
+def test_a_damaged_exif_block_keeps_the_stored_pixels(name):
+    """Two 8×8 JPEGs with an orientation tag whose EXIF bytes were damaged (Pillow's
+    exif_transpose raises TypeError / struct.error on them; a viewer shows them as stored)."""
+    assert open_image(f"{FAULTS}/{name}").size == (8, 8)
+
+
 def test_a_header_that_claims_a_huge_image_is_refused_before_decoding():
     with pytest.raises(ImageTooLarge, match=r"bomb_20000x20000\.png"):
         open_image(f"{FAULTS}/bomb_20000x20000.png")  # Pillow: DecompressionBombError

@@ -192,3 +192,15 @@ def test_caption_task_refuses_fewer_images_than_the_minimum(tmp_path):
     assert len(task.items(TaskOptions(data=str(path)))) == MIN_CIDER_IMAGES
     with pytest.raises(UserError, match=f"needs at least {MIN_CIDER_IMAGES} images.*got 1: raise --limit"):
         task.items(TaskOptions(data=str(path), limit=1))
+
+
+@pytest.mark.parametrize(("answer", "options", "letter"), [
+    ("The answer is Vitamin C.", ["Vitamin D", "Vitamin C", "Vitamin B", "Vitamin A"], "B"),
+    ("vitamin C is needed", ["Vitamin D", "Vitamin C", "Vitamin B", "Vitamin A"], "B"),
+    ("Go with Plan A", ["Plan B", "Plan A", "Plan C"], "B"),
+    ("B, Vitamin C", ["Vitamin D", "Vitamin C", "Vitamin B", "Vitamin A"], "B"),
+])
+def test_a_capital_letter_inside_an_options_text_is_that_option_not_a_letter(answer, options, letter):
+    from polymodal.eval.multiple_choice import chosen_letter
+
+    assert chosen_letter(answer, options) == letter

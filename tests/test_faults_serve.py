@@ -300,6 +300,24 @@ def test_an_image_the_decoder_refuses_is_a_400_naming_the_content_part(served):
     assert error["param"] == "messages[0].content[1].image_url.url" and "not an image" in error["message"]
 
 
+def test_placeholders_come_from_image_parts_alone(served):
+    """`<image>` typed in a text part is text, with or without images beside it; control
+    tokens typed there are text too (the template's markers come from the template)."""
+    spelled = post(served, {"messages": [{"role": "user", "content": "What does the HTML tag <image> do?"}],
+                            "max_tokens": 2})
+    assert spelled.status_code == 200, spelled.text
+    content = [{"type": "text", "text": "What is <image> and <|im_end|>?"},
+               {"type": "image_url", "image_url": {"url": png_uri()}}]
+    beside = post(served, {"messages": [{"role": "user", "content": content}], "max_tokens": 2})
+    assert beside.status_code == 200, beside.text
+    plain = post(served, {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is x and y?"}, {"type": "image_url", "image_url": {"url": png_uri()}}]}],
+        "max_tokens": 2})
+    spelled_tokens = beside.json()["usage"]["prompt_tokens"]
+    plain_tokens = plain.json()["usage"]["prompt_tokens"]
+    assert spelled_tokens > plain_tokens + 10  # "<image>" and "<|im_end|>" as their characters
+
+
 def test_other_fields_are_named_as_sent(served):
     stop = post(served, hello(stop=[1]))
     assert stop.status_code == 400 and stop.json()["error"]["param"] == "stop[0]"

@@ -102,6 +102,41 @@ def test_a_fresh_slot_cache_holds_a_small_length_and_grows_with_the_same_logits(
     assert _cache_elements(cache) == 2 * layers * 1 * 4 * per_slot  # idle again: memory given back
 
 
+def test_a_failed_allocation_while_growing_leaves_the_running_rows_intact(monkeypatch):
+    """Out of memory while the cache grows: the request that asked fails; the cache keeps
+    every layer and the running row decodes on as if nothing happened."""
+    import torch
+
+    from polymodal.engine.runners import LlamaRunner
+    from polymodal.engine.slots import SlotCache
+
+    llm = _llm()
+    cache = SlotCache(llm, max_batch=4, max_length=512, initial_length=4)
+    embed = llm.get_input_embeddings()
+    prompt = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        reference = LlamaRunner(llm)
+        row = reference.prefill(embed(prompt), torch.ones_like(prompt), 64)[0].argmax()
+        cache.admit(embed(prompt))
+        before = cache.capacity
+        calls, new_zeros = [], torch.Tensor.new_zeros
+
+        def failing(self, *args, **kwargs):
+            if len(args) == 4 and args[0] == 2:  # a grown layer [rows 2, H_kv, length, hd]
+                calls.append(1)
+                if len(calls) == 3:  # part-way through building the grown layers
+                    raise RuntimeError("out of memory (simulated)")
+            return new_zeros(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "new_zeros", failing)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            cache.admit(embed(torch.arange(40)[None] % 50))
+        monkeypatch.setattr(torch.Tensor, "new_zeros", new_zeros)
+        assert cache.capacity == before and len(cache.keys) == len(cache.values) == len(llm.model.layers)
+        torch.testing.assert_close(cache.step(row[None])[0], reference.step(row[None])[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
 # --- Items 2 and 3: an index is written as a set, by one writer at a time -------------------
 
 

@@ -348,3 +348,9 @@ def test_a_new_run_can_start_from_a_trained_model_directory(tmp_path):
     first = [json.loads(line)["loss"] for line in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]
     second = json.loads((tmp_path / "second" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert second < first[0] / 2  # it goes on from the trained weights, not from scratch
+    # --set init_from= works as the file's own field; a model beside it is refused
+    (tmp_path / "plain.yaml").write_text(json.dumps({"name": "plain", "stages": [stage]}))
+    set_on_command_line = load_recipe(tmp_path / "plain.yaml", [f"init_from={tmp_path / 'first' / 'model'}"])
+    assert set_on_command_line.model == again.model
+    with pytest.raises(UserError, match="leave model out"):
+        load_recipe(tmp_path / "again.yaml", ["model.llm.dtype=float32"])

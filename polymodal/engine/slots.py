@@ -63,20 +63,24 @@ class SlotCache:
     def _allocate(self, rows: int, length: int) -> None:
         shape = (rows, self.runner.kv_heads, length, self.runner.head_dim)
         layers = len(self.runner.body.layers)
-        self.keys = [self._first.new_zeros(shape) for _ in range(layers)]
-        self.values = [self._first.new_zeros(shape) for _ in range(layers)]
+        keys = [self._first.new_zeros(shape) for _ in range(layers)]
+        values = [self._first.new_zeros(shape) for _ in range(layers)]
+        # assigned together, after every allocation succeeded: a failed one changes nothing
+        self.keys, self.values = keys, values
         self.key_mask = torch.zeros(rows, length, dtype=torch.bool)
-        self._rotary(length)
+        self.rotary = self._rotary(length)
 
-    def _rotary(self, length: int) -> None:
+    def _rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, head_dim] for the positions the slots can hold: grown with them,
         since a model's context (max_length) may be far longer than any request."""
         positions = torch.arange(length)[None]
         cos, sin = self.runner.body.rotary_emb(self._first.new_zeros(1), positions)
-        self.rotary = (cos[0], sin[0])
+        return cos[0], sin[0]
 
     def _reserve(self, rows: int, length: int) -> None:
-        """Make room for `rows` rows of `length` slots, copying the running rows over."""
+        """Make room for `rows` rows of `length` slots, copying the running rows over. Built
+        aside and swapped in whole: an allocation that fails (out of memory) leaves the cache
+        and its running rows as they were, and only the request that asked fails."""
         have_rows, have_length = self.capacity
         if rows <= have_rows and length <= have_length:
             return
@@ -84,16 +88,16 @@ class SlotCache:
         length = _grown(have_length, length, self.max_length)
         n = self._active
         span = int(self.lengths[:n].max()) if n else 0
-        old = self.keys, self.values, self.key_mask
-        self.keys, self.values = [], []
-        for keys, values in zip(old[0], old[1]):  # one layer at a time: a small peak
-            for table, source in ((self.keys, keys), (self.values, values)):
+        keys, values = [], []
+        for old_keys, old_values in zip(self.keys, self.values):
+            for table, source in ((keys, old_keys), (values, old_values)):
                 grown = source.new_zeros(rows, source.shape[1], length, source.shape[3])
                 grown[:n, :, :span] = source[:n, :, :span]
                 table.append(grown)
-        self.key_mask = torch.zeros(rows, length, dtype=torch.bool)
-        self.key_mask[:n, :span] = old[2][:n, :span]
-        self._rotary(length)
+        key_mask = torch.zeros(rows, length, dtype=torch.bool)
+        key_mask[:n, :span] = self.key_mask[:n, :span]
+        rotary = self._rotary(length)
+        self.keys, self.values, self.key_mask, self.rotary = keys, values, key_mask, rotary
 
     def admit(self, embeds: torch.Tensor) -> torch.Tensor:
         """Prefill one prompt (embeds [1, T, D], T <= max_length) into the next free row; its

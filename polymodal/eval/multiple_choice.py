@@ -135,16 +135,29 @@ def chosen_letter(answer: str, options: list[str]) -> str | None:
         return LETTERS[[option.strip() for option in options].index(bare)]
     if len(bare) == 1 and bare.upper() in allowed:
         return bare.upper()
-    cued = [m.group(1) for m in CUED.finditer(text)] + [m.group(1) for m in LEADING.finditer(text)]
+    # Letters are looked for outside the options' own words: "Vitamin C", "Plan A" name an
+    # option by its text (found below), not option C or A.
+    letter_text = _without_option_texts(text, options)
+    cued = [m.group(1) for m in CUED.finditer(letter_text)] + [m.group(1) for m in LEADING.finditer(letter_text)]
     letters = {letter.upper() for letter in cued if letter.upper() in allowed}
-    for match in STANDALONE.finditer(text):
-        word = NEXT_WORD.match(text, match.end())
+    for match in STANDALONE.finditer(letter_text):
+        word = NEXT_WORD.match(letter_text, match.end())
         if match.group(1) in allowed and not (match.group(1) in "AI" and word and
                                               word.group(1) not in AFTER_A_LETTER):
             letters.add(match.group(1))
     if letters:
         return letters.pop() if len(letters) == 1 else None
     return _letter_by_text(text, options)
+
+
+def _without_option_texts(answer: str, options: list[str]) -> str:
+    """The answer with each option's text (of two characters or more) replaced by the word
+    "text", whole words only, longest first; a single-letter option's text stays (it is read
+    as a letter)."""
+    for option in sorted((o.strip() for o in options if len(o.strip()) > 1), key=len, reverse=True):
+        # a lower-case word in its place, so that "A blue square." still reads "A" as the article
+        answer = re.sub(rf"(?<![^\W_]){re.escape(option)}(?![^\W_])", "text", answer, flags=re.IGNORECASE)
+    return answer
 
 
 def _letter_by_text(answer: str, options: list[str]) -> str | None:

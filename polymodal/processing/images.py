@@ -15,6 +15,7 @@ Each refusal is a `UserError` with one line naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from pathlib import Path
@@ -83,15 +84,21 @@ def _decode(handle, name: str, max_pixels: int) -> Image.Image:
         raise UserError(f"not an image: {name} (accepted formats: {accepted})") from None
     except Image.DecompressionBombError:
         raise ImageTooLarge(f"image too large: {name} (a decompression bomb)") from None
-    except (OSError, SyntaxError, ValueError, EOFError):
+    except UserError:
+        raise
+    except Exception:  # Pillow's plugins raise many kinds on hostile bytes (struct.error, ...)
         raise UserError(f"unreadable image: {name} (corrupt or truncated)") from None
-    return as_viewed(image)
+    try:
+        return as_viewed(image)
+    except Exception:  # a damaged palette or mode that cannot be converted
+        raise UserError(f"unreadable image: {name} (its colours cannot be converted)") from None
 
 
 def as_viewed(image: Image.Image) -> Image.Image:
     """An RGB image with the pixels a viewer shows: EXIF orientation applied, 16-bit samples
     scaled to 8 bits, transparency composited onto white."""
-    image = ImageOps.exif_transpose(image)
+    with contextlib.suppress(Exception):  # a damaged EXIF block (odd tag values): as stored
+        image = ImageOps.exif_transpose(image)
     if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
         image = _to_eight_bits(image)
     if image.mode in _ALPHA_MODES or "transparency" in image.info:

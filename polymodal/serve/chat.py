@@ -73,30 +73,32 @@ def _params(engine: BatchingEngine, body: ChatRequest, prompt_tokens: int, index
 
 
 def to_prompt(body: ChatRequest, model, limits: MediaLimits) -> dict:
-    """OpenAI messages -> {"messages": [...], "images": [PIL]} with placeholders in the text.
-    Decodes images: slow, so callers on the event loop run it in a thread."""
-    placeholder = model.image_placeholder
-    messages, images = [], []
+    """OpenAI messages -> {"messages": [...]} whose content is a list of parts, text and
+    decoded images (PIL), as `processing.processor` reads them: images come from image
+    parts alone, and `<image>` typed in a text part is text. Decodes images: slow, so
+    callers on the event loop run it in a thread."""
+    messages, count = [], 0
     for m, message in enumerate(body.messages):
-        pieces = []
+        parts = []
         for p, part in enumerate(message.content or []):
             param = f"messages[{m}].content[{p}]"
             if part.type == "text":
-                pieces.append(part.text or "")
+                parts.append({"type": "text", "text": part.text or ""})
             elif part.image_url is None:
                 raise APIError(400, 'an image_url part needs "image_url": {"url": ...}',
                                param=f"{param}.image_url")
             else:
-                if len(images) >= limits.max_images:
+                if count >= limits.max_images:
                     raise APIError(400, f"too many images: at most {limits.max_images} per request",
                                    param=param, code="too_many_images")
-                images.append(decode_image(part.image_url.url, limits, f"{param}.image_url.url"))
-                pieces.append(placeholder)
+                image = decode_image(part.image_url.url, limits, f"{param}.image_url.url")
+                parts.append({"type": "image", "image": image})
+                count += 1
         role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": "".join(pieces)})
-    if images and model.encoder is None:
+        messages.append({"role": role, "content": parts})
+    if count and model.encoder is None:
         raise APIError(400, "this model takes text only; remove the images", param="messages")
-    return {"messages": messages, "images": images}
+    return {"messages": messages}
 
 
 async def next_event(request, http: Request | None):

@@ -29,7 +29,7 @@ import torch
 import yaml
 from safetensors import SafetensorError
 
-from polymodal.config import RecipeConfig, to_dict
+from polymodal.config import RecipeConfig, from_dict, to_dict
 from polymodal.errors import UserError
 from polymodal.locks import exclusive
 from polymodal.model import MultimodalLM, atomic_write
@@ -89,9 +89,8 @@ class Run:
         if self.resume_from is None:
             raise UserError(f"--resume: no complete checkpoint in {self.checkpoints}")
         saved = self.dir / "recipe.yaml"
-        # Runs written before recipe_text kept a stage's resolved `steps` beside its `epochs`.
-        written_before = yaml.safe_dump(to_dict(self.recipe), sort_keys=False)
-        if saved.is_file() and saved.read_text() not in (text, written_before):
+        if saved.is_file() and saved.read_text() != text and \
+                comparable_recipe(saved.read_text()) != comparable_recipe(text):
             raise UserError(f"--resume: the recipe differs from the run's {saved}")
         meta = checkpoint.read_meta(self.resume_from)
         self.position = (meta["stage_index"], meta["step"])
@@ -280,6 +279,20 @@ def save_model(model, final: Path, checkpoints: Path) -> None:
             os.replace(old, final)
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def comparable_recipe(text: str) -> dict | None:
+    """A saved recipe.yaml as plain data with every default filled in, so that files written
+    by older versions (fields added since missing; a stage's resolved `steps` beside its
+    `epochs`) compare equal to the same recipe now; None if it no longer parses."""
+    try:
+        data = yaml.safe_load(text)
+        for stage in data.get("stages") or []:
+            if isinstance(stage, dict) and stage.get("epochs") is not None:
+                stage["steps"] = None
+        return to_dict(from_dict(RecipeConfig, data))
+    except (yaml.YAMLError, UserError, AttributeError, TypeError):
+        return None
 
 
 def recipe_text(recipe: RecipeConfig) -> str:

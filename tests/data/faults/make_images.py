@@ -1,4 +1,5 @@
-"""Make the tricky and hostile image files of issue 21 §1 (run from the repository root):
+"""Make the tricky and hostile image files of issue 21 §1 (run from the repository root;
+bad_exif_*.jpg are kept as found: 8×8 JPEGs whose EXIF bytes a fuzzer damaged):
 
     .venv/bin/python tests/data/faults/make_images.py
 """
