@@ -56,3 +56,17 @@ def test_dequantized_gguf_cache_holds_the_same_weights(smollm2):
         else:
             reference = original[name]
         assert torch.equal(tensor, reference), name
+
+
+@pytest.mark.real
+def test_logprob_bytes_of_pieces_of_a_character_join_to_its_utf8(smollm2):
+    """SmolLM2's byte-level BPE splits "漢" into three tokens that each decode to U+FFFD;
+    their `bytes` in a logprobs entry are the character's three bytes, as OpenAI sends."""
+    from polymodal.engine.batching import token_bytes
+
+    tokenizer = smollm2.llm.tokenizer
+    for text in ("漢字 café", "🙂!"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert "\ufffd" in tokenizer.decode(ids[:1])
+        joined = b"".join(bytes(token_bytes(tokenizer, i, tokenizer.decode([i]))) for i in ids)
+        assert joined.decode("utf-8") == text

@@ -18,6 +18,7 @@ rows that ran in it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import queue
 import threading
@@ -293,12 +294,13 @@ class BatchingEngine:
 def logprob_entry(tokenizer, logits: torch.Tensor, token: int, top: int) -> dict:
     """OpenAI's log-probability entry of a chosen token: {token, logprob, bytes, top_logprobs}
     from the model's distribution over the tokens it may emit (logits [V], before temperature
-    and top-p, as OpenAI and vLLM report them); `bytes` are the UTF-8 bytes of the token's text."""
+    and top-p, as OpenAI and vLLM report them); `bytes` are the token's own bytes, which for
+    a piece of a multi-byte character are not the UTF-8 of its (replacement-character) text."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
 
     def described(token_id: int, value: float) -> dict:
         text = tokenizer.decode([token_id])
-        return {"token": text, "logprob": max(value, -9999.0), "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": max(value, -9999.0), "bytes": token_bytes(tokenizer, token_id, text)}
 
     entry = described(token, float(logprobs[token]))
     entry["top_logprobs"] = []
@@ -306,6 +308,29 @@ def logprob_entry(tokenizer, logits: torch.Tensor, token: int, top: int) -> dict
         values, ids = torch.topk(logprobs, top)
         entry["top_logprobs"] = [described(int(i), float(v)) for v, i in zip(values, ids)]
     return entry
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte (the inverse of `bytes_to_unicode`)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {character: byte for byte, character in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
+    """The bytes a token stands for: a byte-fallback piece "<0xE2>" is that byte, a byte-level
+    BPE piece ("Ġhello", "â") maps back through GPT-2's alphabet; otherwise the UTF-8 of
+    its decoded `text`."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if not isinstance(piece, str) or token_id in tokenizer.all_special_ids:
+        return list(text.encode("utf-8"))
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return [int(piece[3:5], 16)]
+    decoder = _byte_decoder()
+    if "\ufffd" in text and all(character in decoder for character in piece):
+        return [decoder[character] for character in piece]
+    return list(text.encode("utf-8"))
 
 
 def _one_line(error: Exception) -> str:
