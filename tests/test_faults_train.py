@@ -214,25 +214,13 @@ def test_a_conversation_the_chat_template_refuses_is_a_listed_bad_sample(tmp_pat
 
 
 def test_each_bad_sample_is_listed_once_over_stages_and_resumes(tmp_path, monkeypatch):
-    from polymodal.model import MultimodalLM
-
     path = synthetic_dataset(tmp_path)
     (tmp_path / "3.png").write_text("not a png")
     config = two_stage_recipe(path)
     for stage in config.stages:
         stage.max_bad_fraction = 0.2
-    forward, calls = MultimodalLM.forward, []
-
-    def interrupted(self, batch):
-        calls.append(1)
-        if len(calls) == 9:  # in the second stage, after its first checkpoint
-            raise KeyboardInterrupt
-        return forward(self, batch)
-
-    monkeypatch.setattr(MultimodalLM, "forward", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "run")
-    monkeypatch.setattr(MultimodalLM, "forward", forward)
+    # stopped in the second stage, after its first checkpoint
+    interrupted_run(tmp_path, monkeypatch, config, tmp_path / "run", at_call=9)
     train(config, tmp_path / "run", resume=True)
     rows = [json.loads(line) for line in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
     assert [(r["dataset"], r["id"]) for r in rows] == [(str(path), "3")]
