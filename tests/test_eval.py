@@ -178,3 +178,20 @@ def test_a_stopped_eval_says_what_it_kept(folder, monkeypatch, capsys, tmp_path)
                  "--out", str(tmp_path / "eval")])
     assert code == 130 and "stopped by SIGINT; nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "eval" / "results.json").exists()
+
+
+def test_a_full_disk_while_writing_eval_outputs_is_one_line(folder, scripted, monkeypatch, capsys, tmp_path):
+    import errno
+
+    import polymodal.eval.report as report
+
+    tiny_model({"kind": "hf", "source": "tiny:clip"}, {"kind": "mlp"}).save_pretrained(tmp_path / "model")
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report, "atomic_write", full)
+    code = main(["eval", str(tmp_path / "model"), "--task", "easy-vqa", "--data", str(folder),
+                 "--out", str(tmp_path / "eval")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("polymodal: error: disk full writing ") and "results.json" in last

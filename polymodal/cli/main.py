@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -46,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except UserError as error:
         print(f"polymodal: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # every command's writes are atomic: the file keeps its last complete version
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"polymodal: error: disk full{where}; the last complete files are kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
