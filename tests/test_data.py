@@ -42,9 +42,12 @@ def test_malformed_llava_record_is_a_bad_sample_that_names_it(tmp_path):
 
 def test_caption_lines(tmp_path):
     path = tmp_path / "captions.jsonl"
-    path.write_text('{"image": "x.png", "text": "a red circle"}\n\n{"image": "y.png"}\n')
-    with pytest.raises(UserError, match=r"captions\.jsonl:3"):
-        read_captions(path)
+    path.write_text('{"image": "x.png", "text": "a red circle"}\n\n{"image": "y.png"}\n'
+                    '{"image": ["x.png"], "text": 5}\n')
+    good, *bad = read_captions(path)
+    assert good.problem is None and good.messages[1]["content"] == "a red circle"
+    assert [sample.id for sample in bad] == ["captions:3", "captions:4"]
+    assert all(r"captions.jsonl:" in sample.problem and "two strings" in sample.problem for sample in bad)
     path.write_text('{"image": "x.png", "text": "a red circle"}\n')
     [sample] = read_captions(path)
     assert sample.messages[-1]["content"] == "a red circle" and sample.images == [str(tmp_path / "x.png")]

@@ -101,7 +101,8 @@ def without_leading_answers(messages: list[dict]) -> list[dict]:
 
 def read_captions(path: str | Path, image_folder: str | Path | None = None,
                   prompt: str = CAPTION_PROMPT) -> list[Sample]:
-    """Caption pairs, one JSON object per line; a malformed line is an error naming it."""
+    """Caption pairs, one JSON object per line; a malformed line is a sample whose `problem`
+    names the file and line (listed as bad, as LLaVA records are)."""
     path = Path(path)
     folder = Path(image_folder) if image_folder else path.parent
     if not path.is_file():
@@ -114,14 +115,19 @@ def read_captions(path: str | Path, image_folder: str | Path | None = None,
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        identifier = f"{path.stem}:{number}"
         try:
             record = json.loads(line)
             image, text = record["image"], record["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path}:{number}: expected {{\"image\": ..., \"text\": ...}}") from None
+            record = image = text = None
+        if not (isinstance(image, str) and image and isinstance(text, str)):
+            problem = f'{path}:{number}: expected {{"image": PATH, "text": CAPTION}} (two strings)'
+            samples.append(Sample(identifier, [], [], problem=problem))
+            continue
         messages = [{"role": "user", "content": f"<image>\n{prompt}"},
                     {"role": "assistant", "content": text}]
-        samples.append(Sample(f"{path.stem}:{number}", messages, [str(folder / image)]))
+        samples.append(Sample(identifier, messages, [str(folder / image)]))
     return samples
 
 
@@ -144,10 +150,13 @@ def read_easy_vqa_questions(folder: Path) -> list[tuple[str, str, str]]:
     triples = _read_json(folder / "questions.json")
     images = str(folder / "images")  # joined as strings: 38,575 Path joins take 0.2 s
     try:
-        return [(question, answer, f"{images}/{image_id}.png")
-                for question, answer, image_id in triples]
+        found = [(question, answer, f"{images}/{image_id}.png") for question, answer, image_id in triples]
     except (TypeError, ValueError):
-        raise UserError(f"{folder / 'questions.json'}: expected [question, answer, image_id] triples") from None
+        found = None
+    if found is None or not all(isinstance(q, str) and isinstance(a, str) for q, a, _ in found):
+        raise UserError(f"{folder / 'questions.json'}: expected [question, answer, image_id] "
+                        f"triples (question and answer as text)")
+    return found
 
 
 def easy_vqa_by_image(folder: Path) -> dict[str, list[tuple[str, str]]]:

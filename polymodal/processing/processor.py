@@ -38,6 +38,16 @@ def with_placeholders(text: str, count: int, token: str) -> str:
     return text
 
 
+def _check_unicode(text: str, message: int) -> None:
+    """Text the tokenizer can take: JSON may carry a lone surrogate ("\\ud800") that no UTF-8
+    encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise UserError(f"message {message}: not valid Unicode text (a lone surrogate at "
+                        f"character {error.start})") from None
+
+
 class Processor:
     """Chat template, placeholder expansion and image loading for one model; no modules touched."""
 
@@ -98,9 +108,13 @@ class Processor:
 
         Returns (messages, images, literals): each message's content is a string with the
         image placeholder where an image goes (when the conversation has none, one per image
-        before the first user turn's text: `with_placeholders`); a text that holds a control token's spelling
-        stands there as a marker (`_LITERAL`) and its `(text, keeps_placeholders)` is in
-        `literals`, to be tokenized as characters (`_tokenize`).
+        before the first user turn's text: `with_placeholders`); a text that holds a control
+        token's spelling stands there as a marker (`_LITERAL`) and its `(text,
+        keeps_placeholders)` is in `literals`, to be tokenized as characters (`_tokenize`).
+        Adjacent text parts are one text, so a spelling split over two parts is still seen.
+
+        Raises:
+            UserError: a part of an unknown type, or text that is not valid Unicode.
         """
         flat, literals = [], []
 
@@ -108,23 +122,27 @@ class Processor:
             literals.append((text, keeps_placeholders))
             return _LITERAL_FORM.format(len(literals) - 1)
 
+        def plain_or_literal(text: str, keeps_placeholders: bool) -> str:
+            _check_unicode(text, len(flat))
+            spelled = self._spells_control(text) or (not keeps_placeholders and self.image_token in text)
+            return literal(text, keeps_placeholders) if spelled else text
+
         for message in messages:
             content = message.get("content", "")
             if isinstance(content, list):
-                text = []
+                pieces, run = [], []  # run: the text parts since the last image
                 for part in content:
                     if part.get("type") == "image":
-                        text.append(self.image_token)
+                        pieces += [plain_or_literal("".join(run), False), self.image_token]
+                        run = []
                         images.append(part["image"])
                     elif part.get("type") == "text":
-                        piece = part.get("text", "")
-                        spelled = self._spells_control(piece) or self.image_token in piece
-                        text.append(literal(piece, False) if spelled else piece)
+                        run.append(part.get("text", ""))
                     else:
                         raise UserError(f"unknown message part type {part.get('type')!r}")
-                content = "".join(text)
-            elif self._spells_control(content):
-                content = literal(content, True)
+                content = "".join([*pieces, plain_or_literal("".join(run), False)])
+            else:
+                content = plain_or_literal(content, True)
             flat.append({"role": message["role"], "content": content})
         placed = sum(m["content"].count(self.image_token) for m in flat) + sum(
             text.count(self.image_token) for text, keeps in literals if keeps)

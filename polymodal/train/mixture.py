@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import sys
 from array import array
 from collections.abc import Sequence
@@ -120,6 +121,8 @@ def file_digest(path: str) -> str:
         status = os.stat(path)
     except OSError:
         return "missing"
+    if not stat.S_ISREG(status.st_mode):  # a folder, FIFO or device: never opened (it may block)
+        return "not a file"
     key = (path, status.st_size, status.st_mtime_ns)
     if key not in _FILE_DIGESTS:
         digest = hashlib.sha256()
