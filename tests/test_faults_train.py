@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,28 @@ def test_training_again_into_a_trained_run_is_refused_unless_resume_or_overwrite
     train(recipe(data, ["connector"], steps=3), run, overwrite=True)
     rows = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [3]  # the new run's, none of the old one's
+
+
+def test_an_overwrite_that_fails_before_its_first_checkpoint_gives_the_old_run_back(tmp_path):
+    from polymodal.train import replaced
+
+    data = synthetic_dataset(tmp_path)
+    run = tmp_path / "run"
+    train(recipe(data, ["connector"], steps=2), run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(UserError, match="data file not found"):
+        train(recipe(tmp_path / "missing.json", ["connector"], steps=3), run, overwrite=True)
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # model, checkpoints, recipe and metrics, as they were
+    # killed (kill -9) before its first checkpoint: the next start puts the old run back
+    replaced.set_aside(run)
+    (run / "recipe.yaml").write_text("name: the killed one\n")
+    with pytest.raises(UserError, match="already holds a run"):
+        train(recipe(data, ["connector"], steps=3), run)
+    assert (run / "model" / "model.safetensors").read_bytes() == before[Path("model/model.safetensors")]
+    assert (run / "recipe.yaml").read_bytes() == before[Path("recipe.yaml")]
+    train(recipe(data, ["connector"], steps=3), run, overwrite=True)  # succeeds: the old run goes
+    assert not (run / replaced.ASIDE).exists()
 
 
 def test_the_train_command_names_both_flags_when_it_refuses(tmp_path, capsys):

@@ -33,7 +33,7 @@ from polymodal.config import RecipeConfig, from_dict, to_dict
 from polymodal.errors import UserError
 from polymodal.locks import exclusive
 from polymodal.model import MultimodalLM, atomic_write
-from polymodal.train import checkpoint, distributed
+from polymodal.train import checkpoint, distributed, replaced
 from polymodal.train.distributed import World
 from polymodal.train.loop import adapters_folded_unless_trained, train_stage
 from polymodal.train.mixture import FeatureCache, Mixture, encode_dataset, read_dataset
@@ -62,15 +62,10 @@ class Run:
             self._check_same_recipe(text)
         if not world.is_main:
             return  # only rank 0 writes
-        if not resume:  # a fresh run replaces the last one's records, so --resume never mixes them
-            # (replay answers too: a fresh run asks its own model, which may differ from the last's)
-            for path in (self.metrics, self.bad_samples, run_dir / "loss.png", run_dir / "summary.json",
-                         self.fingerprints,
-                         *run_dir.glob("replay-*.jsonl")):
-                path.unlink(missing_ok=True)
-            # (the old model too: a failed new run must not leave the old model beside a new recipe)
-            for folder in (self.checkpoints, run_dir / "model"):
-                shutil.rmtree(folder, ignore_errors=True)
+        if not resume:  # a fresh run replaces the last one's files, so --resume never mixes them
+            # (replay answers too: a fresh run asks its own model, which may differ from the last's);
+            # set aside, not deleted, until the new run has a checkpoint of its own (train.replaced)
+            replaced.set_aside(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         with writing(run_dir / "recipe.yaml", self.checkpoints):
             atomic_write(run_dir / "recipe.yaml", lambda p: p.write_text(text))
@@ -162,7 +157,16 @@ def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None 
     except OSError as error:
         raise UserError(f"cannot create the run directory {run_dir}: {error.strerror}") from None
     with exclusive(run_dir / LOCK, f"run directory {run_dir}"):
-        return _train(recipe, run_dir, model, resume, overwrite, world)
+        try:
+            summary = _train(recipe, run_dir, model, resume, overwrite, world)
+        except BaseException:
+            # a replaced run whose successor failed before its first checkpoint comes back
+            if replaced.restore(run_dir):
+                print(f"the new run failed before its first checkpoint; the run it was replacing "
+                      f"is back in {run_dir}", file=sys.stderr)
+            raise
+        replaced.discard(run_dir)
+        return summary
 
 
 def refuse_to_replace(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -209,6 +213,9 @@ def resume_point(run_dir: Path) -> str | None:
 
 def _train(recipe: RecipeConfig, run_dir: Path, model, resume: bool, overwrite: bool,
            world: World) -> dict:
+    if world.is_main and replaced.restore(run_dir):
+        print(f"put back the run in {run_dir} that an interrupted --overwrite had set aside",
+              file=sys.stderr)
     refuse_to_replace(run_dir, resume, overwrite)
     if world.is_main:
         remove_stale_temps(run_dir)
@@ -380,6 +387,7 @@ def _train_one_stage(run: Run, model, index: int, start: int) -> None:
         trained_so_far = [part for earlier in run.recipe.stages[: index + 1] for part in earlier.train]
         checkpoint.save(run.checkpoints, checkpoint.trained_tensors(model, trained_so_far), optimizer_state,
                         scheduler, meta, run.recipe.checkpoint.keep)
+        replaced.discard(run.dir)  # the new run has a checkpoint of its own now
 
     validate = Validator(model, stage) if stage.validation and run.world.is_main else None
     with adapters_folded_unless_trained(model, stage):
