@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -76,6 +77,10 @@ class LLMConfig:
     system_prompt: str | None = None
     max_length: int | None = None  # context length; defaults to the LLM's own
 
+    def __post_init__(self):
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"max_length: must be at least 1, got {self.max_length}")
+
 
 @dataclass
 class ModelConfig:
@@ -130,6 +135,8 @@ class DatasetConfig:
             raise ConfigError(f"path: required for format {self.format}")
         if self.weight <= 0:
             raise ConfigError(f"weight: must be positive, got {self.weight}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit: must be at least 1, got {self.limit}")
         if self.flip_yes_no and self.format != "easy-vqa":
             raise ConfigError("flip_yes_no: only for format easy-vqa")
         if self.question_types is not None:
@@ -239,6 +246,13 @@ class StageConfig:
         missing = [part for part in self.train if part not in self.lr]
         if missing:
             raise ConfigError(f"lr: no learning rate for trained part {missing[0]!r}")
+        untrained = [part for part in self.lr if part not in self.train]
+        if untrained:
+            raise ConfigError(f"lr.{untrained[0]}: not a part this stage trains ({', '.join(self.train)})")
+        negative = [part for part, rate in self.lr.items() if not rate > 0]
+        if negative:
+            raise ConfigError(f"lr.{negative[0]}: must be positive, got {self.lr[negative[0]]}")
+        self._check_ranges()
         if not self.data:
             raise ConfigError("data: a stage needs at least one dataset")
         if not 0 < self.decay_ratio <= 1:
@@ -253,9 +267,22 @@ class StageConfig:
             raise ConfigError("validation: only for objective lm")
         if self.lora_plus_ratio is not None and (self.lora_plus_ratio <= 0 or "llm.lora" not in self.train):
             raise ConfigError("lora_plus_ratio: a positive number, for a stage that trains llm.lora")
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "max_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
+
+    def _check_ranges(self) -> None:
+        """Values torch or the loop would take badly: a traceback deep inside, or a silent
+        nonsense run (a warmup longer than the stage)."""
+        for name in ("warmup_ratio", "max_bad_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be at least 0, got {self.weight_decay}")
+        if self.clip is not None and not self.clip > 0:
+            raise ConfigError(f"clip: must be positive (or null for no clipping), got {self.clip}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed: must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass
@@ -381,11 +408,16 @@ def _convert_scalar(hint: Any, value: Any, path: str):
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
     if hint in (int, float, str, bool) and not isinstance(value, hint):
         raise ConfigError(f"{path}: expected {hint.__name__}, got {_show(value)}")
     if hint is int and isinstance(value, bool):
         raise ConfigError(f"{path}: expected int, got {_show(value)}")
     return value
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _join(path: str, name: str) -> str:

@@ -312,6 +312,8 @@ def load_any(source: str, overrides: list[str] = ()):
     if Path(source, "config.json").is_file() and Path(source, "model.safetensors").is_file():
         read_model_record(Path(source))  # a damaged config.json: one line naming it
     if is_model_directory(source):
+        if overrides:
+            raise UserError("--set applies to recipes only; a saved model is used as it was trained")
         if read_model_record(Path(source))["model"].get("kind") == "dual-encoder":
             from polymodal.contrastive.model import DualEncoder
 

@@ -8,6 +8,7 @@ from conftest import DATA, RECIPES
 from polymodal.cli.main import main
 
 RECIPE = f"{RECIPES}/tiny-llava.yaml"
+STARTER = f"{RECIPES}/starter.yaml"
 
 
 def run(capsys, *argv):
@@ -73,7 +74,17 @@ def test_chat_repl(capsys, monkeypatch):
      r"1 image(s) given but 2 <image> placeholder(s)"),
     (["chat", "tiny:llama", "word " * 400], "prompt is"),
     (["chat", "tiny:llama", "--max-new-tokens", "500", "hi"], "exceeds the context of 512 tokens"),
-    (["chat", "tiny:llama", "--temperature", "-1", "hi"], "temperature must be at least 0"),
+    (["chat", "tiny:llama", "--temperature", "-1", "hi"], "temperature must be a number of at least 0"),
+    (["chat", "tiny:llama", "--temperature", "nan", "hi"], "temperature must be a number of at least 0"),
+    (["train", STARTER, "--set", "stages.0.seed=18446744073709551616"], "stages[0].seed: must be in [0, 2**63)"),
+    (["train", STARTER, "--set", "stages.0.weight_decay=-5"], "stages[0].weight_decay: must be at least 0"),
+    (["train", STARTER, "--set", "stages.0.lr.connector=-1"], "stages[0].lr.connector: must be positive"),
+    (["train", STARTER, "--set", "stages.0.lr.foo=1"], "stages[0].lr.foo: not a part this stage trains"),
+    (["train", STARTER, "--set", "stages.0.warmup_ratio=5"], "stages[0].warmup_ratio: must be in [0, 1]"),
+    (["train", STARTER, "--set", "stages.0.clip=0"], "stages[0].clip: must be positive"),
+    (["train", STARTER, "--set", "stages.0.max_length=0"], "stages[0].max_length: must be at least 1"),
+    (["train", STARTER, "--set", "stages.0.data.0.limit=0"], "limit: must be at least 1"),
+    (["chat", STARTER, "--set", "model.llm.max_length=-1", "hi"], "model.llm.max_length: must be at least 1"),
 ])
 def test_mistakes_get_one_line_and_exit_2(capsys, argv, message):
     code, _out, err = run(capsys, *argv)
@@ -108,3 +119,17 @@ def test_the_starter_recipe_trains_out_of_the_box(capsys, tmp_path):
 def test_setting_an_item_of_a_list_the_recipe_lacks_names_it(capsys):
     code, _, err = run(capsys, "train", RECIPE, "--set", "stages.0.steps=5")
     assert code == 2 and "stages: the recipe has no list here, so no item 0 to set" in err
+
+
+def test_set_on_a_saved_model_is_refused_and_its_tiny_origin_noted(capsys, tmp_path, tiny_llava):
+    tiny_llava.save_pretrained(tmp_path / "model")
+    code, _, err = run(capsys, "chat", str(tmp_path / "model"), "--set", "model.nope=1", "hi")
+    assert code == 2 and "--set applies to recipes only" in err
+    code, _, err = run(capsys, "chat", str(tmp_path / "model"), "--max-new-tokens", "2", "hi")
+    assert code == 0 and "note: this model was trained from tiny:clip, tiny:llama" in err
+
+
+def test_a_float_written_without_a_dot_is_a_float(tmp_path):
+    from polymodal.config import load_recipe
+
+    assert load_recipe(STARTER, ["stages.0.lr.connector=1e-3"]).stages[0].lr["connector"] == 0.001

@@ -204,3 +204,20 @@ def test_a_capital_letter_inside_an_options_text_is_that_option_not_a_letter(ans
     from polymodal.eval.multiple_choice import chosen_letter
 
     assert chosen_letter(answer, options) == letter
+
+
+@pytest.mark.parametrize("reference", ["", "the", "a", "."])
+def test_a_vqa_reference_that_normalises_to_nothing_is_refused_naming_the_line(tmp_path, reference):
+    import json
+    import shutil
+
+    from conftest import DATA
+    from polymodal.errors import UserError
+    from polymodal.eval.vqa import read_vqa_file
+
+    shutil.copy(f"{DATA}/red_circle.png", tmp_path / "red.png")
+    path = tmp_path / "vqa.jsonl"
+    path.write_text(json.dumps({"image": "red.png", "question": "q?", "answers": ["red"]}) + "\n"
+                    + json.dumps({"image": "red.png", "question": "q?", "answers": [reference]}) + "\n")
+    with pytest.raises(UserError, match=r"vqa\.jsonl:2: answer .* is empty once normalised"):
+        read_vqa_file(path)

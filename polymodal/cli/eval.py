@@ -54,6 +54,8 @@ def task_options(args: argparse.Namespace):
         raise UserError("--limit must be at least 1")
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if getattr(args, "show", 0) < 0:
+        raise UserError("--show must be at least 0")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     return task, TaskOptions(split=args.split, data=args.data, limit=args.limit, seed=args.seed,

@@ -21,11 +21,23 @@ def load_for_command(source: str, overrides: list[str] = ()):
     start = time.perf_counter()
     model = load_any(source, overrides)
     print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    if not is_model_directory(source):
-        note = untrained_note(source, overrides)
-        if note:
-            print(f"note: {note}", file=sys.stderr)
+    note = trained_from_tiny_note(source) if is_model_directory(source) else untrained_note(source, overrides)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     return model
+
+
+def trained_from_tiny_note(directory: str) -> str | None:
+    """A saved model whose parts began as `tiny:` random models: trained, but from parts so
+    small that its answers mean little (the starter recipe's model is one)."""
+    from polymodal.model import read_model_record
+
+    tiny = sorted({value for value in _strings(read_model_record(Path(directory))["model"])
+                   if value.startswith("tiny:")})
+    if not tiny:
+        return None
+    return (f"this model was trained from {', '.join(tiny)}: small random models for tests, "
+            f"so its answers mean little")
 
 
 def untrained_note(source: str, overrides: list[str] = ()) -> str | None:

@@ -33,8 +33,8 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must be at least 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # also refuses NaN
+            raise UserError(f"temperature must be a number of at least 0, got {self.temperature}")
         if not 0 <= self.top_p <= 1:
             raise UserError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:

@@ -58,7 +58,7 @@ def emap(model, task: Task, items: list[Item], size: int, batch_size: int, seed:
     for item in random.Random(seed).sample(items, len(items)):  # a random question per image
         by_image.setdefault(image_key(item), item)
     sample = seeded_sample(list(by_image.values()), size, seed)
-    answers = sorted({normalize(r) for item in sample for r in item.references})
+    answers = sorted({normalize(r) for item in sample for r in item.references} - {""})
     if task.name in ("caption", "multiple-choice") or len(sample) < 2 or len(answers) < 2:
         return None
     tokenizer = model.llm.tokenizer

@@ -31,6 +31,10 @@ def read_vqa_file(path: str | Path) -> list[Item]:
         answers = record["answers"]
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             raise UserError(f"{path}:{number}: 'answers' must be a non-empty list of strings")
+        empty = [answer for answer in answers if not normalize_vqa(answer)]
+        if empty:  # an empty prediction would match it and score 1
+            raise UserError(f"{path}:{number}: answer {empty[0]!r} is empty once normalised "
+                            f"(articles and punctuation are dropped)")
         items.append(Item(str(record.get("id", number)), str(record["question"]),
                           record_images(path, number, record), answers))
     return items
