@@ -121,7 +121,7 @@ def test_task_files_and_their_errors(tmp_path):
     with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
         get_task("vqa").items(TaskOptions(data=str(bad)))
     missing = tmp_path / "missing.jsonl"
-    missing.write_text(json.dumps({"image": "gone.png", "question": "Q?", "answers": ["a"]}) + "\n")
+    missing.write_text(json.dumps({"image": "gone.png", "question": "Q?", "answers": ["yes"]}) + "\n")
     with pytest.raises(UserError, match=r"missing.jsonl:1: image not found: .*gone.png"):
         get_task("vqa").items(TaskOptions(data=str(missing)))
     no_field = tmp_path / "nofield.jsonl"
