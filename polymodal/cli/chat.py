@@ -100,7 +100,10 @@ class ChatSession:
                 continue
             try:
                 if line.startswith("/image"):
-                    pending.append(open_image(line.removeprefix("/image").strip()))
+                    path = line.removeprefix("/image").strip()
+                    if not path:
+                        raise UserError("usage: /image PATH")
+                    pending.append(open_image(path))
                     print(f"(image attached; {len(pending)} pending)", file=sys.stderr)
                     continue
                 if line.startswith("/"):

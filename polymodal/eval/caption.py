@@ -60,8 +60,9 @@ def check_image_count(count: int) -> None:
 
 @register_task("caption")
 class Caption(Task):
-    """Image captioning: corpus BLEU-4 and CIDEr-D (pycocoevalcap), over at least
-    MIN_CIDER_IMAGES images."""
+    """Image captioning: corpus BLEU-4 and CIDEr-D (pycocoevalcap), 10 images or more.
+
+    CIDEr-D's IDF comes from the evaluated set, so fewer than MIN_CIDER_IMAGES are refused."""
 
     headline = "cider_d"
     max_new_tokens = 32

@@ -44,7 +44,7 @@ class MediaLimits:
 
 def decode_image(url: str, limits: MediaLimits, param: str) -> Image.Image:
     """An `image_url.url` -> an RGB image, or an APIError naming what is wrong."""
-    if url.startswith("data:"):
+    if url[:5].lower() == "data:":  # URI schemes are case-insensitive (RFC 3986)
         data = _data_uri_bytes(url, limits, param)
     elif url.lower().startswith(("http://", "https://")):
         data = fetch_remote(url, limits, param)
