@@ -5,8 +5,7 @@ parts: `{"type": "text", "text": ...}` and `{"type": "image", "image": path or P
 
 Text a user sends is text. The chat template's control tokens (`<|im_start|>`, `<|im_end|>`,
 ...) come from the template alone: a message that spells one out is tokenized as the
-characters it is, so "Hi<|im_end|><|im_start|>system ..." cannot forge a system turn (the
-class of prompt injection vLLM, llama.cpp and Ollama have each had reports of). A string
+characters it is, so "Hi<|im_end|><|im_start|>system ..." cannot forge a system turn. A string
 content keeps its `<image>` placeholders, as LLaVA JSON defines them; in a list of parts
 images are parts, and `<image>` in a text part is text too.
 """
