@@ -89,6 +89,8 @@ def locate(source: str) -> Location:
         if path.suffix != ".gguf":
             raise UserError(f"{path}: a file source must be a .gguf file (a directory for safetensors)")
         return Location(str(path.parent), path.name)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(f"not a model directory (no config.json): {path}")
     return Location(str(path))
 
 

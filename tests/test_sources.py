@@ -70,3 +70,8 @@ def test_an_uncached_hub_id_offline_fails_before_any_download_pointing_at_offlin
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
     with pytest.raises(UserError, match=r"not in the local cache.*HF_HUB_OFFLINE.*pkg:PACKAGE/PATH"):
         locate("no-such-org/no-such-model")
+
+
+def test_a_folder_without_config_json_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"not a model directory \(no config\.json\)"):
+        locate(str(tmp_path))
