@@ -181,7 +181,8 @@ def test_null_means_not_given_for_every_optional_field(served):
     ({"tool_choice": "required"}, "tool_choice"), ({"functions": [{"name": "f"}]}, "functions"),
     ({"logit_bias": {"42": 100}}, "logit_bias"), ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": -1}, "frequency_penalty"), ({"modalities": ["text", "audio"]}, "modalities"),
-    ({"top_logprobs": 2}, "top_logprobs")])
+    ({"top_logprobs": 2}, "top_logprobs"), ({"web_search_options": {"search_context_size": "low"}},
+                                            "web_search_options")])
 def test_fields_that_would_change_the_answer_are_refused_not_ignored(served, extra, field):
     response = post(served, hello(max_tokens=4, **extra))
     assert response.status_code == 400 and response.json()["error"]["param"] == field
@@ -515,3 +516,11 @@ def test_the_allowlist_names_ports(tmp_path):
     assert allowed_port(bare, "example.com", 443) and allowed_port(bare, "example.com", 80)
     assert not allowed_port(bare, "example.com", 8443)
     assert allowed_port(bare, "::1", 8080) and not allowed_port(bare, "::1", 80)
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"logprobs": "yes"}, "logprobs"), ({"stream": 1}, "stream"), ({"seed": True}, "seed"),
+    ({"max_tokens": True}, "max_tokens"), ({"n": "2"}, "n"), ({"top_logprobs": 1.5}, "top_logprobs")])
+def test_a_value_of_the_wrong_type_is_refused_not_coerced(served, extra, field):
+    response = post(served, {**hello(), **extra})
+    assert response.status_code == 400 and response.json()["error"]["param"] == field

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
@@ -62,17 +70,18 @@ class Message(BaseModel):
 class ChatRequest(OpenAIBody):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    # Strict: "yes" or true is not a number of tokens, a seed or a switch (pydantic would coerce).
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float = Field(default=1.0, ge=0, le=1, allow_inf_nan=False)
     stop: list[str] | None = Field(default=None, max_length=4)  # OpenAI: up to 4
-    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    n: int = Field(default=1, ge=1, le=8)
-    stream: bool = False
+    seed: StrictInt | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    n: StrictInt = Field(default=1, ge=1, le=8)
+    stream: StrictBool = False
     stream_options: dict | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     # Accepted only with the values that mean "not used" (see unsupported()).
     response_format: dict | None = None
     tools: list | None = None
@@ -85,6 +94,7 @@ class ChatRequest(OpenAIBody):
     audio: dict | None = None
     modalities: list[str] | None = None
     prediction: dict | None = None
+    web_search_options: dict | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -108,7 +118,7 @@ class ChatRequest(OpenAIBody):
         """(field, message) for the first field set to something this server does not do."""
         if self.response_format and self.response_format.get("type", "text") != "text":
             return "response_format", "only response_format {\"type\": \"text\"} is supported"
-        for name in ("tools", "functions", "logit_bias", "audio", "prediction"):
+        for name in ("tools", "functions", "logit_bias", "audio", "prediction", "web_search_options"):
             if getattr(self, name):
                 return name, f"{name} is not supported by this server"
         for name in ("tool_choice", "function_call"):
