@@ -524,3 +524,23 @@ def test_the_allowlist_names_ports(tmp_path):
 def test_a_value_of_the_wrong_type_is_refused_not_coerced(served, extra, field):
     response = post(served, {**hello(), **extra})
     assert response.status_code == 400 and response.json()["error"]["param"] == field
+
+
+def test_logprobs_stop_with_the_text_at_a_stop_string(served):
+    """No entries for the tokens of a stop string (OpenAI sends none), as the engine trims
+    them when the text ends there."""
+    from types import SimpleNamespace
+
+    from polymodal.engine.batching import _drop_stop_string_logprobs
+    from polymodal.engine.text import TextTracker
+
+    tokenizer = served.model.llm.tokenizer
+    ids = tokenizer("abcXYZ", add_special_tokens=False)["input_ids"]
+    row = SimpleNamespace(tracker=TextTracker(tokenizer, ["XY"]), logprobs=[])
+    for token in ids:
+        row.tracker.push(token)
+        row.logprobs.append({"token": tokenizer.decode([token])})
+        if row.tracker.stopped:
+            break
+    _drop_stop_string_logprobs(row, tokenizer)
+    assert row.tracker.text == "abc" and "".join(e["token"] for e in row.logprobs) == "abc"

@@ -251,6 +251,7 @@ class BatchingEngine:
             row.last_token = token
             if row.tracker.stopped:
                 reason = "stop"
+                _drop_stop_string_logprobs(row, self.model.llm.tokenizer)
             elif row.count >= params.max_new_tokens or length >= self.max_length:
                 row.tracker.finish()
                 reason = "length"
@@ -308,6 +309,16 @@ def logprob_entry(tokenizer, logits: torch.Tensor, token: int, top: int) -> dict
         values, ids = torch.topk(logprobs, top)
         entry["top_logprobs"] = [described(int(i), float(v)) for v, i in zip(values, ids)]
     return entry
+
+
+def _drop_stop_string_logprobs(row: _Row, tokenizer) -> None:
+    """The text ended at a stop string: the unsent logprob entries of tokens that begin at or
+    after the cut go too (OpenAI sends none for the stop sequence's tokens)."""
+    ids, cut = row.tracker.token_ids, len(row.tracker.text)
+    first = len(ids) - len(row.logprobs)  # the token of the first unsent entry
+    kept = [entry for offset, entry in enumerate(row.logprobs)
+            if len(tokenizer.decode(ids[: first + offset], skip_special_tokens=True)) < cut]
+    row.logprobs[:] = kept
 
 
 @functools.cache
