@@ -484,7 +484,7 @@ def test_temp_files_of_a_killed_writer_are_removed_by_the_next_run(tmp_path, mon
 
 
 def test_a_model_moved_aside_by_a_killed_save_is_put_back(tmp_path):
-    from polymodal.train.run import remove_stale_temps
+    from polymodal.train.run_files import remove_stale_temps
 
     run = tmp_path / "run"
     (run / ".model.old-4242").mkdir(parents=True)

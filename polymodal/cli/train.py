@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
 def stopped_line(args: argparse.Namespace, run_dir: str, name: str) -> str:
     """What a stopped run kept and the exact command that continues it."""
-    from polymodal.train.run import resume_point
+    from polymodal.train.run_files import resume_point
 
     kept = resume_point(Path(run_dir))
     if kept is None:
