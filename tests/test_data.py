@@ -35,8 +35,8 @@ def test_llava_json_single_and_multi_image(tmp_path):
 def test_malformed_llava_record_is_a_bad_sample_that_names_it(tmp_path):
     path = write_llava(tmp_path, [{"id": "a", "conversations": [{"from": "robot", "value": "x"}]}])
     [sample] = read_llava_json(path)
-    assert sample.id == "a" and "record 0 is malformed" in sample.problem
-    with pytest.raises(UserError, match="record 0 is malformed"):
+    assert sample.id == "a" and "record 0: unknown role 'robot'" in sample.problem
+    with pytest.raises(UserError, match="record 0: unknown role 'robot'"):
         check_samples([sample], "<image>", None)
 
 

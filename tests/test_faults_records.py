@@ -174,3 +174,24 @@ def test_a_lone_surrogate_is_one_line_and_a_listed_bad_sample(tmp_path, model):
     [sample] = read_llava_json(path)
     with pytest.raises(UserError, match="not valid Unicode text"):
         model.training_example(sample)  # the training run lists it (train.mixture.encode_dataset)
+
+
+@pytest.mark.parametrize(("record", "says"), [
+    ([1, 2], "record 0: expected an object, got list"),
+    ({"id": "x", "conversations": None}, "'conversations' must be a list of"),
+    ({"id": "x", "conversations": ["hi"]}, "'conversations' must be a list of"),
+    ({"id": "x", "images": [1, 2], "conversations": []}, "got a list holding 1"),
+    ({"id": "x", "conversations": [{"from": ["human"], "value": "hi"}]}, "unknown role ['human']"),
+])
+def test_odd_record_shapes_are_bad_samples_that_say_what_is_wrong(tmp_path, record, says):
+    [sample] = read_llava_json(_write(tmp_path, [record]))
+    assert says in sample.problem
+
+
+def test_an_eval_image_that_is_a_folder_is_named_as_such(tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"image": "folder.png", "question": "q", "answers": ["yes"]}) + "\n")
+    [(number, item)] = read_jsonl(task, ("question",))
+    with pytest.raises(UserError, match=r"task\.jsonl:1: not a file: .*folder\.png"):
+        record_images(task, number, item)

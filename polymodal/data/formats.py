@@ -67,12 +67,17 @@ def read_llava_json(path: str | Path, image_folder: str | Path | None = None) ->
 
 def _llava_record(record, where: str) -> tuple[list[str], list[dict]]:
     """(image paths, messages) of one LLaVA record; a UserError says what is wrong with it."""
-    try:
-        images = image_paths(record, where)
-        messages = [{"role": ROLES[turn["from"]], "content": turn["value"]}
-                    for turn in record["conversations"]]
-    except (KeyError, TypeError, AttributeError) as error:
-        raise UserError(f"{where} is malformed (missing or unknown {error})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected an object, got {type(record).__name__}")
+    images = image_paths(record, where)
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+        raise UserError(f"{where}: 'conversations' must be a list of {{\"from\", \"value\"}} objects")
+    unknown = [turn.get("from") for turn in turns
+               if not (isinstance(turn.get("from"), str) and turn["from"] in ROLES)]
+    if unknown:
+        raise UserError(f"{where}: unknown role {unknown[0]!r} in 'from' (known: {', '.join(ROLES)})")
+    messages = [{"role": ROLES[turn["from"]], "content": turn.get("value")} for turn in turns]
     if not all(isinstance(m["content"], str) for m in messages):
         raise UserError(f"{where}: conversations[].value must be text")
     return images, without_leading_answers(messages)
@@ -88,8 +93,10 @@ def image_paths(record: dict, where: str) -> list[str]:
     value = record[keys[0]]
     paths = [value] if isinstance(value, str) else value
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-        raise UserError(f"{where}: '{keys[0]}' must be a path or a list of paths, "
-                        f"got {type(value).__name__}")
+        odd = next((p for p in paths if not (isinstance(p, str) and p)), None) \
+            if isinstance(paths, list) else value
+        got = f"a list holding {odd!r}" if isinstance(paths, list) else type(value).__name__
+        raise UserError(f"{where}: '{keys[0]}' must be a path or a list of paths, got {got}")
     return paths
 
 

@@ -169,6 +169,8 @@ def record_images(path: Path, number: int, record: dict) -> list[str]:
     to the task file's folder; a missing image is an error naming it."""
     resolved = [str(path.parent / image) for image in image_paths(record, f"{path}:{number}")]
     for image in resolved:
-        if not Path(image).is_file():
+        if not Path(image).exists():
             raise UserError(f"{path}:{number}: image not found: {image}")
+        if not Path(image).is_file():  # a folder, FIFO or device
+            raise UserError(f"{path}:{number}: not a file: {image}")
     return resolved
