@@ -294,13 +294,18 @@ def is_model_directory(path: str | os.PathLike) -> bool:
     return isinstance(record, dict) and record.get("format") == FORMAT
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a written file to the disk, so that a rename after it never exposes a hole."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temp file in the same folder, fsync, then rename over `path`."""
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(temp)
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(temp)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)

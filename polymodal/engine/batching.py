@@ -166,7 +166,7 @@ class BatchingEngine:
             kept = deque()
             for request in self.waiting:
                 if request.cancelled.is_set():
-                    request.queue.put(("done", Finished("", "cancelled", len(request.input_ids), 0)))
+                    self._finish_request(request, Finished("", "cancelled", len(request.input_ids), 0))
                 else:
                     kept.append(request)
             self.waiting = kept

@@ -34,7 +34,7 @@ import numpy as np
 from polymodal.contrastive.embed import embed_images, embed_texts, image_files, require_dual_encoder
 from polymodal.errors import UserError
 from polymodal.locks import exclusive
-from polymodal.model import atomic_write
+from polymodal.model import atomic_write, fsync_file
 
 HNSW_NEIGHBOURS = 32  # graph degree M: recall vs memory
 SEARCH_DEPTH = 128  # efSearch: candidates examined per query
@@ -62,8 +62,7 @@ def index_lock(directory: str | Path, create: bool = True) -> Iterator[None]:
 def _write_file(path: Path, write) -> None:
     """write(path), then fsync it: a version's file is whole on disk before the pointer moves."""
     write(path)
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+    fsync_file(path)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -23,13 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from polymodal.errors import UserError
+from polymodal.model import fsync_file
 
 FILES = ("weights.safetensors", "optimizer.safetensors", "meta.json")
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def trained_tensors(model, parts: list[str]) -> dict[str, torch.Tensor]:
@@ -73,7 +69,7 @@ def save(folder: Path, weights: dict[str, torch.Tensor], optimizer_state: dict, 
         record = {**meta, "optimizer_layout": layout, "scheduler": scheduler.state_dict()}
         (temp / "meta.json").write_text(json.dumps(record))
         for name in FILES:
-            _fsync(temp / name)
+            fsync_file(temp / name)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temp, final)
