@@ -1,8 +1,8 @@
 """Typed, nested configuration: dataclasses built from YAML or dicts, checked when built.
 
-A part with several kinds (encoder, connector, fusion) has a base dataclass with a
-`kind` field; each kind registers its own subclass holding its options, and the
-parser picks the subclass by `kind`. Errors name the field, e.g.
+A part with several kinds (encoder, connector, fusion, model) has a base dataclass with a
+`kind` field (a dataset: `format`); each kind registers its own subclass holding its
+options, and the parser picks the subclass by that field (see `_registry_for`). Errors name the field, e.g.
 `model.connector.depth: expected int, got 'two'`.
 
 Example:
@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from polymodal import registry
 from polymodal.errors import ConfigError, UserError
 
 # ---------------------------------------------------------------- part configs
@@ -94,7 +95,7 @@ class ModelConfig:
     encoder: EncoderConfig | None = None
     connector: ConnectorConfig | None = None
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    kind: Literal["multimodal-lm", "dual-encoder"] = "multimodal-lm"
+    kind: str = "multimodal-lm"  # a registered model kind (registry.MODEL_KINDS)
     contrastive: ContrastiveConfig | None = None
 
     def __post_init__(self):
@@ -317,22 +318,32 @@ class RecipeConfig:
 # ---------------------------------------------------------------- parsing
 
 
+# A base dataclass whose subclasses are registered kinds names its registry and the field
+# that picks the kind (the discriminator): `kind` for parts and models; a dataset base adds
+# `DatasetConfig: (registry.DATASET_FORMATS, "format")`. The parser reads that field, looks
+# the name up (discovery runs once, on the first lookup) and builds the registered options
+# class; a base whose field has a default (fusion: inline, model: multimodal-lm) may leave
+# it out.
 def _registry_for(cls: type):
-    from polymodal import registry
-
+    """(registry, discriminator field name) for a base class of registered kinds, or None."""
     return {
-        EncoderConfig: registry.ENCODERS,
-        ConnectorConfig: registry.CONNECTORS,
-        FusionConfig: registry.FUSIONS,
+        EncoderConfig: (registry.ENCODERS, "kind"),
+        ConnectorConfig: (registry.CONNECTORS, "kind"),
+        FusionConfig: (registry.FUSIONS, "kind"),
+        ModelConfig: (registry.MODEL_KINDS, "kind"),
     }.get(cls)
 
 
 def from_dict(cls: type, data: Any, path: str = ""):
     # Checks in __post_init__ name fields relative to their own dataclass; this adds the path.
-    """Build dataclass `cls` from plain data, checking every field's type."""
-    registry = _registry_for(cls)
-    if registry is not None:
-        cls = _kind_class(cls, registry, data, path)
+    """Build dataclass `cls` from plain data, checking every field's type.
+
+    Raises:
+        ConfigError: naming the field (`model.connector.depth: expected int, got 'two'`).
+    """
+    picked_by = _registry_for(cls)
+    if picked_by is not None:
+        cls = _kind_class(cls, *picked_by, data, path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {_show(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -357,18 +368,20 @@ def from_dict(cls: type, data: Any, path: str = ""):
         raise ConfigError(f"{path or 'config'}: {error}") from None
 
 
-def _kind_class(base: type, registry, data: Any, path: str) -> type:
-    if not isinstance(data, dict) or "kind" not in data:
-        if isinstance(data, dict) and base is FusionConfig:
-            return registry.get("inline").config
-        raise ConfigError(f"{_join(path, 'kind')}: required; known: {', '.join(registry.names())}")
-    kind = data["kind"]
-    if not isinstance(kind, str):
-        raise ConfigError(f"{_join(path, 'kind')}: expected a string, got {_show(kind)}")
+def _kind_class(base: type, table: registry.Registry, field_name: str, data: Any, path: str) -> type:
+    """The options class registered under `data[field_name]` (or the field's default);
+    ConfigError naming the field and listing the known names otherwise."""
+    where = _join(path, field_name)
+    default = next(f.default for f in dataclasses.fields(base) if f.name == field_name)
+    if not isinstance(data, dict) or (field_name not in data and default is dataclasses.MISSING):
+        raise ConfigError(f"{where}: required; known: {', '.join(table.names())}")
+    name = data.get(field_name, default)
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: expected a string, got {_show(name)}")
     try:
-        entry = registry.get(kind)
+        entry = table.get(name)
     except UserError as error:
-        raise ConfigError(f"{_join(path, 'kind')}: {error}") from None
+        raise ConfigError(f"{where}: {error}") from None
     return entry.config or base
 
 

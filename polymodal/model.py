@@ -22,6 +22,7 @@ from polymodal.llm import LanguageModel
 from polymodal.processing import Processor
 from polymodal.processing.branches import branch_attention_mask
 from polymodal.processing.collate import IGNORE, collate
+from polymodal.registry import register_model_kind
 from polymodal.sources import PartLoader
 
 FORMAT = "polymodal"
@@ -34,6 +35,7 @@ class Output:
     num_label_tokens: int
 
 
+@register_model_kind("multimodal-lm", config=ModelConfig)
 class MultimodalLM(nn.Module):
     """A decoder LLM that reads images through an encoder and a connector.
 

@@ -30,6 +30,7 @@ from polymodal.model import (
     upgrade_record,
     write_model_files,
 )
+from polymodal.registry import register_model_kind
 from polymodal.sources import PartLoader
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: the temperature never drops below 0.01
@@ -50,6 +51,7 @@ class LogitParameters(nn.Module):
         self.bias = nn.Parameter(torch.tensor(-10.0)) if config.loss == "siglip" else None
 
 
+@register_model_kind("dual-encoder", config=ModelConfig)
 class DualEncoder(nn.Module):
     """Parts: `encoder` (the image encoder, or an audio one such as `whisper`: the
     "image" side is whatever medium the encoder reads), `projection` (its pooled head and
