@@ -1,9 +1,9 @@
 """A cache of dequantized GGUF models, so that only the first load pays for dequantizing.
 
-transformers dequantizes a GGUF file tensor by tensor on every load (about 30 s for
-SmolLM2-135M here). The first load saves the result as a safetensors model directory
+transformers dequantizes a GGUF file tensor by tensor on every load, slowly (times in
+docs/experiments.md). The first load saves the result as a safetensors model directory
 under `$POLYMODAL_CACHE` (default `~/.cache/polymodal`), keyed by the file's path,
-size and modification time; later loads read that directory in a second or two.
+size and modification time; later loads read that directory, which is much faster.
 Set `POLYMODAL_CACHE=off` to disable it.
 """
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 def load_for_command(source: str, overrides: list[str] = ()):
     """`model.load_any(source, overrides)`, saying on stderr what loads and how long it took
-    (a real LLM takes 10-50 s on a CPU), and whether the model is untrained or random.
+    (a real LLM is slow to load on a CPU), and whether the model is untrained or random.
 
     Raises:
         UserError: as `load_any` does, for a source that cannot be loaded.

