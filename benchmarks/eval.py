@@ -20,11 +20,11 @@ import time
 
 import torch
 
+from polymodal.build import load_any
 from polymodal.engine.generate import Generator
 from polymodal.eval.answer import answer_items
 from polymodal.eval.easy_vqa import easy_vqa_items
 from polymodal.eval.tasks import TaskOptions
-from polymodal.model import load_any
 
 
 def ours(model, items, batch_size: int) -> tuple[float, list[str]]:

@@ -19,8 +19,8 @@ import time
 import numpy as np
 import torch
 
+from polymodal.build import load_any
 from polymodal.contrastive.embed import embed_images, embed_texts
-from polymodal.model import load_any
 from polymodal.search import ImageIndex
 
 

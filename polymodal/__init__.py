@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 # Names resolve on first use, so `import polymodal` (and the CLI's --help) stays light.
 _EXPORTS = {
     "MultimodalLM": "polymodal.model",
-    "load_any": "polymodal.model",
+    "load_any": "polymodal.build",
     "Generator": "polymodal.engine.generate",
     "SamplingParams": "polymodal.engine.sampling",
     "ModelConfig": "polymodal.config",

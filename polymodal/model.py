@@ -9,11 +9,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import AutoTokenizer
 
-from polymodal.config import LLMConfig, ModelConfig, RecipeConfig, from_dict, load_recipe, to_dict
+from polymodal.config import ModelConfig, RecipeConfig
 from polymodal.connectors import build_connector
 from polymodal.encoders import build_encoder
 from polymodal.errors import UserError
@@ -23,10 +21,14 @@ from polymodal.processing import Processor
 from polymodal.processing.branches import branch_attention_mask
 from polymodal.processing.collate import IGNORE, collate
 from polymodal.registry import register_model_kind
+from polymodal.safe_files import build_checked
+from polymodal.saved import (
+    load_saved_tokenizer,
+    load_saved_weights,
+    read_model_config,
+    write_model_files,
+)
 from polymodal.sources import PartLoader
-
-FORMAT = "polymodal"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -202,139 +204,10 @@ class MultimodalLM(nn.Module):
         """Rebuild a saved model: architectures from config.json, weights from model.safetensors.
         Raises UserError naming the file for a missing, damaged or mismatched file (checked
         before the model is allocated; see polymodal.safe_files)."""
-        from polymodal.safe_files import build_checked
-
         directory = Path(directory)
-        record = upgrade_record(read_model_record(directory))
-        config = from_dict(ModelConfig, record["model"], "model")
+        record, config = read_model_config(directory)
         tokenizer = load_saved_tokenizer(directory)
         model = build_checked(lambda: cls(config, PartLoader(architectures=record["architectures"]), tokenizer),
                               directory, record)
         load_saved_weights(model, directory)
         return model.eval()
-
-
-def write_model_files(directory: Path, module: nn.Module, config: ModelConfig, architectures: dict) -> None:
-    """config.json (the model config and each part's architecture) and model.safetensors,
-    each written atomically."""
-    directory.mkdir(parents=True, exist_ok=True)
-    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(config),
-              "architectures": architectures}
-    atomic_write(directory / "config.json", lambda path: path.write_text(json.dumps(record, indent=2)))
-    # save_model drops tied duplicates (e.g. lm_head sharing the embeddings).
-    atomic_write(directory / "model.safetensors", lambda path: save_model(module, str(path)))
-
-
-def load_saved_weights(module: nn.Module, directory: Path) -> None:
-    """model.safetensors into a rebuilt model; a mismatch or a damaged file is a UserError
-    naming the file (the header is checked first: see polymodal.safe_files)."""
-    from safetensors import SafetensorError
-
-    from polymodal.safe_files import read_safetensors_header
-
-    path = directory / "model.safetensors"
-    read_safetensors_header(path)  # a damaged file is named here, before safetensors reads it
-    try:
-        missing, unexpected = load_model(module, str(path), strict=False)
-    except (SafetensorError, RuntimeError, OSError, ValueError) as error:
-        problem = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise UserError(f"{path}: cannot load the weights ({problem})") from None
-    if missing or unexpected:
-        raise UserError(f"{directory}: weights do not match the config "
-                        f"({len(missing)} missing, {len(unexpected)} unexpected)")
-
-
-def load_saved_tokenizer(directory: Path):
-    """The tokenizer saved in `directory`; UserError naming the folder if its files are damaged."""
-    try:
-        return AutoTokenizer.from_pretrained(directory)
-    except Exception as error:  # transformers raises many kinds for a damaged tokenizer file
-        problem = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise UserError(f"{directory}: cannot load the tokenizer files ({problem})") from None
-
-
-def read_model_record(directory: Path) -> dict:
-    """config.json of a saved model, checked for the fields loading reads; UserError naming
-    the file otherwise (and when model.safetensors is missing)."""
-    path = directory / "config.json"
-    if not path.is_file():
-        raise UserError(f"not a polymodal model directory (no config.json): {directory}")
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: not valid JSON") from None
-    except OSError as error:
-        raise UserError(f"{path}: cannot read ({error.strerror})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise UserError(f"{directory}: config.json is not a polymodal model")
-    architectures = record.get("architectures")
-    if not isinstance(record.get("model"), dict) or not isinstance(architectures, dict) or not all(
-            isinstance(part, dict) and isinstance(part.get("config"), dict) for part in architectures.values()):
-        raise UserError(f"{path}: damaged (its 'model' and 'architectures' must be objects)")
-    if type(record.get("format_version", 1)) is not int:
-        raise UserError(f"{path}: format_version must be a whole number")
-    if not (directory / "model.safetensors").is_file():
-        raise UserError(f"{directory}: model.safetensors is missing")
-    return record
-
-
-def upgrade_record(record: dict) -> dict:
-    """Every backward-compatibility fix for older saved models lives here (none yet: version 1)."""
-    if record.get("format_version", 1) > FORMAT_VERSION:
-        raise UserError(f"model was saved by a newer polymodal (format {record['format_version']})")
-    return record
-
-
-def is_model_directory(path: str | os.PathLike) -> bool:
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        record = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return False
-    return isinstance(record, dict) and record.get("format") == FORMAT
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a written file to the disk, so that a rename after it never exposes a hole."""
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, fsync, then rename over `path`."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(temp)
-        fsync_file(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def load_any(source: str, overrides: list[str] = ()):
-    """A saved model directory, a recipe YAML (built as configured) or an LLM source (text
-    only): a MultimodalLM, or a DualEncoder for `kind: dual-encoder`."""
-    if Path(source, "config.json").is_file() and Path(source, "model.safetensors").is_file():
-        read_model_record(Path(source))  # a damaged config.json: one line naming it
-    if is_model_directory(source):
-        if overrides:
-            raise UserError("--set applies to recipes only; a saved model is used as it was trained")
-        if read_model_record(Path(source))["model"].get("kind") == "dual-encoder":
-            from polymodal.contrastive.model import DualEncoder
-
-            return DualEncoder.from_pretrained(source)
-        return MultimodalLM.from_pretrained(source)
-    if source.endswith((".yaml", ".yml")):
-        recipe = load_recipe(source, overrides)
-        if recipe.init_from:  # the trained model the recipe starts from
-            return load_any(recipe.init_from)
-        if recipe.model.kind == "dual-encoder":
-            from polymodal.contrastive.model import DualEncoder
-
-            return DualEncoder.from_config(recipe)
-        return MultimodalLM.from_config(recipe)
-    if overrides:
-        raise UserError("--set applies to recipes only")
-    return MultimodalLM(ModelConfig(llm=LLMConfig(source=source)))

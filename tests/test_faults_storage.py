@@ -166,7 +166,7 @@ def dual(tmp_path):
 
 
 def _built_index(dual, tmp_path):
-    from polymodal.model import load_any
+    from polymodal.build import load_any
     from polymodal.search import ImageIndex
 
     model_dir, first, _ = dual

@@ -46,7 +46,7 @@ def images(tmp_path):
 
 
 def test_a_saved_dual_encoder_loads_back_with_the_same_embeddings(saved):
-    from polymodal.model import load_any
+    from polymodal.build import load_any
 
     model, again = dual_encoder(), load_any(str(saved))
     assert isinstance(again, DualEncoder) and (saved / "text").is_dir()
@@ -66,7 +66,7 @@ def test_recall_at_k_by_hand():
 
 
 def test_index_build_add_search_and_reload(saved, images, tmp_path):
-    from polymodal.model import load_any
+    from polymodal.build import load_any
 
     model = load_any(str(saved))
     first = tmp_path / "first"
@@ -89,7 +89,7 @@ def test_index_build_add_search_and_reload(saved, images, tmp_path):
 
 
 def test_index_errors(saved, images, tmp_path):
-    from polymodal.model import load_any
+    from polymodal.build import load_any
 
     index, _ = ImageIndex.build(load_any(str(saved)), saved, images)
     with pytest.raises(UserError, match="the query text is empty"):
@@ -125,9 +125,9 @@ def test_index_search_and_embed_commands(saved, images, tmp_path, capsys):
 
 
 def test_zeroshot_and_retrieval_tasks_on_a_label_file(saved, images, tmp_path):
+    from polymodal.build import load_any
     from polymodal.eval.run import evaluate
     from polymodal.eval.tasks import TaskOptions
-    from polymodal.model import load_any
 
     labels = tmp_path / "labels.jsonl"
     labels.write_text("".join(json.dumps({"image": f"images/{n}.png", "label": n}) + "\n" for n in COLOURS))

@@ -331,8 +331,8 @@ def test_lora_plus_gives_the_b_matrices_their_own_rate():
 
 
 def test_a_new_run_can_start_from_a_trained_model_directory(tmp_path):
+    from polymodal.build import build_model
     from polymodal.config import load_recipe
-    from polymodal.train.run import build_model
 
     path = synthetic_dataset(tmp_path)
     train(recipe(path, ["connector", "llm"], steps=30), tmp_path / "first")

@@ -35,13 +35,14 @@ def report_skipped(skipped: list[tuple[str, str]]) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from polymodal.build import load_any
     from polymodal.contrastive.embed import (
         embed_images,
         embed_texts,
         image_files,
         require_dual_encoder,
     )
-    from polymodal.model import atomic_write, load_any
+    from polymodal.safe_files import atomic_write
 
     if args.texts:
         path = Path(args.texts)

@@ -22,7 +22,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from polymodal.model import load_any
+    from polymodal.build import load_any
     from polymodal.search import ImageIndex
     from polymodal.search.index import index_lock
 

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise UserError("info needs a MODEL (recipe, model directory or LLM source) or --list")
-    from polymodal.model import load_any
+    from polymodal.build import load_any
 
     print(parts_table(load_any(args.model, args.set)))
     return 0

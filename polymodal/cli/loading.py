@@ -9,13 +9,14 @@ from pathlib import Path
 
 
 def load_for_command(source: str, overrides: list[str] = ()):
-    """`model.load_any(source, overrides)`, saying on stderr what loads and how long it took
+    """`build.load_any(source, overrides)`, saying on stderr what loads and how long it took
     (a real LLM is slow to load on a CPU), and whether the model is untrained or random.
 
     Raises:
         UserError: as `load_any` does, for a source that cannot be loaded.
     """
-    from polymodal.model import is_model_directory, load_any
+    from polymodal.build import load_any
+    from polymodal.saved import is_model_directory
 
     print(f"loading {source} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
@@ -30,7 +31,7 @@ def load_for_command(source: str, overrides: list[str] = ()):
 def trained_from_tiny_note(directory: str) -> str | None:
     """A saved model whose parts began as `tiny:` random models: trained, but from parts so
     small that its answers mean little (the starter recipe's model is one)."""
-    from polymodal.model import read_model_record
+    from polymodal.saved import read_model_record
 
     tiny = sorted({value for value in _strings(read_model_record(Path(directory))["model"])
                    if value.startswith("tiny:")})

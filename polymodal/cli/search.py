@@ -19,7 +19,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from polymodal.model import load_any
+    from polymodal.build import load_any
     from polymodal.search import ImageIndex
     from polymodal.search.sheet import contact_sheet
 

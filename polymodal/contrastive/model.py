@@ -10,30 +10,36 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from polymodal.config import ContrastiveConfig, ModelConfig, RecipeConfig, from_dict
+from polymodal.config import ContrastiveConfig, ModelConfig, RecipeConfig
 from polymodal.contrastive.gather import gather_rows
 from polymodal.contrastive.losses import clip_loss, siglip_loss
 from polymodal.contrastive.towers import ImageTower, TextTower
 from polymodal.data.formats import Sample
 from polymodal.encoders.base import Encoder, build_encoder
 from polymodal.errors import UserError
-from polymodal.model import (
-    Output,
+from polymodal.registry import register_model_kind
+from polymodal.safe_files import build_checked
+from polymodal.saved import (
     load_saved_tokenizer,
     load_saved_weights,
-    read_model_record,
-    upgrade_record,
+    read_model_config,
     write_model_files,
 )
-from polymodal.registry import register_model_kind
 from polymodal.sources import PartLoader
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: the temperature never drops below 0.01
+
+
+@dataclass
+class ContrastiveOutput:
+    loss: torch.Tensor  # the contrastive loss of the global batch
+    num_label_tokens: int  # the (image, text) pairs compared: the count the loop reads as tokens
 
 
 def text_id(text: str) -> int:
@@ -102,11 +108,8 @@ class DualEncoder(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike) -> DualEncoder:
         """A saved dual encoder. Raises UserError naming the file for a missing, damaged or
         mismatched file (checked before the model is allocated; see polymodal.safe_files)."""
-        from polymodal.safe_files import build_checked
-
         directory = Path(directory)
-        record = upgrade_record(read_model_record(directory))
-        config = from_dict(ModelConfig, record["model"], "model")
+        record, config = read_model_config(directory)
         tokenizer = load_saved_tokenizer(directory / "text")
         model = build_checked(
             lambda: cls.from_config(config, PartLoader(architectures=record["architectures"]), tokenizer),
@@ -139,7 +142,7 @@ class DualEncoder(nn.Module):
         """B texts -> [B, D], L2-normalised."""
         return self.text(texts)
 
-    def forward(self, batch: dict) -> Output:
+    def forward(self, batch: dict) -> ContrastiveOutput:
         """The contrastive loss of the global batch (see gather.py for DDP)."""
         if "features" in batch:  # cached outputs of a frozen encoder
             image = gather_rows(self.image.head(batch["features"]))  # [B, D]
@@ -153,7 +156,7 @@ class DualEncoder(nn.Module):
             loss = siglip_loss(image, text, scale, self.logits.bias, positives)
         else:
             loss = clip_loss(image, text, scale, positives)
-        return Output(loss=loss, num_label_tokens=len(ids))
+        return ContrastiveOutput(loss=loss, num_label_tokens=len(ids))
 
     # ------------------------------------------------------------ training data
 

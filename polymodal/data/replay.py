@@ -69,7 +69,7 @@ def answer_questions(model, questions: list[Sample], max_new_tokens: int,
         raise UserError(f"replay: none of the model's {len(questions)} answers ended within "
                         f"max_new_tokens={max_new_tokens}; raise it, or this model cannot be replayed")
     if cache_file is not None:  # under DDP every process writes the same answers, atomically
-        from polymodal.model import atomic_write
+        from polymodal.safe_files import atomic_write
 
         lines = "".join(json.dumps({"id": s.id, "messages": s.messages}) + "\n" for s in answered)
         atomic_write(cache_file, lambda p: p.write_text(lines))

@@ -29,7 +29,7 @@ class AudioImage(Task):
     headline = "audio_to_image_R@5"
 
     def run(self, model, options: TaskOptions, batch_size: int, items=None) -> tuple[dict, list[dict]]:
-        from polymodal.model import load_any
+        from polymodal.build import load_any
 
         require_dual_encoder(model, "task audio-image")
         if model.encoder.modality != "audio":

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from polymodal.eval.tasks import Item
-from polymodal.model import atomic_write
+from polymodal.safe_files import atomic_write
 
 
 def prediction_row(item: Item, prediction: str, correct: bool | float, reference=None,

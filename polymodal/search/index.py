@@ -34,7 +34,7 @@ import numpy as np
 from polymodal.contrastive.embed import embed_images, embed_texts, image_files, require_dual_encoder
 from polymodal.errors import UserError
 from polymodal.locks import exclusive
-from polymodal.model import atomic_write, fsync_file
+from polymodal.safe_files import atomic_write, fsync_file
 
 HNSW_NEIGHBOURS = 32  # graph degree M: recall vs memory
 SEARCH_DEPTH = 128  # efSearch: candidates examined per query

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from polymodal.model import atomic_write
 from polymodal.processing.images import open_image
+from polymodal.safe_files import atomic_write
 
 THUMB = 160  # pixels per side
 CAPTION = 34  # pixels of text under each thumbnail

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from polymodal.errors import UserError
-from polymodal.model import fsync_file
+from polymodal.safe_files import fsync_file
 
 FILES = ("weights.safetensors", "optimizer.safetensors", "meta.json")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from polymodal.model import atomic_write
+from polymodal.safe_files import atomic_write
 
 
 def plot_losses(metrics: Path, out: Path) -> None:
@@ -46,7 +46,7 @@ def plot_losses(metrics: Path, out: Path) -> None:
         axis.legend(handles, labels, fontsize="small")
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    try:  # atomic (model.atomic_write): a failed save keeps the last complete picture
+    try:  # atomic (safe_files.atomic_write): a failed save keeps the last complete picture
         atomic_write(out, lambda temp: figure.savefig(temp, dpi=100, format="png"))
     finally:
         plt.close(figure)

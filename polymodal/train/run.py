@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 
+from polymodal.build import build_model
 from polymodal.config import RecipeConfig
 from polymodal.errors import UserError
 from polymodal.locks import exclusive
-from polymodal.model import MultimodalLM, atomic_write
+from polymodal.model import MultimodalLM
+from polymodal.safe_files import atomic_write
 from polymodal.train import checkpoint, distributed, replaced
 from polymodal.train.distributed import World
 from polymodal.train.loop import adapters_folded_unless_trained, train_stage
@@ -205,18 +207,6 @@ def _train(recipe: RecipeConfig, run_dir: Path, model, resume: bool, overwrite: 
     with writing(run.dir / "summary.json", run.checkpoints):
         atomic_write(run.dir / "summary.json", lambda p: p.write_text(json.dumps(run.summary, indent=2)))
     return run.summary
-
-
-def build_model(recipe: RecipeConfig):
-    """The recipe's model, untrained parts from scratch and pretrained ones from their
-    sources; or, with `init_from`, the trained model saved there."""
-    if recipe.model.kind == "dual-encoder":
-        from polymodal.contrastive.model import DualEncoder
-
-        return DualEncoder.from_pretrained(recipe.init_from) if recipe.init_from else \
-            DualEncoder.from_config(recipe)
-    return MultimodalLM.from_pretrained(recipe.init_from) if recipe.init_from else \
-        MultimodalLM.from_config(recipe)
 
 
 def resolve_epochs(recipe: RecipeConfig) -> None:
