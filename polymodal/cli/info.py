@@ -31,16 +31,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def kinds_table() -> str:
-    from polymodal.eval.tasks import TASKS, task_names
-    from polymodal.registry import CONNECTORS, ENCODERS, FUSIONS
+    """Every registry's kinds (name and summary), then the kinds of model source."""
+    from polymodal import registry
     from polymodal.sources import SOURCE_KINDS
 
-    task_names()  # registers every task
+    tables = (("encoders", registry.ENCODERS), ("connectors", registry.CONNECTORS),
+              ("fusion", registry.FUSIONS), ("model kinds", registry.MODEL_KINDS),
+              ("objectives", registry.OBJECTIVES), ("dataset formats", registry.DATASET_FORMATS),
+              ("eval tasks", registry.EVAL_TASKS), ("runners", registry.RUNNERS))
     lines = []
-    for title, registry in (("encoders", ENCODERS), ("connectors", CONNECTORS), ("fusion", FUSIONS),
-                            ("eval tasks", TASKS)):
+    for title, table in tables:
         lines.append(f"{title}:")
-        lines += [f"  {entry.name:<16} {entry.summary}" for entry in registry.entries()]
+        lines += [f"  {entry.name:<22} {entry.summary}" for entry in table.entries()] or ["  (none)"]
     lines.append("model sources:")
     lines += [f"  {name:<22} {text}" for name, text in SOURCE_KINDS.items()]
     return "\n".join(lines)

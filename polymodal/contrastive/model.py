@@ -59,7 +59,9 @@ class LogitParameters(nn.Module):
 
 @register_model_kind("dual-encoder", config=ModelConfig)
 class DualEncoder(nn.Module):
-    """Parts: `encoder` (the image encoder, or an audio one such as `whisper`: the
+    """A CLIP-style dual encoder: a media tower and a text tower embedding into one space.
+
+    Parts: `encoder` (the image encoder, or an audio one such as `whisper`: the
     "image" side is whatever medium the encoder reads), `projection` (its pooled head and
     the learned temperature/bias), `text` (the text tower, with its projection if any)."""
 
