@@ -23,7 +23,7 @@ import torch
 from polymodal.build import load_any
 from polymodal.engine.generate import Generator
 from polymodal.eval.answer import answer_items
-from polymodal.eval.easy_vqa import easy_vqa_items
+from polymodal.eval.easy_vqa import question_items
 from polymodal.eval.tasks import TaskOptions
 
 
@@ -60,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_any(args.model).eval()
-    items = easy_vqa_items(TaskOptions(split="test"))[: args.questions]
+    items = question_items(TaskOptions(split="test"))[: args.questions]
     with Generator(model).lora_merged():  # both sides run the same merged weights
         theirs(model, items[:4])  # warm up
         their_time, their_answers = theirs(model, items[: args.theirs])

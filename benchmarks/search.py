@@ -25,7 +25,7 @@ from polymodal.search import ImageIndex
 
 
 def easy_vqa_images() -> list[str]:
-    from polymodal.data.formats import easy_vqa_folder
+    from polymodal.data.easy_vqa import easy_vqa_folder
 
     return [str(p) for split in ("train", "test") for p in sorted((easy_vqa_folder(split) / "images").glob("*.png"))]
 

@@ -111,46 +111,49 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    """One dataset of a stage's mixture, drawn with probability proportional to `weight`."""
+    """One dataset of a stage's mixture, drawn with probability proportional to `weight`.
 
-    # `replay`: text-only questions the model answers itself as the stage begins (data/replay.py)
-    format: Literal["easy-vqa", "easy-vqa-captions", "easy-vqa-speech", "llava", "captions", "replay"]
-    path: str | None = None  # the JSON/JSONL file, an easy-VQA-layout folder, or replay's questions
-    split: Literal["train", "test"] | None = None  # easy-VQA from its package
-    image_folder: str | None = None  # where image paths are relative to (default: the file's folder)
+    `format` names a registered dataset format (`registry.DATASET_FORMATS`: llava, captions,
+    easy-vqa, replay, ...). Each format registers its own options class, a subclass of this
+    one holding what only it needs (an image folder, a split), and the parser picks it by
+    `format` (polymodal/data/ holds the formats; docs/extending.md adds one).
+    """
+
+    format: str
+    path: str | None = None  # the file or folder the format reads
     weight: float = 1.0
     limit: int | None = None  # use only the first N samples
     # At most this many question/answer turns per sample: a longer one-image conversation is
     # split, each part with the image. 1 stops earlier answers giving later ones away.
     turns: int | None = None
-    # easy-VQA only: the yes/no questions re-asked about the attribute the image has, answer
-    # flipped (see data.formats.read_easy_vqa); a dataset to mix in to balance yes and no.
-    flip_yes_no: bool = False
-    # easy-VQA only: keep only questions of these types (shape, colour, yes/no), e.g. a second
-    # dataset of the yes/no questions alone, weighted, to see more of the ones learned last.
-    question_types: list[str] | None = None
-    max_new_tokens: int = 32  # replay only: longest answer kept (longer ones are dropped)
 
     def __post_init__(self):
-        if not self.format.startswith("easy-vqa") and self.format != "replay" and not self.path:
-            raise ConfigError(f"path: required for format {self.format}")
         if self.weight <= 0:
             raise ConfigError(f"weight: must be positive, got {self.weight}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit: must be at least 1, got {self.limit}")
-        if self.flip_yes_no and self.format != "easy-vqa":
-            raise ConfigError("flip_yes_no: only for format easy-vqa")
-        if self.question_types is not None:
-            from polymodal.data.formats import EASY_VQA_QUESTION_TYPES
-
-            if self.format != "easy-vqa":
-                raise ConfigError("question_types: only for format easy-vqa")
-            unknown = [t for t in self.question_types if t not in EASY_VQA_QUESTION_TYPES]
-            if unknown or not self.question_types:
-                raise ConfigError(f"question_types: {unknown[0] if unknown else 'empty'!r}; "
-                                  f"choose from {', '.join(EASY_VQA_QUESTION_TYPES)}")
         if self.turns is not None and self.turns < 1:
             raise ConfigError(f"turns: must be at least 1, got {self.turns}")
+
+    @property
+    def name(self) -> str:
+        """What messages, bad_samples.jsonl and a resumed run's data fingerprint call it."""
+        return self.path or self.format
+
+
+# Fields every dataset had, whatever its format, before each format held its own options; a
+# run's recipe.yaml written then holds them at these values, which are read as absent (the
+# format's own default), so such a file still loads and a run started then still resumes.
+FORMER_DEFAULTS = {DatasetConfig: {"split": None, "image_folder": None, "flip_yes_no": False,
+                                   "question_types": None, "max_new_tokens": 32}}
+
+
+def _without_former_defaults(cls: type, data: Any) -> Any:
+    former = FORMER_DEFAULTS.get(cls)
+    if not former or not isinstance(data, dict):
+        return data
+    return {key: value for key, value in data.items()
+            if not (key in former and value == former[key] and type(value) is type(former[key]))}
 
 
 @dataclass
@@ -331,6 +334,7 @@ def _registry_for(cls: type):
         ConnectorConfig: (registry.CONNECTORS, "kind"),
         FusionConfig: (registry.FUSIONS, "kind"),
         ModelConfig: (registry.MODEL_KINDS, "kind"),
+        DatasetConfig: (registry.DATASET_FORMATS, "format"),
     }.get(cls)
 
 
@@ -343,6 +347,7 @@ def from_dict(cls: type, data: Any, path: str = ""):
     """
     picked_by = _registry_for(cls)
     if picked_by is not None:
+        data = _without_former_defaults(cls, data)
         cls = _kind_class(cls, *picked_by, data, path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {_show(data)}")

@@ -11,7 +11,9 @@ from conftest import ddp_and_single_losses
 from polymodal.config import RecipeConfig, from_dict
 from polymodal.contrastive.losses import clip_loss, siglip_loss
 from polymodal.contrastive.model import DualEncoder
-from polymodal.data.formats import easy_vqa_attributes, easy_vqa_caption, read_easy_vqa_captions
+from polymodal.data.easy_vqa import caption_of as easy_vqa_caption
+from polymodal.data.easy_vqa import image_attributes as easy_vqa_attributes
+from polymodal.data.easy_vqa import read_easy_vqa_captions
 from polymodal.model import MultimodalLM
 from polymodal.processing.images import load_image
 from polymodal.train.loop import train_stage
@@ -76,7 +78,7 @@ def test_easy_vqa_attributes_read_both_question_kinds():
 
 
 def test_flipped_yes_no_asks_about_the_present_attribute():
-    from polymodal.data.formats import flipped_yes_no
+    from polymodal.data.easy_vqa import flipped_yes_no
 
     pairs = [("what color is the circle?", "red"), ("is there a blue shape?", "no"),
              ("is there not a green shape?", "yes"), ("is there a red shape?", "yes"),

@@ -7,7 +7,7 @@ from PIL import Image
 
 from conftest import RECIPES, tiny_model
 from polymodal.cli.main import main
-from polymodal.data.formats import easy_vqa_question_type as question_type
+from polymodal.data.easy_vqa import question_type
 from polymodal.engine.generate import Completion, Generator
 from polymodal.eval.metrics import accuracy_by, confusion, normalize
 from polymodal.eval.run import evaluate

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import DATA, RECIPES
 from polymodal.cli.main import main
-from polymodal.data.formats import Sample
+from polymodal.data.sample import Sample
 from polymodal.data.validate import check_samples, media_problem
 from polymodal.errors import UserError
 from polymodal.processing.images import (

@@ -184,7 +184,7 @@ def long_and_short(folder, count=20):
 
 def length_between(path, config):
     """A max_length between the short samples' token count and the long ones'."""
-    from polymodal.data.formats import read_llava_json
+    from polymodal.data.llava import read_llava_json
     from polymodal.model import MultimodalLM
 
     model = MultimodalLM.from_config(config)
@@ -500,7 +500,7 @@ def test_encoding_shows_progress_and_keeps_token_ids_compact(tmp_path, capsys):
     from array import array
 
     from polymodal.config import DatasetConfig, StageConfig
-    from polymodal.data.formats import read_llava_json
+    from polymodal.data.llava import read_llava_json
     from polymodal.model import MultimodalLM
     from polymodal.train.mixture import Mixture, encode_dataset
 

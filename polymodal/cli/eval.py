@@ -16,10 +16,11 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a saved model directory (or a recipe / LLM source)")
     parser.add_argument("--task", required=True,
                         help="easy-vqa, vqa, pope, caption, multiple-choice; for dual encoders "
-                             "zeroshot, retrieval, audio-image")
-    parser.add_argument("--split", default="test", help="easy-VQA split, for tasks built from it (train or test)")
+                             "zeroshot, retrieval, audio-image (`polymodal info --list` lists them)")
+    parser.add_argument("--split", default="test",
+                        help="without a task file: the split of the built-in dataset (easy-VQA: train or test)")
     parser.add_argument("--data", metavar="PATH",
-                        help="the task's JSONL file, or a folder in the easy-VQA layout")
+                        help="the task's JSONL file, or a folder in the built-in dataset's layout")
     parser.add_argument("--limit", type=int, help="a fixed, seeded sample of N questions")
     parser.add_argument("--seed", type=int, default=0, help="seed of --limit and of built probes")
     parser.add_argument("--setting", default="all", help="pope: random, popular, adversarial or all")

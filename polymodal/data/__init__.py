@@ -1,5 +1,15 @@
-"""Training data: formats (LLaVA JSON, caption JSONL, easy-VQA) as conversations, checked up front."""
+"""Training and evaluation data: dataset formats as registered kinds, each reading into the
+same `Sample` (a conversation and its media), checked up front (validate.py).
 
-from polymodal.data.formats import Sample, read_captions, read_easy_vqa, read_llava_json
+Formats: `llava` (llava.py), `captions` (captions.py), `replay` (replay.py), easy-VQA's
+(easy_vqa.py: its one home). Importing this package registers them all (registry.discover
+imports it by name).
+"""
 
-__all__ = ["Sample", "read_captions", "read_easy_vqa", "read_llava_json"]
+from polymodal.data import captions, easy_vqa, llava, replay  # noqa: F401  (they register their formats)
+from polymodal.data.captions import read_captions
+from polymodal.data.easy_vqa import read_easy_vqa
+from polymodal.data.llava import read_llava_json
+from polymodal.data.sample import Item, Sample
+
+__all__ = ["Item", "Sample", "read_captions", "read_easy_vqa", "read_llava_json"]

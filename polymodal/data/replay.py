@@ -15,27 +15,47 @@ The questions: a text file, one per line (`#` starts a comment), or the built-in
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from polymodal.data.formats import Sample
+from polymodal.config import DatasetConfig
+from polymodal.data.errors import DataError, location
+from polymodal.data.sample import Sample
 from polymodal.errors import UserError
+from polymodal.registry import register_dataset_format
 
 BUILTIN_QUESTIONS = Path(__file__).with_name("replay_questions.txt")
 BATCH = 256  # questions answered together (the built-in list in one batch: faster than in batches of 64)
 
 
+@dataclass
+class ReplayOptions(DatasetConfig):
+    """Replay's questions (`path`: one per line; default: the built-in list), answered by the
+    model as the stage begins."""
+
+    format: str = "replay"
+    max_new_tokens: int = 32  # the longest answer kept (longer ones are dropped)
+
+
 def read_questions(path: str | Path | None = None) -> list[Sample]:
-    """The questions as one-turn samples without an answer yet."""
+    """The questions as one-turn samples without an answer yet; each sample's `where` is its line."""
     path = Path(path) if path else BUILTIN_QUESTIONS
     if not path.is_file():
-        raise UserError(f"replay questions file not found: {path}")
+        raise DataError("replay questions file not found", path)
     lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
-    questions = [line for line in lines if line and not line.startswith("#")]
+    questions = [(number, line) for number, line in enumerate(lines, start=1) if line and not line.startswith("#")]
     if not questions:
-        raise UserError(f"{path}: no questions (one per line; '#' starts a comment)")
-    return [Sample(f"replay-{i}", [{"role": "user", "content": q}]) for i, q in enumerate(questions)]
+        raise DataError("no questions (one per line; '#' starts a comment)", path)
+    return [Sample(f"replay-{i}", [{"role": "user", "content": q}], where=location(path, line=number))
+            for i, (number, q) in enumerate(questions)]
+
+
+@register_dataset_format("replay", config=ReplayOptions)
+def read_replay(options: ReplayOptions) -> list[Sample]:
+    """Text questions the model answers itself as the stage begins (self-distillation)."""
+    return read_questions(options.path)  # answered by the training run, not here
 
 
 def answer_questions(model, questions: list[Sample], max_new_tokens: int,

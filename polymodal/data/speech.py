@@ -1,9 +1,9 @@
-"""Spoken captions made on this machine with espeak-ng: audio-text pairs for binding an
-audio tower to a text space (ImageBind's recipe, with text as the anchor).
+"""Speech made on this machine with espeak-ng, for spoken datasets (e.g. audio-text pairs
+for binding an audio tower to a text space: ImageBind's recipe, with text as the anchor;
+data/easy_vqa.py's `easy-vqa-speech` speaks its captions).
 
-`format: easy-vqa-speech` speaks each distinct full caption of an easy-VQA split ("a red
-triangle") in several voices and speeds. The voices of `train` and `test` differ, so a
-test clip is a voice the tower never heard. Clips are cached under
+A spoken dataset says each text in several voices and speeds; the voices of `train` and
+`test` differ, so a test clip is a voice the model never heard. Clips are cached under
 `~/.cache/polymodal/speech/` (`POLYMODAL_CACHE` moves it), each written atomically.
 """
 
@@ -14,12 +14,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from polymodal.data.formats import (
-    CAPTION_PROMPT,
-    Sample,
-    easy_vqa_caption,
-    easy_vqa_image_attributes,
-)
 from polymodal.errors import UserError
 
 VOICES = {"train": [("en-us", 140), ("en-us", 180), ("en-gb", 150), ("en-gb-scotland", 170),
@@ -50,26 +44,3 @@ def speak(text: str, voice: str, speed: int, out: Path) -> Path:
     finally:
         temp.unlink(missing_ok=True)
     return out
-
-
-def easy_vqa_full_captions(split: str | None, folder: str | Path | None = None) -> dict[str, list[str]]:
-    """Caption -> the images it describes, for captions naming both colour and shape."""
-    by_caption: dict[str, list[str]] = {}
-    for image, found in easy_vqa_image_attributes(split, folder):
-        if "shape" in found and "color" in found:
-            by_caption.setdefault(easy_vqa_caption(found), []).append(image)
-    return by_caption
-
-
-def read_easy_vqa_speech(split: str | None = "train", folder: str | Path | None = None) -> list[Sample]:
-    """(spoken caption, caption) samples: each distinct caption in each voice of the split."""
-    voices = VOICES["test" if split == "test" else "train"]
-    samples = []
-    for caption in sorted(easy_vqa_full_captions(split, folder)):
-        for voice, speed in voices:
-            clip = speech_cache() / f"{voice}-{speed}" / f"{caption.replace(' ', '_')}.wav"
-            speak(caption, voice, speed, clip)
-            messages = [{"role": "user", "content": f"<image>\n{CAPTION_PROMPT}"},
-                        {"role": "assistant", "content": caption}]
-            samples.append(Sample(f"{voice}-{speed}:{caption}", messages, [str(clip)]))
-    return samples

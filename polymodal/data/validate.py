@@ -1,8 +1,9 @@
 """Check every sample before training: files exist and decode, placeholders match images.
 
-Bad samples are skipped and listed with their reason in `bad_samples.jsonl`; too many
-bad samples stop the run before it starts (LLaVA's "tokenization mismatch" warnings
-silently dropped them instead).
+Bad samples are skipped and listed with their reason (and their place in the data file,
+`where`) in `bad_samples.jsonl`; too many bad samples stop the run before it starts with a
+DataError naming the first (LLaVA's "tokenization mismatch" warnings silently dropped them
+instead).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from polymodal.data.formats import Sample
+from polymodal.data.errors import DataError
+from polymodal.data.sample import Sample
 from polymodal.errors import UserError
 from polymodal.processing.audio import AUDIO_SUFFIXES, read_wav
 from polymodal.processing.images import open_image
@@ -78,14 +80,14 @@ def check_samples(samples: list[Sample], placeholder: str, bad_file: Path | None
         if problem is None:
             good.append(sample)
         else:
-            bad.append({"id": sample.id, "reason": problem})
+            bad.append({"id": sample.id, "reason": problem, **({"where": sample.where} if sample.where else {})})
     record_bad(bad_file, name, bad)
     stop_if_too_many(bad, len(samples), max_bad_fraction, name, bad_file, "bad")
     return good
 
 
 def record_bad(bad_file: Path | None, name: str, rows: list[dict]) -> None:
-    """Append `rows` ({id, reason}) of dataset `name` to `bad_file`, each (dataset, id,
+    """Append `rows` ({id, reason, where?}) of dataset `name` to `bad_file`, each (dataset, id,
     reason) once: the stages of a recipe and every --resume check the same data again."""
     if not rows or bad_file is None:
         return
@@ -107,11 +109,12 @@ def record_bad(bad_file: Path | None, name: str, rows: list[dict]) -> None:
 
 def stop_if_too_many(skipped: list[dict], total: int, max_bad_fraction: float, name: str,
                      bad_file: Path | None, what: str = "bad", others: int = 0) -> None:
-    """Raise when more than `max_bad_fraction` of `total` samples were skipped (`skipped`,
-    plus `others` counted before; `what`: how the message calls them), naming the first of
-    `skipped` and where all are listed."""
+    """Raise a DataError when more than `max_bad_fraction` of `total` samples were skipped
+    (`skipped`, plus `others` counted before; `what`: how the message calls them), naming the
+    first of `skipped` (by its place in the file when known, else its id) and where all are listed."""
     count = len(skipped) + others
     if total and skipped and count / total > max_bad_fraction:
-        raise UserError(f"{name}: {count} of {total} samples are {what} (more than "
-                        f"{max_bad_fraction:.0%}); first: {skipped[0]['id']}: {skipped[0]['reason']}"
-                        + (f"; all listed in {bad_file}" if bad_file else ""))
+        first = skipped[0].get("where") or skipped[0]["id"]
+        raise DataError(f"{count} of {total} samples are {what} (more than {max_bad_fraction:.0%}); "
+                        f"first: {first}: {skipped[0]['reason']}"
+                        + (f"; all listed in {bad_file}" if bad_file else ""), name)

@@ -1,1 +1,15 @@
-"""Evaluation tasks; each writes results.json, predictions.jsonl and pictures to an output folder."""
+"""Evaluation tasks; each writes results.json, predictions.jsonl and pictures to an output folder.
+
+Importing this package registers every task (registry.EVAL_TASKS); discovery imports it by name.
+"""
+
+from polymodal.eval import (  # noqa: F401  (each registers its task)
+    audio_image,
+    caption,
+    easy_vqa,
+    multiple_choice,
+    pope,
+    retrieval,
+    vqa,
+    zeroshot,
+)

@@ -2,8 +2,9 @@
 
 The audio tower (MODEL, e.g. recipes/bind-audio.yaml) and the image tower (`--image-model`,
 e.g. recipes/clip-easyvqa.yaml) were each trained against the same frozen text tower and
-never on audio-image pairs. Spoken easy-VQA test captions (voices unheard in training)
-query the easy-VQA test images; an image is relevant when its caption is the spoken one.
+never on audio-image pairs. The dataset's spoken captions (`task_dataset`; easy-VQA's test
+captions in voices unheard in training) query its images; an image is relevant when its
+caption is the spoken one.
 Also reported: audio->text accuracy against the captions (what the binding learned) and
 text->image recall with the same captions as text (the ceiling the image tower sets).
 """
@@ -15,10 +16,9 @@ from pathlib import Path
 import torch
 
 from polymodal.contrastive.embed import embed_images, embed_texts, require_dual_encoder
-from polymodal.data.speech import easy_vqa_full_captions, read_easy_vqa_speech
 from polymodal.errors import UserError
 from polymodal.eval.retrieval import recall_at
-from polymodal.eval.tasks import Task, TaskOptions, register_task, seeded_sample
+from polymodal.eval.tasks import Task, TaskOptions, register_task, seeded_sample, task_dataset
 
 
 @register_task("audio-image")
@@ -38,9 +38,8 @@ class AudioImage(Task):
             raise UserError("task audio-image needs --image-model (an image dual encoder in the same text space)")
         image_model = load_any(options.image_model)
         require_dual_encoder(image_model, "--image-model")
-        clips = seeded_sample(read_easy_vqa_speech(options.split, options.data), options.limit, options.seed)
-        gallery = [(image, caption) for caption, images in easy_vqa_full_captions(options.split, options.data).items()
-                   for image in images]
+        clips, gallery = task_dataset(options).spoken_captions()
+        clips = seeded_sample(clips, options.limit, options.seed)
         spoken = [clip.messages[-1]["content"] for clip in clips]
         audio, _, _ = embed_images(model, [clip.images[0] for clip in clips], batch_size, desc="audio")  # [Q, D]
         images, _, _ = embed_images(image_model, [image for image, _ in gallery], batch_size)  # [N, D]

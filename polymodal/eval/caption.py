@@ -2,19 +2,17 @@
 least ten images (CIDEr-D's weights come from the evaluated set; docs/metrics.md).
 
 Task file (JSONL): {"image", "captions": [str]} (or "text": str), image paths relative to
-the file's folder; without one, easy-VQA's images with captions derived from their
-questions ("a red triangle").
+the file's folder; without one, the dataset's images and captions (`task_dataset`; easy-VQA's
+are derived from its questions: "a red triangle").
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from polymodal.data.formats import (
-    CAPTION_PROMPT,
-    easy_vqa_caption,
-    easy_vqa_image_attributes,
-)
+from polymodal.data.captions import CAPTION_PROMPT
+from polymodal.data.errors import DataError
+from polymodal.data.records import read_jsonl, record_images
 from polymodal.errors import UserError
 from polymodal.eval.caption_metrics import MIN_CIDER_IMAGES, caption_scores
 from polymodal.eval.report import prediction_row
@@ -22,10 +20,10 @@ from polymodal.eval.tasks import (
     Item,
     Task,
     TaskOptions,
-    read_jsonl,
-    record_images,
     register_task,
     seeded_sample,
+    task_dataset,
+    task_file,
 )
 
 
@@ -35,18 +33,18 @@ def read_caption_file(path: str | Path, prompt: str) -> list[Item]:
     for number, record in read_jsonl(path, ("image",)):
         captions = record.get("captions", [record["text"]] if "text" in record else None)
         if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-            raise UserError(f"{path}:{number}: expected 'captions' (a list of strings) or 'text'")
+            raise DataError("expected 'captions' (a list of strings) or 'text'", path, line=number)
         items.append(Item(str(record.get("id", number)), prompt, record_images(path, number, record), captions))
     return items
 
 
-def easy_vqa_caption_items(split: str | None, folder: str | None, prompt: str) -> list[Item]:
-    items = []
-    for image, found in easy_vqa_image_attributes(split, folder):
-        caption = easy_vqa_caption(found)
-        if caption:
-            items.append(Item(Path(image).stem, prompt, [image], [caption]))
-    return items
+def caption_items(options: TaskOptions, prompt: str) -> list[Item]:
+    """The task file's images and captions, or the dataset's; all of them (not sampled)."""
+    path = task_file(options)
+    if path is not None:
+        return read_caption_file(path, prompt)
+    return [Item(Path(image).stem, prompt, [image], [caption])
+            for image, caption in task_dataset(options).caption_pairs()]
 
 
 def check_image_count(count: int) -> None:
@@ -68,12 +66,8 @@ class Caption(Task):
     max_new_tokens = 32
 
     def items(self, options: TaskOptions) -> list[Item]:
-        prompt = options.prompt or CAPTION_PROMPT
-        if options.data and Path(options.data).is_file():
-            items = read_caption_file(options.data, prompt)
-        else:
-            items = easy_vqa_caption_items(options.split, options.data, prompt)
-        items = seeded_sample(items, options.limit, options.seed)
+        items = seeded_sample(caption_items(options, options.prompt or CAPTION_PROMPT), options.limit,
+                              options.seed)
         check_image_count(len(items))
         return items
 

@@ -1,23 +1,20 @@
-"""`easy-vqa`: exact match after normalising, per question type, with a confusion matrix."""
+"""`easy-vqa`: short answers scored by exact match after normalising, per question type,
+with a confusion matrix. The questions are the dataset's (`TaskOptions.dataset`: easy-VQA's
+split, or a folder in its layout)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from polymodal.data.formats import easy_vqa_folder, easy_vqa_question_type, read_easy_vqa_questions
 from polymodal.eval.metrics import accuracy_by, confusion, normalize
 from polymodal.eval.plots import plot_confusion
 from polymodal.eval.report import prediction_row
-from polymodal.eval.tasks import Item, Task, TaskOptions, register_task, seeded_sample
+from polymodal.eval.tasks import Item, Task, TaskOptions, register_task, seeded_sample, task_dataset
 
 
-def easy_vqa_items(options: TaskOptions) -> list[Item]:
-    """The questions of an easy-VQA split (or folder in its layout), one item each."""
-    questions = read_easy_vqa_questions(easy_vqa_folder(options.split, options.data))
-    items = [Item(f"{Path(image).stem}:{number}", question, [image], [answer],
-                  {"type": easy_vqa_question_type(answer)})
-             for number, (question, answer, image) in enumerate(questions)]
-    return seeded_sample(items, options.limit, options.seed)
+def question_items(options: TaskOptions) -> list[Item]:
+    """The dataset's questions, one item each, a fixed seeded sample of `options.limit`."""
+    return seeded_sample(task_dataset(options).question_items(), options.limit, options.seed)
 
 
 @register_task("easy-vqa")
@@ -25,7 +22,7 @@ class EasyVQA(Task):
     """easy-VQA questions: exact match, by question type (shape, colour, yes/no)."""
 
     def items(self, options: TaskOptions) -> list[Item]:
-        return easy_vqa_items(options)
+        return question_items(options)
 
     def score(self, items: list[Item], predictions: list[str]) -> tuple[dict, list[dict]]:
         rows = []

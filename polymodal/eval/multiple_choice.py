@@ -3,8 +3,8 @@ options (A B C -> B C A -> C A B) and counts only if every rotation is answered 
 (CircularEval), which removes the gain of always answering "A".
 
 Task file (JSONL): {"image", "question", "options": [str] or {"A": str, ...}, "answer": a
-letter, an option's text or its index}; without one, shape and colour questions about
-easy-VQA's images.
+letter, an option's text or its index}; without one, the dataset's questions
+(`task_dataset`; for easy-VQA, the shape and the colour of each image).
 """
 
 from __future__ import annotations
@@ -15,26 +15,24 @@ import string
 from dataclasses import replace
 from pathlib import Path
 
-from polymodal.data.formats import (
-    EASY_VQA_COLORS,
-    EASY_VQA_SHAPES,
-    easy_vqa_image_attributes,
-)
+from polymodal.data.errors import DataError
+from polymodal.data.evaluation import Choice
+from polymodal.data.records import read_jsonl, record_images
 from polymodal.errors import UserError
 from polymodal.eval.report import prediction_row
 from polymodal.eval.tasks import (
     Item,
     Task,
     TaskOptions,
-    read_jsonl,
-    record_images,
     register_task,
     seeded_sample,
+    task_dataset,
+    task_file,
 )
 
 LETTERS = string.ascii_uppercase
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
-Question = tuple[str, list[str], str, list[str]]  # id, images, question, options (the right one first)
+Question = Choice  # id, images, question, options (the right one first)
 
 
 def read_choice_file(path: str | Path) -> list[Question]:
@@ -44,17 +42,17 @@ def read_choice_file(path: str | Path) -> list[Question]:
     for number, record in read_jsonl(path, ("question", "options", "answer")):
         qid = str(record.get("id", number))
         if qid in first_line:  # CircularEval would merge the two into one question
-            raise UserError(f"{path}:{number}: duplicate id {qid!r} (first on line {first_line[qid]}); "
-                            "every question needs its own id")
+            raise DataError(f"duplicate id {qid!r} (first on line {first_line[qid]}); "
+                            "every question needs its own id", path, line=number)
         first_line[qid] = number
         options, answer = record["options"], record["answer"]
         if isinstance(options, dict):
             options = [options[key] for key in sorted(options)]
         if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
-            raise UserError(f"{path}:{number}: 'options' must list at least two strings")
+            raise DataError("'options' must list at least two strings", path, line=number)
         right = _answer_index(answer, options)
         if right is None:
-            raise UserError(f"{path}:{number}: answer {answer!r} is not one of the options")
+            raise DataError(f"answer {answer!r} is not one of the options", path, line=number)
         ordered = [options[right]] + [o for i, o in enumerate(options) if i != right]
         questions.append((qid, record_images(path, number, record),
                           str(record["question"]), ordered))
@@ -67,20 +65,6 @@ def _answer_index(answer, options: list[str]) -> int | None:
     if isinstance(answer, str) and len(answer) == 1 and answer.upper() in LETTERS[: len(options)]:
         return LETTERS.index(answer.upper())
     return options.index(answer) if answer in options else None
-
-
-def easy_vqa_choices(split: str | None, folder: str | None, seed: int) -> list[Question]:
-    rng = random.Random(seed)
-    questions = []
-    for image, found in easy_vqa_image_attributes(split, folder):
-        stem = Path(image).stem
-        if "shape" in found:
-            others = [s for s in EASY_VQA_SHAPES if s != found["shape"]]
-            questions.append((f"{stem}:shape", [image], "Which shape is in the image?", [found["shape"], *others]))
-        if "color" in found:
-            others = rng.sample([c for c in EASY_VQA_COLORS if c != found["color"]], 3)
-            questions.append((f"{stem}:color", [image], "What color is the shape?", [found["color"], *others]))
-    return questions
 
 
 def rotations(question: Question, seed: int) -> list[Item]:
@@ -178,10 +162,8 @@ class MultipleChoice(Task):
     headline = "circular_accuracy"
 
     def items(self, options: TaskOptions) -> list[Item]:
-        if options.data and Path(options.data).is_file():
-            questions = read_choice_file(options.data)
-        else:
-            questions = easy_vqa_choices(options.split, options.data, options.seed)
+        path = task_file(options)
+        questions = read_choice_file(path) if path else task_dataset(options).choice_questions(options.seed)
         questions = seeded_sample(questions, options.limit, options.seed)
         return [item for question in questions for item in rotations(question, options.seed)]
 

@@ -9,10 +9,9 @@ For each image, "Is there a {object} in the image?" about up to three objects it
 `random` from all objects, `popular` the most frequent objects in the dataset, and
 `adversarial` those that most often appear together with the image's own objects.
 
-Annotations: a JSONL file of {"image", "objects": [names]}, or derived from easy-VQA
-(the package's split or a folder in its layout), where each image holds one shape and
-its objects are the shape ("circle"), the coloured shape ("red circle") and the colour
-("red shape").
+Annotations: a JSONL file of {"image", "objects": [names]}, or the dataset's
+(`task_dataset`; easy-VQA's images hold one shape each, and its objects are the shape
+("circle"), the coloured shape ("red circle") and the colour ("red shape")).
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from polymodal.data.formats import easy_vqa_image_attributes
+from polymodal.data.errors import DataError
+from polymodal.data.records import read_jsonl, record_images
 from polymodal.errors import UserError
 from polymodal.eval.metrics import binary_metrics, read_yes_no
 from polymodal.eval.plots import plot_grouped_bars
@@ -30,26 +30,15 @@ from polymodal.eval.tasks import (
     Item,
     Task,
     TaskOptions,
-    read_jsonl,
-    record_images,
     register_task,
     seeded_sample,
+    task_dataset,
+    task_file,
 )
 
 SETTINGS = ("random", "popular", "adversarial")
 QUESTION = "Is there a {} in the image?"
 Annotations = list[tuple[str, set[str]]]  # (image path, names of the objects in it)
-
-
-def easy_vqa_objects(split: str | None, folder: str | None) -> Annotations:
-    annotations = []
-    for image, found in easy_vqa_image_attributes(split, folder):
-        shape, color = found.get("shape"), found.get("color")
-        objects = {name for name in (shape, color and f"{color} shape",
-                                     shape and color and f"{color} {shape}") if name}
-        if objects:
-            annotations.append((image, objects))
-    return annotations
 
 
 def read_object_file(path: str | Path) -> Annotations:
@@ -59,11 +48,11 @@ def read_object_file(path: str | Path) -> Annotations:
     for number, record in read_jsonl(path, ("image", "objects")):
         objects = record["objects"]
         if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
-            raise UserError(f"{path}:{number}: 'objects' must be a list of names")
+            raise DataError("'objects' must be a list of names", path, line=number)
         image = record_images(path, number, record)[0]
         if str(image) in first_line:  # its probes would be asked twice, under the same ids
-            raise UserError(f"{path}:{number}: image {record['image']!r} is listed again "
-                            f"(first on line {first_line[str(image)]}); give all its objects on one line")
+            raise DataError(f"image {record['image']!r} is listed again (first on line "
+                            f"{first_line[str(image)]}); give all its objects on one line", path, line=number)
         first_line[str(image)] = number
         annotations.append((image, set(objects)))
     return annotations
@@ -102,10 +91,8 @@ class Pope(Task):
     """POPE hallucination probes: accuracy, precision, recall, F1 and yes-ratio per setting."""
 
     def items(self, options: TaskOptions) -> list[Item]:
-        if options.data and Path(options.data).is_file():
-            annotations = read_object_file(options.data)
-        else:
-            annotations = easy_vqa_objects(options.split, options.data)
+        path = task_file(options)
+        annotations = read_object_file(path) if path else task_dataset(options).object_annotations()
         if options.limit is not None:  # about `limit` probes per setting: 6 per image
             annotations = seeded_sample(annotations, max(1, -(-options.limit // 6)), options.seed)
         settings = SETTINGS if options.setting == "all" else (options.setting,)

@@ -1,19 +1,17 @@
 """`retrieval`: text->image and image->text recall@1/5/10 in a dual encoder's space.
 
 Task file (JSONL): {"image", "captions": [str]} (or "text"), image paths relative to the
-file's folder; without one, easy-VQA's images and their derived captions. A caption's
-relevant images are all images with that exact caption (easy-VQA's captions repeat:
-"a red circle" describes many images), and an image's relevant captions are its own.
+file's folder; without one, the dataset's images and captions (`task_dataset`). A
+caption's relevant images are all images with that exact caption (captions may repeat:
+easy-VQA's "a red circle" describes many images), and an image's relevant captions are its own.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from polymodal.contrastive.embed import embed_images, embed_texts, require_dual_encoder
-from polymodal.eval.caption import easy_vqa_caption_items, read_caption_file
+from polymodal.eval.caption import caption_items
 from polymodal.eval.tasks import Task, TaskOptions, register_task, seeded_sample
 
 KS = (1, 5, 10)
@@ -35,11 +33,7 @@ class Retrieval(Task):
 
     def run(self, model, options: TaskOptions, batch_size: int, items=None) -> tuple[dict, list[dict]]:
         require_dual_encoder(model, "task retrieval")
-        if options.data and Path(options.data).is_file():
-            items = read_caption_file(options.data, "")
-        else:
-            items = easy_vqa_caption_items(options.split, options.data, "")
-        items = seeded_sample(items, options.limit, options.seed)
+        items = seeded_sample(caption_items(options, ""), options.limit, options.seed)
         images, _, _ = embed_images(model, [item.images[0] for item in items], batch_size)  # [N, D]
         captions = sorted({caption for item in items for caption in item.references})
         texts = embed_texts(model, captions, batch_size)  # [T, D]

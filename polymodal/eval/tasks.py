@@ -1,9 +1,12 @@
-"""The task registry and what every task shares: items, seeded samples, JSONL task files.
+"""What every task shares: options, the Task base, seeded samples, where a task's data
+comes from. Tasks register in `registry.EVAL_TASKS` (with `register_task`); this package's
+`__init__` imports every task module, so discovery finds them all.
 
 A task turns its data into `Item`s (images + a question + the accepted answers), and
 scores the model's answers to them. Answering is the same for every task
 (`eval.answer`), so `polymodal analyze` can change the items (blank the image, drop
-the question) and score them with the task's own metric.
+the question) and score them with the task's own metric. A task's data is a task file
+(`--data FILE.jsonl`) or, without one, what a dataset lends it (`task_dataset`).
 
 Example:
     task = get_task("pope")
@@ -13,37 +16,26 @@ Example:
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from polymodal.data.formats import image_paths
+from polymodal.data.evaluation import EvaluationData
+from polymodal.data.sample import Item
 from polymodal.errors import UserError
-from polymodal.processing.processor import with_placeholders
-from polymodal.registry import Registry
+from polymodal.registry import DATASET_FORMATS, EVAL_TASKS
 
-
-@dataclass
-class Item:
-    """One question to the model."""
-
-    id: str
-    question: str  # the text after the image placeholders
-    images: list  # paths, PIL images or pixel tensors [3, S, S]
-    references: list[str]  # accepted answers (captions for `caption`)
-    info: dict = field(default_factory=dict)  # kept in predictions.jsonl: type, setting, rotation, ...
-
-    def prompt(self, placeholder: str = "<image>") -> dict:
-        """A chat prompt: the question, after one placeholder per image unless it marks them."""
-        content = with_placeholders(self.question, len(self.images), placeholder)
-        return {"messages": [{"role": "user", "content": content}], "images": list(self.images)}
+__all__ = ["Item", "Task", "TaskOptions", "get_task", "register_task", "seeded_sample", "task_dataset",
+           "task_file", "task_names"]
 
 
 @dataclass
 class TaskOptions:
-    split: str = "test"  # easy-VQA split, when the task derives its data from easy-VQA
-    data: str | None = None  # a task file (JSONL) or a folder in the easy-VQA layout
+    split: str = "test"  # the split of `dataset` a task reads when no task file is given
+    data: str | None = None  # a task file (JSONL), or a folder in the layout of `dataset`
+    # The dataset format (registry.DATASET_FORMATS; its options an EvaluationData) whose
+    # questions, captions or objects a task uses without a task file: the built-in one.
+    dataset: str = "easy-vqa"
     limit: int | None = None  # a fixed, seeded sample
     seed: int = 0
     setting: str = "all"  # pope: random, popular, adversarial or all
@@ -96,38 +88,37 @@ class Task:
         return replace(item, question="")
 
 
-TASKS = Registry("task")
-
-
 def register_task(name: str):
+    """Class decorator: the Task subclass becomes task `name` (registry.EVAL_TASKS)."""
     def decorate(cls):
         cls.name = name
-        return TASKS.register(name)(cls)
+        return EVAL_TASKS.register(name)(cls)
 
     return decorate
 
 
 def get_task(name: str) -> Task:
-    """The task by name; an unknown name is an error that lists the tasks."""
-    _load_tasks()
-    return TASKS.get(name).builder()
+    """The task by name; an unknown name is a UserError that lists the tasks."""
+    return EVAL_TASKS.get(name).builder()
 
 
 def task_names() -> list[str]:
-    _load_tasks()
-    return TASKS.names()
+    return EVAL_TASKS.names()
 
 
-def _load_tasks() -> None:
-    # Importing each task module runs its @register_task.
-    import polymodal.eval.audio_image
-    import polymodal.eval.caption
-    import polymodal.eval.easy_vqa
-    import polymodal.eval.multiple_choice
-    import polymodal.eval.pope
-    import polymodal.eval.retrieval
-    import polymodal.eval.vqa
-    import polymodal.eval.zeroshot  # noqa: F401
+def task_file(options: TaskOptions) -> Path | None:
+    """The task file `--data` names, or None when it names none (or a dataset's folder)."""
+    return Path(options.data) if options.data and Path(options.data).is_file() else None
+
+
+def task_dataset(options: TaskOptions) -> EvaluationData:
+    """The dataset a task reads without a task file: `options.dataset` at `options.split`, or
+    at the folder `--data` names. Raises UserError for a format that lends no questions."""
+    entry = DATASET_FORMATS.get(options.dataset)
+    if entry.config is None or not issubclass(entry.config, EvaluationData):
+        raise UserError(f"dataset format {options.dataset} lends no questions to evaluation tasks; "
+                        f"give a task file (--data FILE.jsonl)")
+    return entry.config.for_evaluation(options.split, options.data)
 
 
 def seeded_sample(items: list, limit: int | None, seed: int = 0) -> list:
@@ -135,42 +126,3 @@ def seeded_sample(items: list, limit: int | None, seed: int = 0) -> list:
     if limit is None or limit >= len(items):
         return items
     return random.Random(seed).sample(items, limit)
-
-
-def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """(line number, record) for each non-empty line; a malformed line is an error naming
-    the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"task file not found: {path}")
-    records = []
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not data
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text (byte {error.start})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        missing = [key for key in required if not isinstance(record, dict) or key not in record]
-        if missing:
-            raise UserError(f"{path}:{number}: missing field {missing[0]!r}")
-        records.append((number, record))
-    if not records:
-        raise UserError(f"{path}: no records")
-    return records
-
-
-def record_images(path: Path, number: int, record: dict) -> list[str]:
-    """The image paths of a record (`image` or `images`: a path or a list of paths), relative
-    to the task file's folder; a missing image is an error naming it."""
-    resolved = [str(path.parent / image) for image in image_paths(record, f"{path}:{number}")]
-    for image in resolved:
-        if not Path(image).exists():
-            raise UserError(f"{path}:{number}: image not found: {image}")
-        if not Path(image).is_file():  # a folder, FIFO or device
-            raise UserError(f"{path}:{number}: not a file: {image}")
-    return resolved

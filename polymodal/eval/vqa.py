@@ -10,17 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from polymodal.data.errors import DataError
+from polymodal.data.records import read_jsonl, record_images
 from polymodal.errors import UserError
 from polymodal.eval.report import prediction_row
-from polymodal.eval.tasks import (
-    Item,
-    Task,
-    TaskOptions,
-    read_jsonl,
-    record_images,
-    register_task,
-    seeded_sample,
-)
+from polymodal.eval.tasks import Item, Task, TaskOptions, register_task, seeded_sample
 from polymodal.eval.vqa_answers import normalize_vqa, soft_accuracy
 
 
@@ -30,11 +24,11 @@ def read_vqa_file(path: str | Path) -> list[Item]:
     for number, record in read_jsonl(path, ("question", "answers")):
         answers = record["answers"]
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-            raise UserError(f"{path}:{number}: 'answers' must be a non-empty list of strings")
+            raise DataError("'answers' must be a non-empty list of strings", path, line=number)
         empty = [answer for answer in answers if not normalize_vqa(answer)]
         if empty:  # an empty prediction would match it and score 1
-            raise UserError(f"{path}:{number}: answer {empty[0]!r} is empty once normalised "
-                            f"(articles and punctuation are dropped)")
+            raise DataError(f"answer {empty[0]!r} is empty once normalised (articles and punctuation "
+                            f"are dropped)", path, line=number)
         items.append(Item(str(record.get("id", number)), str(record["question"]),
                           record_images(path, number, record), answers))
     return items

@@ -3,9 +3,10 @@ prompt ensembling (each label's embedding is the mean of its templates' embeddin
 
 Task file (JSONL): {"image", "label"} (optionally "attribute", to score several label
 sets at once), image paths relative to the file's folder; templates from `--templates`
-(default "a photo of a {}."). Without a file: easy-VQA's images, classified by shape
-and by colour, each ensembled over the other attribute's words ("a red {}", "a blue {}",
-... for shapes), as CLIP ensembles over contexts.
+(default "a photo of a {}."). Without a file: the dataset's attribute labels and its own
+templates (`task_dataset`; easy-VQA's images are classified by shape and by colour, each
+ensembled over the other attribute's words: "a red {}", "a blue {}", ... for shapes, as
+CLIP ensembles over contexts).
 """
 
 from __future__ import annotations
@@ -17,40 +18,28 @@ import torch
 import torch.nn.functional as F
 
 from polymodal.contrastive.embed import embed_images, embed_texts, require_dual_encoder
-from polymodal.data.formats import (
-    EASY_VQA_COLORS,
-    EASY_VQA_SHAPES,
-    easy_vqa_image_attributes,
-)
+from polymodal.data.evaluation import Label
+from polymodal.data.records import read_jsonl, record_images
 from polymodal.errors import UserError
 from polymodal.eval.metrics import confusion
 from polymodal.eval.plots import plot_confusion
 from polymodal.eval.tasks import (
     Task,
     TaskOptions,
-    read_jsonl,
-    record_images,
     register_task,
     seeded_sample,
+    task_dataset,
+    task_file,
 )
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
-EASY_VQA_TEMPLATES = {"shape": [f"a {color} {{}}" for color in EASY_VQA_COLORS] + ["a {}"],
-                      "color": [f"a {{}} {shape}" for shape in EASY_VQA_SHAPES] + ["a {} shape"]}
-Labelled = list[tuple[str, str, str]]  # (image, attribute, label)
+Labelled = list[Label]  # (image, attribute, label)
 
 
 def read_label_file(path: str | Path) -> Labelled:
     path = Path(path)
     return [(record_images(path, number, record)[0], str(record.get("attribute", "label")), str(record["label"]))
             for number, record in read_jsonl(path, ("image", "label"))]
-
-
-def easy_vqa_labels(split: str | None, folder: str | None) -> Labelled:
-    labelled = []
-    for image, found in easy_vqa_image_attributes(split, folder):
-        labelled += [(image, attribute, found[attribute]) for attribute in ("shape", "color") if attribute in found]
-    return labelled
 
 
 def class_embeddings(model, labels: list[str], templates: list[str]) -> torch.Tensor:
@@ -70,8 +59,9 @@ class ZeroShot(Task):
 
     def run(self, model, options: TaskOptions, batch_size: int, items=None) -> tuple[dict, list[dict]]:
         require_dual_encoder(model, "task zeroshot")
-        from_file = bool(options.data and Path(options.data).is_file())
-        labelled = read_label_file(options.data) if from_file else easy_vqa_labels(options.split, options.data)
+        path = task_file(options)
+        dataset = None if path else task_dataset(options)
+        labelled = read_label_file(path) if path else dataset.attribute_labels()
         labelled = seeded_sample(labelled, options.limit, options.seed)
         images = list(dict.fromkeys(image for image, _, _ in labelled))
         embeddings, _, _ = embed_images(model, images, batch_size)
@@ -82,7 +72,7 @@ class ZeroShot(Task):
         rows, accuracy = [], {}
         for attribute, pairs in by_attribute.items():
             labels = sorted({label for _, label in pairs})
-            templates = options.templates or (EASY_VQA_TEMPLATES[attribute] if not from_file else DEFAULT_TEMPLATES)
+            templates = options.templates or (dataset and dataset.label_templates(attribute)) or DEFAULT_TEMPLATES
             classes = class_embeddings(model, labels, templates)  # [C, D]
             scores = embeddings[[row_of[image] for image, _ in pairs]] @ classes.T  # [N, C]
             for (image, label), choice in zip(pairs, scores.argmax(1).tolist()):

@@ -16,41 +16,13 @@ import torch
 from tqdm import tqdm
 
 from polymodal.config import DatasetConfig, StageConfig
-from polymodal.data.formats import (
-    Sample,
-    read_captions,
-    read_easy_vqa,
-    read_easy_vqa_captions,
-    read_llava_json,
-    split_turns,
-)
-from polymodal.data.replay import answer_questions, read_questions
+from polymodal.data.datasets import format_options, read_dataset
+from polymodal.data.replay import answer_questions
+from polymodal.data.sample import Sample
 from polymodal.data.validate import check_samples, record_bad, stop_if_too_many
 from polymodal.errors import UserError
 from polymodal.processing.branches import merge_branches, sample_ids
 from polymodal.train.distributed import module_device
-
-
-def read_dataset(config: DatasetConfig) -> list[Sample]:
-    if config.format == "easy-vqa":
-        samples = read_easy_vqa(config.split or "train", config.path, config.flip_yes_no,
-                                config.question_types)
-    elif config.format == "easy-vqa-captions":
-        samples = read_easy_vqa_captions(config.split or "train", config.path)
-    elif config.format == "easy-vqa-speech":
-        from polymodal.data.speech import read_easy_vqa_speech
-
-        samples = read_easy_vqa_speech(config.split or "train", config.path)
-    elif config.format == "replay":
-        samples = read_questions(config.path)  # answered in encode_dataset, by the model
-    elif config.format == "llava":
-        samples = read_llava_json(config.path, config.image_folder)
-    else:
-        samples = read_captions(config.path, config.image_folder)
-    samples = samples[: config.limit] if config.limit else samples
-    if config.turns is not None:
-        samples = [part for sample in samples for part in split_turns(sample, config.turns)]
-    return samples
 
 
 def pack(value, packed: dict[int, array]):
@@ -155,7 +127,8 @@ def encode_dataset(model, config: DatasetConfig, stage: StageConfig, bad_file: P
     the console; more than the stage's `max_bad_fraction` of them (both kinds together)
     stops the run. A replay dataset's answers are the model's own, kept in (or taken
     from) `replay_file`. `fingerprinted`: also the data's `fingerprint`."""
-    name = config.path or (config.format if config.format == "replay" else f"easy-vqa/{config.split or 'train'}")
+    config = format_options(config)  # the format's own options (replay's max_new_tokens)
+    name = config.name
     samples = read_dataset(config)
     prints = fingerprint(name, samples) if fingerprinted else {}
     if config.format == "replay":

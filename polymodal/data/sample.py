@@ -1,0 +1,60 @@
+"""What every dataset format reads into: a training `Sample` (a conversation and its media)
+or an evaluation `Item` (one question and its accepted answers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from polymodal.processing.processor import with_placeholders
+
+
+@dataclass
+class Sample:
+    """One training conversation.
+
+    `messages`: [{"role", "content"}], `<image>` where each image goes; `images`: media paths
+    in placeholder order; `problem`: why the record cannot be used, found while reading it
+    (the sample is then listed as bad, not trained on); `where`: the record's place in its
+    file (`data.jsonl:12`, `data.json, record 3 (id 'a17')`; see data.errors.location), for
+    messages about it.
+    """
+
+    id: str
+    messages: list[dict]
+    images: list[str] = field(default_factory=list)
+    problem: str | None = None
+    where: str | None = None
+
+
+@dataclass
+class Item:
+    """One question to the model, for evaluation."""
+
+    id: str
+    question: str  # the text after the image placeholders
+    images: list  # paths, PIL images or pixel tensors [3, S, S]
+    references: list[str]  # accepted answers (captions for `caption`)
+    info: dict = field(default_factory=dict)  # kept in predictions.jsonl: type, setting, rotation, ...
+
+    def prompt(self, placeholder: str = "<image>") -> dict:
+        """A chat prompt: the question, after one placeholder per image unless it marks them."""
+        content = with_placeholders(self.question, len(self.images), placeholder)
+        return {"messages": [{"role": "user", "content": content}], "images": list(self.images)}
+
+
+def split_turns(sample: Sample, turns: int, placeholder: str = "<image>") -> list[Sample]:
+    """A one-image conversation cut into parts of at most `turns` user/assistant exchanges,
+    the image placed at the start of each part; others (system turns, several images) stay whole."""
+    messages = sample.messages
+    roles = [m["role"] for m in messages]
+    if len(sample.images) != 1 or "system" in roles or roles[::2] != ["user"] * len(roles[::2]) \
+            or roles[1::2] != ["assistant"] * len(roles[1::2]) or len(messages) <= 2 * turns:
+        return [sample]
+    parts = []
+    for start in range(0, len(messages), 2 * turns):
+        chunk = [dict(m) for m in messages[start : start + 2 * turns]]
+        for message in chunk:
+            message["content"] = message["content"].replace(placeholder, "").lstrip("\n")
+        chunk[0]["content"] = f"{placeholder}\n{chunk[0]['content']}"
+        parts.append(Sample(f"{sample.id}#{start // 2}", chunk, list(sample.images), where=sample.where))
+    return parts
