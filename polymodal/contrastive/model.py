@@ -20,7 +20,7 @@ from polymodal.config import ContrastiveConfig, ModelConfig, RecipeConfig
 from polymodal.contrastive.gather import gather_rows
 from polymodal.contrastive.losses import clip_loss, siglip_loss
 from polymodal.contrastive.towers import ImageTower, TextTower
-from polymodal.data.formats import Sample
+from polymodal.data.sample import Sample
 from polymodal.encoders.base import Encoder, build_encoder
 from polymodal.errors import UserError
 from polymodal.registry import register_model_kind
