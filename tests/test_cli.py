@@ -21,8 +21,12 @@ def test_info_list(capsys):
     code, out, _ = run(capsys, "info", "--list")
     assert code == 0
     for name in ("hf", "vit", "patches", "multi", "linear", "mlp", "pixel_shuffle", "perceiver",
-                 "qformer", "cabstractor", "inline", "tiny:ARCH", "pkg:PACKAGE/REL/PATH", "gguf:PATH"):
+                 "qformer", "cabstractor", "inline", "tiny:ARCH", "pkg:PACKAGE/REL/PATH", "gguf:PATH",
+                 "multimodal-lm", "dual-encoder"):
         assert name in out
+    headings = [line for line in out.splitlines() if line.endswith(":")]
+    assert headings == ["encoders:", "connectors:", "fusion:", "model kinds:", "objectives:",
+                        "dataset formats:", "eval tasks:", "runners:", "model sources:"]
 
 
 def test_info_recipe_prints_parts(capsys):
