@@ -84,9 +84,10 @@ LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 
 def heading_anchors(text: str) -> set[str]:
     """The anchors GitHub gives a markdown file's headings (lower case, spaces to hyphens)."""
-    anchors = set()
+    anchors, fenced = set(), False
     for line in text.splitlines():
-        if line.startswith("#"):
+        fenced ^= line.startswith("```")
+        if line.startswith("#") and not fenced:  # a comment in a code block is no heading
             title = line.lstrip("#").strip().lower()
             anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
     return anchors
