@@ -60,7 +60,7 @@ def _llm():
 
 
 def _cache_elements(cache) -> int:
-    return sum(tensor.numel() for tensor in [*cache.keys, *cache.values])
+    return cache.kv.elements()
 
 
 def test_a_fresh_slot_cache_holds_a_small_length_and_grows_with_the_same_logits():
@@ -71,7 +71,7 @@ def test_a_fresh_slot_cache_holds_a_small_length_and_grows_with_the_same_logits(
 
     llm = _llm()
     cache = SlotCache(llm, max_batch=4, max_length=512, initial_length=4)
-    layers, runner = len(cache.keys), cache.runner
+    layers, runner = len(cache.kv.keys), cache.decoder
     per_slot = runner.kv_heads * runner.head_dim
     full = 2 * layers * 4 * 512 * per_slot
     assert _cache_elements(cache) == 2 * layers * 1 * 4 * per_slot < full // 100
@@ -132,7 +132,7 @@ def test_a_failed_allocation_while_growing_leaves_the_running_rows_intact(monkey
         with pytest.raises(RuntimeError, match="out of memory"):
             cache.admit(embed(torch.arange(40)[None] % 50))
         monkeypatch.setattr(torch.Tensor, "new_zeros", new_zeros)
-        assert cache.capacity == before and len(cache.keys) == len(cache.values) == len(llm.model.layers)
+        assert cache.capacity == before and len(cache.kv.keys) == len(cache.kv.values) == len(llm.model.layers)
         torch.testing.assert_close(cache.step(row[None])[0], reference.step(row[None])[0],
                                    rtol=1e-5, atol=1e-5)
 

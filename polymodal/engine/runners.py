@@ -1,60 +1,61 @@
 """Decoder runners: prefill a batch of embeddings, then one token per step, with a KV cache.
 
-`LlamaRunner` drives the Llama family (Llama, SmolLM2, Qwen2, Mistral) itself: it
-reuses the model's own modules (norms, projections with any LoRA, MLP, rotary
-embedding) but keeps a preallocated KV cache and calls scaled-dot-product attention
-directly, skipping the per-step mask building and cache bookkeeping of the generic
-path. `HFRunner` works for any transformers causal LM through its forward().
+Each runner registers in `registry.RUNNERS` with the models it supports and a rank
+(lower runs faster); `make_runner` picks the fastest that supports the model.
+`LlamaRunner` ("llama") drives the Llama family (Llama, SmolLM2, Qwen2, Mistral) through
+the shared decoder-layer step (`engine.decoder`) and a preallocated `KVCache`;
+`TransformersRunner` ("transformers") works for any transformers causal LM through its
+own forward() and cache.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
-LLAMA_FAMILY = {"llama", "qwen2", "mistral"}
+from polymodal.engine.decoder import LlamaDecoder, TokenLayout
+from polymodal.engine.kv_cache import KVCache
+from polymodal.errors import UserError
+from polymodal.registry import RUNNERS, register_runner
 
 
-def make_runner(model):
-    """The fastest runner that supports this model."""
-    config = model.config
-    sliding = getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
-    if config.model_type in LLAMA_FAMILY and not sliding:
-        return LlamaRunner(model)
-    return HFRunner(model)
+def make_runner(model, name: str | None = None):
+    """A runner for the transformers causal LM `model`: the one registered as `name`, or
+    else the fastest (lowest `rank`) that supports the model.
+
+    Raises:
+        UserError: `name` is not a registered runner, or does not support this model.
+    """
+    if name is not None:
+        runner = RUNNERS.get(name).builder
+        if not runner.supports(model):
+            raise UserError(f"the {name!r} runner does not support a {model.config.model_type} model")
+        return runner(model)
+    runners = sorted((entry.builder for entry in RUNNERS.entries()), key=lambda runner: runner.rank)
+    return next(runner for runner in runners if runner.supports(model))(model)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
+@register_runner("llama")
 class LlamaRunner:
-    """Llama-family decoding with a static KV cache [B, H_kv, T_max, head_dim] per layer."""
+    """Llama-family decoding: the model's own modules, a preallocated KVCache, SDPA."""
+
+    rank = 0
+    supports = staticmethod(LlamaDecoder.supports)
 
     def __init__(self, model):
-        self.model = model
-        self.body = model.get_decoder()
-        self.lm_head = model.get_output_embeddings()
-        config = model.config
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.key_mask: torch.Tensor | None = None  # [B, T_max] bool: which cache slots are real
-        self.length = 0  # cache slots filled so far
-        self.positions: torch.Tensor | None = None  # [B] position of the next token
-        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [T_max, head_dim]
+        self.decoder = LlamaDecoder(model)
+        self.cache: KVCache | None = None
+        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [slots, head_dim]
+        self.length = 0  # slots filled, the same in every row (left padding evens the prompts)
+        self.positions: torch.Tensor | None = None  # [B] position of each row's next token
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_length: int) -> torch.Tensor:
-        """embeds [B, T, D], attention_mask [B, T] (left padding) -> last-position logits [B, V]."""
+        """embeds [B, T, D], attention_mask [B, T] (left padding) -> last-position logits [B, V];
+        the cache holds `max_length` slots per row (prompt and new tokens)."""
         self._allocate(embeds, max_length)
-        self.key_mask[:, : embeds.shape[1]] = attention_mask.bool()
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
         self.positions = positions[:, -1] + 1
-        return self.lm_head(self._forward(embeds, positions, attention_mask.bool()))
+        return self.decoder.logits(self._forward(embeds, positions, attention_mask.bool()))
 
     def prefill_shared(self, prefix: torch.Tensor, prefix_mask: torch.Tensor, owner: torch.Tensor,
                        suffix: torch.Tensor, suffix_mask: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -65,126 +66,72 @@ class LlamaRunner:
         prefix and suffix, masked out). Returns last-position logits [B, V].
         """
         self._allocate(prefix, max_length)
-        self.key_mask[:, : prefix.shape[1]] = prefix_mask.bool()
         self._forward(prefix, (prefix_mask.cumsum(-1) - 1).clamp(min=0), prefix_mask.bool())
-        # Every row starts from a copy of its prefix's cache: [G, ...] -> [B, ...].
-        self.keys = [keys[owner] for keys in self.keys]
-        self.values = [values[owner] for values in self.values]
-        self.key_mask = self.key_mask[owner]
-        self.key_mask[:, self.length : self.length + suffix.shape[1]] = suffix_mask.bool()
+        self.cache.select_rows(owner)  # every row starts from a copy of its prefix: [G] -> [B]
         before = prefix_mask.sum(-1)[owner]  # [B] real prefix tokens of each row
         positions = before[:, None] + (suffix_mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
         self.positions = positions[:, -1] + 1
-        return self.lm_head(self._forward(suffix, positions, suffix_mask.bool()))
-
-    def _allocate(self, embeds: torch.Tensor, max_length: int) -> None:
-        """An empty cache of `max_length` slots for each row of embeds [B, T, D]."""
-        batch = embeds.shape[0]
-        shape = (batch, self.kv_heads, max_length, self.head_dim)
-        layers = len(self.body.layers)
-        self.keys = [embeds.new_zeros(shape) for _ in range(layers)]
-        self.values = [embeds.new_zeros(shape) for _ in range(layers)]
-        self.key_mask = torch.zeros(batch, max_length, dtype=torch.bool)
-        # The rotary table once for every position this generation can reach.
-        cos, sin = self.body.rotary_emb(embeds, torch.arange(max_length)[None])
-        self.rotary = (cos[0], sin[0])
-        self.length = 0
+        return self.decoder.logits(self._forward(suffix, positions, suffix_mask.bool()))
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """token_ids [B] -> next logits [B, V]; appends one slot to the cache."""
-        embeds = self.body.embed_tokens(token_ids[:, None])  # [B, 1, D]
-        self.key_mask[:, self.length] = True
+        """token_ids [B] -> next logits [B, V]; one slot more per row."""
         positions = self.positions[:, None]
         self.positions = self.positions + 1
-        return self.lm_head(self._forward(embeds, positions))
+        return self.decoder.logits(self._forward(self.decoder.embed(token_ids[:, None]), positions))
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Carry on with only these rows [B'] of the batch (the others finished)."""
-        self.keys = [keys[rows] for keys in self.keys]
-        self.values = [values[rows] for values in self.values]
-        self.key_mask, self.positions = self.key_mask[rows], self.positions[rows]
+        self.cache.select_rows(rows)
+        self.positions = self.positions[rows]
 
-    def _mask(self, length: int, start: int) -> torch.Tensor | None:
-        """Boolean attention mask [B, 1, T, start + T], or None when nothing is masked."""
-        keys = self.key_mask[:, : start + length]  # [B, S]
-        if length == 1:
-            return None if bool(keys.all()) else keys[:, None, None, :]
-        query_at = torch.arange(start, start + length)[:, None]  # [T, 1] cache slot of each query
-        key_at = torch.arange(start + length)[None, :]  # [1, S]
-        mask = keys[:, None, None, :] & (key_at <= query_at)  # [B, 1, T, S] causal and real
-        # A padding query sees no key at all; let it see itself so softmax stays finite.
-        return mask | (key_at == query_at)
+    def _allocate(self, embeds: torch.Tensor, max_length: int) -> None:
+        """An empty cache of `max_length` slots for each row of embeds [B, T, D], and the
+        rotary table once for every position this generation can reach."""
+        self.cache = self.decoder.empty_cache(embeds.shape[0], max_length, embeds)
+        self.rotary = self.decoder.rotary_table(max_length, embeds)
+        self.length = 0
 
     def _forward(self, hidden: torch.Tensor, positions: torch.Tensor,
                  real: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [B, T, D] at positions [B, T] -> the final-norm hidden state of each row's
-        last position [B, D]; fills the cache.
-
-        `real` [B, T] marks the tokens that are not padding. The projections and the MLP,
-        nearly all the work, run on the real tokens only, packed as [N, D]; padding exists
-        only inside attention, where it is masked out.
-        """
+        """hidden [B, T, D] at positions [B, T], the next T slots of every row -> the last
+        layer's output at each row's last token [B, D]. `real` [B, T] marks the tokens that
+        are not padding: only they run through the layers (padding exists only inside
+        attention, masked out)."""
         batch, length, _ = hidden.shape
-        start, end = self.length, self.length + length
-        real = torch.ones(batch, length, dtype=torch.bool) if real is None else real
-        tokens = hidden[real]  # [N, D]
-        cos, sin = self.rotary[0][positions[real]][:, None], self.rotary[1][positions[real]][:, None]  # [N, 1, hd]
-        mask = self._mask(length, start)
-        for index, layer in enumerate(self.body.layers):
-            attention = layer.self_attn
-            normed = _rms_norm(layer.input_layernorm, tokens)
-            query = attention.q_proj(normed).view(-1, self.heads, self.head_dim)
-            key = attention.k_proj(normed).view(-1, self.kv_heads, self.head_dim)
-            # Rotate queries and keys in one go: [N, H + H_kv, head_dim].
-            both = torch.cat([query, key], dim=1)
-            both = _unpack(both * cos + _rotate_half(both) * sin, real).transpose(1, 2)  # [B, H + H_kv, T, hd]
-            value = attention.v_proj(normed).view(-1, self.kv_heads, self.head_dim)
-            self.keys[index][:, :, start:end] = both[:, self.heads :]
-            self.values[index][:, :, start:end] = _unpack(value, real).transpose(1, 2)
-            out = F.scaled_dot_product_attention(
-                both[:, : self.heads], self.keys[index][:, :, :end], self.values[index][:, :, :end],
-                attn_mask=mask, enable_gqa=self.kv_heads != self.heads,
-            )  # [B, H, T, head_dim]
-            tokens = tokens + attention.o_proj(out.transpose(1, 2)[real].reshape(len(tokens), -1))
-            tokens = tokens + layer.mlp(_rms_norm(layer.post_attention_layernorm, tokens))
-        self.length = end
-        last = real.sum(-1).cumsum(0) - 1  # [B] packed index of each row's last token (left padding)
-        return _rms_norm(self.body.norm, tokens[last])
+        slots = torch.arange(self.length, self.length + length)[None]  # [1, T]
+        layout = TokenLayout.place(self.cache, self.rotary, slice(0, batch), slots, positions, real)
+        tokens = hidden.reshape(-1, hidden.shape[-1]) if layout.real is None else hidden[layout.real]
+        tokens = self.decoder.run(tokens, self.cache, layout)  # [N, D]
+        self.length += length
+        if layout.real is None:
+            return tokens.view(batch, length, -1)[:, -1]
+        return tokens[layout.real.sum(-1).cumsum(0) - 1]  # left padding: a row's last token ends its run
 
 
-def _unpack(packed: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """[N, ...] real tokens -> [B, T, ...] with zeros where `real` [B, T] is False."""
-    if bool(real.all()):
-        return packed.view(*real.shape, *packed.shape[1:])
-    out = packed.new_zeros(*real.shape, *packed.shape[1:])
-    out[real] = packed
-    return out
-
-
-def _rms_norm(norm, hidden: torch.Tensor) -> torch.Tensor:
-    """The Llama-family RMSNorm as one fused op (statistics in float32, as the model does)."""
-    eps = norm.variance_epsilon
-    if hidden.dtype == torch.float32:
-        return F.rms_norm(hidden, (hidden.shape[-1],), norm.weight, eps)
-    return norm.weight * F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=eps).to(hidden.dtype)
-
-
-class HFRunner:
+@register_runner("transformers")
+class TransformersRunner:
     """Any transformers causal LM through its own forward() and DynamicCache."""
+
+    rank = 100
+
+    @staticmethod
+    def supports(model) -> bool:
+        return True
 
     def __init__(self, model):
         self.model = model
-        self.cache = None
+        self.cache: DynamicCache | None = None
         self.attention_mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_length: int) -> torch.Tensor:
+        """As LlamaRunner.prefill; the cache grows as it goes (`max_length` is not needed)."""
         self.cache = DynamicCache()
         self.attention_mask = attention_mask
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.positions = positions[:, -1] + 1
         out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         cache=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
     def prefill_shared(self, prefix: torch.Tensor, prefix_mask: torch.Tensor, owner: torch.Tensor,
@@ -199,10 +146,11 @@ class HFRunner:
         self.attention_mask, self.positions = self.attention_mask[rows], self.positions[rows]
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token_ids [B] -> next logits [B, V]."""
         ones = self.attention_mask.new_ones(self.attention_mask.shape[0], 1)
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
         out = self.model(input_ids=token_ids[:, None], attention_mask=self.attention_mask,
-                         position_ids=self.positions[:, None], past_key_values=self.cache,
+                         position_ids=self.positions[:, None], cache=self.cache,
                          use_cache=True, logits_to_keep=1)
         self.positions = self.positions + 1
         return out.logits[:, -1]

@@ -1,10 +1,10 @@
 """A KV cache of slots for continuous batching: requests join and leave the running batch
-between decode steps, each in its own slot with its own length and positions.
+between decode steps, each in its own row with its own length and positions.
 
-Rows 0..n-1 of the cache are the running requests. A new request is prefilled on its own
-(`LlamaRunner`, batch 1) and its keys and values copied into row n; a finished one is
-replaced by the last running row, so the running rows stay a contiguous block and a
-decode step works on views of the cache, never on gathered copies.
+Rows 0..n-1 of the cache are the running requests. A new request is prefilled straight
+into row n (batch 1, through the same decoder-layer step as the batch runner); a finished
+one is replaced by the last running row, so the running rows stay a contiguous block and
+a decode step works on views of the cache, never on gathered copies.
 
 Memory is taken by need: the per-layer tensors start at a few rows and `INITIAL_LENGTH`
 slots and double along either axis (up to max_batch and max_length) when a request needs
@@ -15,9 +15,8 @@ context up front held 6.9 GB for an idle server of a 135M model.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from polymodal.engine.runners import LlamaRunner, _rms_norm, _rotate_half
+from polymodal.engine.decoder import LlamaDecoder, TokenLayout
 
 INITIAL_LENGTH = 256  # slots per row before any growth: a short chat without a copy
 INITIAL_ROWS = 1
@@ -31,11 +30,12 @@ def _grown(have: int, need: int, most: int) -> int:
 
 
 class SlotCache:
-    """Keys/values [rows, H_kv, length, head_dim] per layer for one Llama-family model, where
-    rows <= max_batch and length <= max_length grow by doubling as requests need them."""
+    """A `KVCache` (`kv`: keys/values [rows, H_kv, length, head_dim] per layer) for one
+    Llama-family model, where rows <= max_batch and length <= max_length grow by doubling
+    as requests need them; `lengths` and `positions` [max_batch] are kept per row."""
 
     def __init__(self, model, max_batch: int, max_length: int, initial_length: int = INITIAL_LENGTH):
-        self.runner = LlamaRunner(model)  # its modules, shapes and rotary table
+        self.decoder = LlamaDecoder(model)
         self.max_batch, self.max_length = max_batch, max_length
         self.initial = (min(INITIAL_ROWS, max_batch), min(initial_length, max_length))
         self._first = next(model.parameters())
@@ -58,24 +58,14 @@ class SlotCache:
     @property
     def capacity(self) -> tuple[int, int]:
         """(rows, slots per row) allocated now."""
-        return tuple(self.key_mask.shape)
+        return self.kv.capacity
 
     def _allocate(self, rows: int, length: int) -> None:
-        shape = (rows, self.runner.kv_heads, length, self.runner.head_dim)
-        layers = len(self.runner.body.layers)
-        keys = [self._first.new_zeros(shape) for _ in range(layers)]
-        values = [self._first.new_zeros(shape) for _ in range(layers)]
-        # assigned together, after every allocation succeeded: a failed one changes nothing
-        self.keys, self.values = keys, values
-        self.key_mask = torch.zeros(rows, length, dtype=torch.bool)
-        self.rotary = self._rotary(length)
-
-    def _rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [length, head_dim] for the positions the slots can hold: grown with them,
-        since a model's context (max_length) may be far longer than any request."""
-        positions = torch.arange(length)[None]
-        cos, sin = self.runner.body.rotary_emb(self._first.new_zeros(1), positions)
-        return cos[0], sin[0]
+        kv = self.decoder.empty_cache(rows, length, self._first)
+        # The rotary table grows with the slots, since a model's context (max_length) may be
+        # far longer than any request.
+        rotary = self.decoder.rotary_table(length, self._first)
+        self.kv, self.rotary = kv, rotary  # assigned together, after every allocation succeeded
 
     def _reserve(self, rows: int, length: int) -> None:
         """Make room for `rows` rows of `length` slots, copying the running rows over. Built
@@ -88,45 +78,32 @@ class SlotCache:
         length = _grown(have_length, length, self.max_length)
         n = self._active
         span = int(self.lengths[:n].max()) if n else 0
-        keys, values = [], []
-        for old_keys, old_values in zip(self.keys, self.values):
-            for table, source in ((keys, old_keys), (values, old_values)):
-                grown = source.new_zeros(rows, source.shape[1], length, source.shape[3])
-                grown[:n, :, :span] = source[:n, :, :span]
-                table.append(grown)
-        key_mask = torch.zeros(rows, length, dtype=torch.bool)
-        key_mask[:n, :span] = self.key_mask[:n, :span]
-        rotary = self._rotary(length)
-        self.keys, self.values, self.key_mask, self.rotary = keys, values, key_mask, rotary
+        kv = self.kv.grown(rows, length, n, span)
+        rotary = self.decoder.rotary_table(length, self._first)
+        self.kv, self.rotary = kv, rotary
 
     def admit(self, embeds: torch.Tensor) -> torch.Tensor:
         """Prefill one prompt (embeds [1, T, D], T <= max_length) into the next free row; its
         logits [1, V]. Raises RuntimeError when all max_batch rows are running."""
         if self._active == self.max_batch:
             raise RuntimeError("no free slot")
-        length = embeds.shape[1]
-        logits = self.runner.prefill(embeds, torch.ones(1, length, dtype=torch.long), length)
-        row = self._active
+        length, row = embeds.shape[1], self._active
         self._reserve(row + 1, length)
-        for layer, (keys, values) in enumerate(zip(self.runner.keys, self.runner.values)):
-            self.keys[layer][row, :, :length] = keys[0]
-            self.values[layer][row, :, :length] = values[0]
-        self.runner.keys, self.runner.values = [], []  # the prompt's copy is not needed any more
-        self.key_mask[row] = False
-        self.key_mask[row, :length] = True
+        self.kv.key_mask[row] = False  # what a row that ran here before left
+        slots = torch.arange(length)[None]  # [1, T]: slots and positions alike
+        layout = TokenLayout.place(self.kv, self.rotary, slice(row, row + 1), slots, slots)
+        hidden = self.decoder.run(embeds[0], self.kv, layout)  # [T, D]
         self.lengths[row], self.positions[row] = length, length
         self._active += 1
-        return logits
+        return self.decoder.logits(hidden[-1:])
 
     def release(self, row: int) -> int | None:
         """Free a row; the last running row moves into it. Returns the row that moved (its
         new index is `row`), or None."""
         last = self._active - 1
         if row != last:
-            for keys, values in zip(self.keys, self.values):
-                keys[row] = keys[last]
-                values[row] = values[last]
-            for table in (self.key_mask, self.lengths, self.positions):
+            self.kv.move_row(last, row)
+            for table in (self.lengths, self.positions):
                 table[row] = table[last]
         self.active = last
         return last if row != last else None
@@ -134,29 +111,11 @@ class SlotCache:
     @torch.inference_mode()
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids [n] for the running rows -> next logits [n, V]; one slot more per row."""
-        n, runner = self.active, self.runner
-        rows, at = torch.arange(n), self.lengths[:n].clone()
-        span = int(at.max()) + 1  # attend only over the longest row's slots
-        self._reserve(n, span)
-        self.key_mask[rows, at] = True
-        mask = self.key_mask[:n, None, None, :span]  # [n, 1, 1, span]
-        cos, sin = self.rotary[0][self.positions[:n]][:, None], self.rotary[1][self.positions[:n]][:, None]
-        hidden = runner.body.embed_tokens(token_ids)  # [n, D]
-        for index, layer in enumerate(runner.body.layers):
-            attention = layer.self_attn
-            normed = _rms_norm(layer.input_layernorm, hidden)
-            query = attention.q_proj(normed).view(n, runner.heads, runner.head_dim)
-            key = attention.k_proj(normed).view(n, runner.kv_heads, runner.head_dim)
-            both = torch.cat([query, key], dim=1)  # [n, H + H_kv, hd]
-            both = both * cos + _rotate_half(both) * sin
-            self.keys[index][rows, :, at] = both[:, runner.heads :]
-            self.values[index][rows, :, at] = attention.v_proj(normed).view(n, runner.kv_heads, runner.head_dim)
-            out = F.scaled_dot_product_attention(
-                both[:, : runner.heads, None], self.keys[index][:n, :, :span], self.values[index][:n, :, :span],
-                attn_mask=mask, enable_gqa=runner.kv_heads != runner.heads,
-            )  # [n, H, 1, hd]
-            hidden = hidden + attention.o_proj(out.reshape(n, -1))
-            hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+        n = self.active
+        at = self.lengths[:n, None].clone()  # [n, 1] the slot each row's token goes to
+        self._reserve(n, int(at.max()) + 1)
+        layout = TokenLayout.place(self.kv, self.rotary, slice(0, n), at, self.positions[:n, None])
+        hidden = self.decoder.run(self.decoder.embed(token_ids), self.kv, layout)  # [n, D]
         self.lengths[:n] += 1
         self.positions[:n] += 1
-        return runner.lm_head(_rms_norm(runner.body.norm, hidden))
+        return self.decoder.logits(hidden)
