@@ -21,7 +21,7 @@ import time
 import torch
 
 from polymodal.build import load_any
-from polymodal.engine.generate import Generator
+from polymodal.engine.generate import Engine
 from polymodal.eval.answer import answer_items
 from polymodal.eval.easy_vqa import question_items
 from polymodal.eval.tasks import TaskOptions
@@ -35,7 +35,7 @@ def ours(model, items, batch_size: int) -> tuple[float, list[str]]:
 
 @torch.inference_mode()
 def theirs(model, items) -> tuple[float, list[str]]:
-    stop = sorted(Generator(model).stop_ids)
+    stop = sorted(Engine(model).stop_ids)
     answers = []
     start = time.perf_counter()
     for item in items:
@@ -61,7 +61,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = load_any(args.model).eval()
     items = question_items(TaskOptions(split="test"))[: args.questions]
-    with Generator(model).lora_merged():  # both sides run the same merged weights
+    with Engine(model).lora_merged():  # both sides run the same merged weights
         theirs(model, items[:4])  # warm up
         their_time, their_answers = theirs(model, items[: args.theirs])
         ours_by_batch = {size: ours(model, items, size) for size in args.batch_sizes}

@@ -19,7 +19,7 @@ import time
 import torch
 
 from polymodal.config import ModelConfig, from_dict
-from polymodal.engine.generate import Generator
+from polymodal.engine.generate import Engine
 from polymodal.engine.sampling import SamplingParams
 from polymodal.model import MultimodalLM
 from polymodal.processing import collate
@@ -46,7 +46,7 @@ def prompts(batch: int) -> list[dict]:
              "images": [torch.rand(3, 64, 64, generator=generator)]} for i in range(batch)]
 
 
-def ours(generator: Generator, batch_prompts: list[dict], new_tokens: int) -> float:
+def ours(generator: Engine, batch_prompts: list[dict], new_tokens: int) -> float:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
     results = generator.generate(batch_prompts, params)
@@ -78,7 +78,7 @@ def decode_rate(times: dict, side: str, batch: int, new_tokens: int) -> float:
 
 
 def measure(model: MultimodalLM, batch: int, new_tokens: int, repeats: int) -> tuple[float, float]:
-    generator = Generator(model)
+    generator = Engine(model)
     batch_prompts = prompts(batch)
     ours(generator, batch_prompts, 2)  # warm up both sides
     theirs(model, batch_prompts, 2)

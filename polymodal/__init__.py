@@ -1,10 +1,10 @@
 """polymodal: build, train, evaluate and serve multimodal LLMs from pretrained parts.
 
 Example:
-    from polymodal import Generator, MultimodalLM, load_recipe
+    from polymodal import Engine, MultimodalLM, load_recipe
 
     model = MultimodalLM.from_config(load_recipe("recipes/tiny-llava.yaml"))
-    print(Generator(model).generate([{"messages": [{"role": "user", "content": "Hi"}]}])[0].text)
+    print(Engine(model).generate([{"messages": [{"role": "user", "content": "Hi"}]}])[0].text)
 """
 
 __version__ = "0.1.0"
@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "MultimodalLM": "polymodal.model",
     "load_any": "polymodal.build",
-    "Generator": "polymodal.engine.generate",
+    "Engine": "polymodal.engine.generate",
     "SamplingParams": "polymodal.engine.sampling",
     "ModelConfig": "polymodal.config",
     "load_recipe": "polymodal.config",

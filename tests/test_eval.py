@@ -8,7 +8,7 @@ from PIL import Image
 from conftest import RECIPES, tiny_model
 from polymodal.cli.main import main
 from polymodal.data.easy_vqa import question_type
-from polymodal.engine.generate import Completion, Generator
+from polymodal.engine.generate import Completion, Engine
 from polymodal.eval.metrics import accuracy_by, confusion, normalize
 from polymodal.eval.run import evaluate
 from polymodal.eval.tasks import TaskOptions
@@ -34,7 +34,7 @@ def folder(tmp_path):
 
 @pytest.fixture
 def scripted(monkeypatch):
-    """Generator.generate answers from ANSWERS, so the metrics are known by hand."""
+    """Engine.generate answers from ANSWERS, so the metrics are known by hand."""
     def generate(self, prompts, params=None):
         out = []
         for prompt in prompts:
@@ -42,7 +42,7 @@ def scripted(monkeypatch):
             image_id = int(prompt["images"][0][2].mean() > 0.5)  # pixels [3, S, S]: blue is image 1
             out.append(Completion(ANSWERS.get((question, image_id), "?"), [], "stop", 0))
         return out
-    monkeypatch.setattr(Generator, "generate", generate)
+    monkeypatch.setattr(Engine, "generate", generate)
 
 
 def test_normalize_and_types():
@@ -97,7 +97,7 @@ def test_analyze_finds_no_drop_for_blank_images_when_the_model_ignores_them(fold
 
     by_question = {"what shape is this?": "circle", "what color is the shape?": "red", "is there a circle?": "yes",
                    "is there a blue shape?": "yes"}
-    monkeypatch.setattr(Generator, "generate", lambda self, prompts, params=None: [
+    monkeypatch.setattr(Engine, "generate", lambda self, prompts, params=None: [
         Completion(by_question.get(p["messages"][0]["content"].removeprefix("<image>\n"), "?"), [], "stop", 0)
         for p in prompts])
     results = analyze(tiny_llava, get_task("easy-vqa"), TaskOptions(data=str(folder)), emap_size=0)
@@ -158,7 +158,7 @@ def test_eval_takes_a_system_message_and_an_answer_length(folder, monkeypatch, c
         seen.extend((p["messages"], params.max_new_tokens) for p in prompts)
         return [Completion("circle", [], "stop", 0) for _ in prompts]
 
-    monkeypatch.setattr(Generator, "generate", generate)
+    monkeypatch.setattr(Engine, "generate", generate)
     tiny_llava_dir = tmp_path / "model"
     tiny_model({"kind": "hf", "source": "tiny:clip"}, {"kind": "mlp"}).save_pretrained(tiny_llava_dir)
     code = main(["eval", str(tiny_llava_dir), "--task", "easy-vqa", "--data", str(folder),
@@ -172,7 +172,7 @@ def test_a_stopped_eval_says_what_it_kept(folder, monkeypatch, capsys, tmp_path)
     def interrupted(self, prompts, params=None):
         raise KeyboardInterrupt  # as Ctrl-C, or SIGTERM through cli.signals.stop_on
 
-    monkeypatch.setattr(Generator, "generate", interrupted)
+    monkeypatch.setattr(Engine, "generate", interrupted)
     tiny_model({"kind": "hf", "source": "tiny:clip"}, {"kind": "mlp"}).save_pretrained(tmp_path / "model")
     code = main(["eval", str(tmp_path / "model"), "--task", "easy-vqa", "--data", str(folder),
                  "--out", str(tmp_path / "eval")])

@@ -65,6 +65,29 @@ def test_a_requests_own_bad_parameter_is_a_400_naming_it_and_streams_nearby_fini
     assert httpx.get(f"{served.url}/health").json()["status"] == "ok"
 
 
+def test_engine_errors_become_http_answers_by_their_type_not_their_text(served, monkeypatch):
+    from polymodal.engine.batching import QueueFull
+    from polymodal.errors import ConfigError, ContextLengthError, UserError
+    from polymodal.serve.errors import request_field
+
+    cases = [(ContextLengthError(10, 5, 12), 400, "context_length_exceeded", "max_tokens"),
+             (UserError("the prompt (9 tokens) plus max_tokens (5) exceeds the context of 12 tokens"),
+              400, None, "messages"),
+             (ConfigError("top_k must be at least 0, got -1", "top_k"), 400, None, "top_k"),
+             (QueueFull("context_length_exceeded"), 429, "queue_full", None),
+             (RuntimeError("the context of 12 tokens"), 500, None, None)]
+    for error, status, code, param in cases:
+        def submit_many(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(served.engine, "submit_many", submit_many)
+        response = post(served, hello(max_tokens=5))
+        assert response.status_code == status, error
+        assert (response.json()["error"]["code"], response.json()["error"]["param"]) == (code, param)
+    assert request_field(ConfigError("max_new_tokens must be at least 1", "max_new_tokens"),
+                         "max_completion_tokens") == "max_completion_tokens"
+
+
 def test_the_largest_seed_with_n_two_wraps_and_the_second_choice_is_seed_zeros(served):
     api = client(served)
     ask = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
@@ -207,11 +230,11 @@ def test_logprobs_follow_openais_shape_and_the_models_distribution(served):
         assert entry.logprob <= 0 and bytes(entry.bytes).decode() == entry.token
         assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs),
                                                                  reverse=True)
-    from polymodal.engine.generate import Generator
+    from polymodal.engine.generate import Engine
 
-    generator = Generator(served.model)
+    engine = Engine(served.model)
     with torch.inference_mode():
-        logits = generator._allowed(generator.first_token_logits(
+        logits = engine.allowed_logits(engine.first_token_logits(
             [{"messages": [{"role": "user", "content": "Hello there"}]}]))
     assert entries[0].logprob == pytest.approx(float(torch.log_softmax(logits[0], -1).max()), abs=1e-3)
     streamed = [c.choices[0].logprobs for c in api.chat.completions.create(

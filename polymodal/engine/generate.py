@@ -1,12 +1,12 @@
-"""The one generation path: chat, eval and serve all call Generator.
+"""The one generation path: chat, eval and serve all call Engine.
 
 Batched with left padding, a KV cache, greedy or sampled, stop strings and EOS,
 and a streaming iterator of text pieces.
 
 Example:
-    generator = Generator(model)
-    [answer] = generator.generate([{"messages": [{"role": "user", "content": "Hi"}]}])
-    for piece in generator.stream({"messages": ...}, SamplingParams(max_new_tokens=64)):
+    engine = Engine(model)
+    [answer] = engine.generate([{"messages": [{"role": "user", "content": "Hi"}]}])
+    for piece in engine.stream({"messages": ...}, SamplingParams(max_new_tokens=64)):
         print(piece, end="", flush=True)
 """
 
@@ -21,7 +21,7 @@ import torch
 from polymodal.engine.runners import make_runner
 from polymodal.engine.sampling import SamplingParams, choose_next
 from polymodal.engine.text import TextTracker
-from polymodal.errors import UserError
+from polymodal.errors import UserError, check_context_length
 from polymodal.llm import merged_lora
 from polymodal.processing import collate
 from polymodal.processing.branches import common_prefix_length
@@ -43,8 +43,11 @@ class _Row:
     token_ids: list[int] = field(default_factory=list)
 
 
-class Generator:
-    """Generates answers for a MultimodalLM. `use_cache=False` recomputes every step (for tests)."""
+class Engine:
+    """Generates answers for a MultimodalLM. `use_cache=False` recomputes every step (for tests).
+
+    Named as nanochat's `Engine` (and not Generator, which torch.Generator, the random
+    number generator sampling takes, already is)."""
 
     def __init__(self, model, use_cache: bool = True):
         if getattr(model, "llm", None) is None:  # e.g. a dual encoder: it embeds, it has no LLM
@@ -99,13 +102,14 @@ class Generator:
 
     @torch.inference_mode()
     def steps(self, prompts: list[dict], params: SamplingParams) -> Iterator[list[_Row]]:
-        """Run generation, yielding every row's state after each new token."""
+        """Run generation, yielding every row's state after each new token.
+
+        Raises:
+            ContextLengthError: the longest prompt plus `max_new_tokens` is over the context.
+        """
         samples = [self.encode(prompt) for prompt in prompts]
         longest = max(len(sample["input_ids"]) for sample in samples)
-        context = self.model.llm.max_length
-        if longest + params.max_new_tokens > context:
-            raise UserError(f"prompt ({longest} tokens) plus max_new_tokens "
-                            f"({params.max_new_tokens}) exceeds the context of {context} tokens")
+        check_context_length(longest, params.max_new_tokens, self.model.llm.max_length)
         tokenizer = self.model.llm.tokenizer
         rows = [_Row(TextTracker(tokenizer, params.stop), len(s["input_ids"])) for s in samples]
         shared = shared_prefixes(prompts, samples, self.image_token_id) if self.use_cache else None
@@ -119,13 +123,13 @@ class Generator:
             logits = self._prefill_shared(runner, shared, params.max_new_tokens)
         else:
             batch = collate(samples, self.model.pad_id, left_pad=True)
-            ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, T], T = the longest prompt
-            embeds = self.model.embed(ids, batch["pixel_values"])
+            ids, mask = batch.input_ids, batch.attention_mask  # [B, T], T = the longest prompt
+            embeds = self.model.embed(ids, batch.media)
             logits = runner.prefill(embeds, mask, ids.shape[1] + params.max_new_tokens)
         generator = params.generator()
         live = list(range(len(rows)))  # the rows still generating, in the runner's batch order
         for _ in range(params.max_new_tokens):
-            next_ids = choose_next(self._allowed(logits), params, generator)  # [len(live)]
+            next_ids = choose_next(self.allowed_logits(logits), params, generator)  # [len(live)]
             self._advance([rows[i] for i in live], next_ids.tolist(), set() if params.ignore_eos else self.stop_ids)
             yield rows
             if all(row.finish_reason for row in rows):
@@ -158,20 +162,22 @@ class Generator:
             if shared is not None:
                 return self._prefill_shared(runner, shared, 1).float()
             batch = collate(samples, self.model.pad_id, left_pad=True)
-            embeds = self.model.embed(batch["input_ids"], batch["pixel_values"])
-            return runner.prefill(embeds, batch["attention_mask"], embeds.shape[1] + 1).float()
+            embeds = self.model.embed(batch.input_ids, batch.media)
+            return runner.prefill(embeds, batch.attention_mask, embeds.shape[1] + 1).float()
 
     def _prefill_shared(self, runner, shared: SharedPrefixes, max_new_tokens: int) -> torch.Tensor:
         """Each distinct prefix (its images encoded once) runs once; then every row's own text."""
         prefixes = collate(shared.prefixes, self.model.pad_id, left_pad=True)
         suffixes = collate([{"input_ids": ids} for ids in shared.suffixes], self.model.pad_id, left_pad=True)
-        prefix_embeds = self.model.embed(prefixes["input_ids"], prefixes["pixel_values"])  # [G, P, D]
-        suffix_embeds = self.model.llm.embed(suffixes["input_ids"])  # [B, S, D]
+        prefix_embeds = self.model.embed(prefixes.input_ids, prefixes.media)  # [G, P, D]
+        suffix_embeds = self.model.llm.embed(suffixes.input_ids)  # [B, S, D]
         slots = prefix_embeds.shape[1] + suffix_embeds.shape[1] + max_new_tokens
-        return runner.prefill_shared(prefix_embeds, prefixes["attention_mask"], torch.tensor(shared.owner),
-                                     suffix_embeds, suffixes["attention_mask"], slots)
+        return runner.prefill_shared(prefix_embeds, prefixes.attention_mask, torch.tensor(shared.owner),
+                                     suffix_embeds, suffixes.attention_mask, slots)
 
-    def _allowed(self, logits: torch.Tensor) -> torch.Tensor:
+    def allowed_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> float logits [B, V] with -inf at the tokens never emitted: the image
+        placeholder and the padding rows added when resizing the embeddings."""
         logits = logits.float()
         logits[:, self.vocab_limit :] = float("-inf")
         logits[:, self.image_token_id] = float("-inf")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polymodal.errors import UserError
+from polymodal.errors import ConfigError
 
 
 @dataclass
@@ -17,7 +17,7 @@ class SamplingParams:
     token's log-probability and `top_logprobs` (0 to 20) for that many alternatives.
 
     Raises:
-        UserError: a value out of its range, naming the field.
+        ConfigError: a value out of its range, naming the field (also in `field`).
     """
 
     max_new_tokens: int = 256
@@ -32,17 +32,18 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}", "max_new_tokens")
         if not 0 <= self.temperature < float("inf"):  # also refuses NaN
-            raise UserError(f"temperature must be a number of at least 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be a number of at least 0, got {self.temperature}",
+                              "temperature")
         if not 0 <= self.top_p <= 1:
-            raise UserError(f"top_p must be in [0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in [0, 1], got {self.top_p}", "top_p")
         if self.top_k < 0:
-            raise UserError(f"top_k must be at least 0, got {self.top_k}")
+            raise ConfigError(f"top_k must be at least 0, got {self.top_k}", "top_k")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
-            raise UserError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+            raise ConfigError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}", "seed")
         if not 0 <= self.top_logprobs <= 20:
-            raise UserError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+            raise ConfigError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}", "top_logprobs")
 
     def generator(self) -> torch.Generator | None:
         if self.seed is None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
-from polymodal.engine.generate import Generator, media_key
+from polymodal.engine.generate import Engine, media_key
 from polymodal.engine.sampling import SamplingParams
 from polymodal.eval.tasks import Item
 
@@ -27,7 +27,7 @@ def answer_items(model, items: list[Item], batch_size: int = 32, max_new_tokens:
                  desc: str = "answering", system: str | None = None) -> list[str]:
     """The model's greedy answer to every item, in item order; `system`: a system message
     before each question."""
-    generator = Generator(model)
+    generator = Engine(model)
     params = SamplingParams(max_new_tokens=max_new_tokens)
     answers: list[str] = [""] * len(items)
     with generator.lora_merged():
@@ -43,7 +43,7 @@ def answer_items(model, items: list[Item], batch_size: int = 32, max_new_tokens:
 def answer_logits(model, items: list[Item], token_ids: list[int], batch_size: int = 32,
                   desc: str = "scoring") -> torch.Tensor:
     """[len(items), len(token_ids)]: the logit of each given first answer token, per item."""
-    generator = Generator(model)
+    generator = Engine(model)
     scores = torch.zeros(len(items), len(token_ids))
     with generator.lora_merged():
         for chunk, prompts in batches(model, items, batch_size, desc):

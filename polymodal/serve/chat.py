@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from polymodal.engine.batching import BatchingEngine, QueueFull
 from polymodal.engine.sampling import SamplingParams, choice_seed
-from polymodal.errors import UserError
-from polymodal.serve.errors import APIError
+from polymodal.errors import UserError, check_context_length
+from polymodal.serve.errors import APIError, api_error, request_field
 from polymodal.serve.media import MediaLimits, decode_image
 from polymodal.serve.schemas import ChatRequest
 
@@ -33,15 +33,11 @@ async def start(engine: BatchingEngine, model, body: ChatRequest, limits: MediaL
     if body.n > engine.max_queue:
         raise APIError(400, f"n is {body.n}; this server queues at most {engine.max_queue}", param="n")
     encoded = await run_in_threadpool(_encode, engine, model, body, limits)
-    params = [_params(engine, body, len(encoded["input_ids"]), index) for index in range(body.n)]
     try:
+        params = [_params(engine, body, len(encoded["input_ids"]), index) for index in range(body.n)]
         return engine.submit_many(encoded, params)
-    except QueueFull:
-        raise APIError(429, "the server is busy; retry shortly", kind="rate_limit_error",
-                       code="queue_full", headers={"Retry-After": "1"}) from None
-    except UserError as error:
-        raise APIError(400, str(error), param=body.max_tokens_field() or "messages",
-                       code="context_length_exceeded") from None
+    except (QueueFull, UserError) as error:
+        raise api_error(error, request_field(error, body.max_tokens_field())) from None
 
 
 def _encode(engine: BatchingEngine, model, body: ChatRequest, limits: MediaLimits) -> dict:
@@ -50,26 +46,23 @@ def _encode(engine: BatchingEngine, model, body: ChatRequest, limits: MediaLimit
         try:
             return engine.encode(prompt)
         except UserError as error:
-            raise APIError(400, str(error), param="messages") from None
+            raise api_error(error, "messages") from None
 
 
 def _params(engine: BatchingEngine, body: ChatRequest, prompt_tokens: int, index: int) -> SamplingParams:
-    """Choice `index`'s sampling; without a length limit, up to the room left in the context."""
-    room = engine.max_length - prompt_tokens
+    """Choice `index`'s sampling; without a length limit, up to the room left in the context.
+
+    Raises:
+        ContextLengthError: the prompt plus the limit asked (or the prompt alone) fills the context.
+        ConfigError: a sampling value out of range (the schema's ranges should have caught it).
+    """
     field = body.max_tokens_field()
-    wanted = getattr(body, field) if field else room
-    if room < 1 or wanted > room:
-        message = (f"the prompt ({prompt_tokens} tokens) plus {field} ({wanted}) exceeds the context of "
-                   f"{engine.max_length} tokens" if field else f"the prompt ({prompt_tokens} tokens) "
-                   f"leaves no room for an answer in the context of {engine.max_length} tokens")
-        raise APIError(400, message, param=field or "messages", code="context_length_exceeded")
-    try:
-        return SamplingParams(
-            max_new_tokens=wanted, temperature=body.temperature, top_p=body.top_p,
-            seed=None if body.seed is None else choice_seed(body.seed, index), stop=list(body.stop or []),
-            logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
-    except UserError as error:  # the schema's ranges should have caught it; name the field anyway
-        raise APIError(400, str(error), param=str(error).split(" ", 1)[0]) from None
+    wanted = getattr(body, field) if field else max(1, engine.max_length - prompt_tokens)
+    check_context_length(prompt_tokens, wanted, engine.max_length, asked_as=field)
+    return SamplingParams(
+        max_new_tokens=wanted, temperature=body.temperature, top_p=body.top_p,
+        seed=None if body.seed is None else choice_seed(body.seed, index), stop=list(body.stop or []),
+        logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
 
 
 def to_prompt(body: ChatRequest, model, limits: MediaLimits) -> dict:

@@ -7,6 +7,9 @@ import asyncio
 import json
 import time
 
+from polymodal.engine.batching import QueueFull
+from polymodal.errors import ConfigError, ContextLengthError, UserError
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
@@ -17,6 +20,34 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def api_error(error: Exception, param: str | None = None) -> APIError:
+    """The HTTP answer to an error raised while handling a request, chosen by the error's
+    type (never by its message text): a full queue is a 429 to retry, a prompt over the
+    context a 400 `context_length_exceeded`, any other user's mistake a 400, anything else a
+    500 that says no more. `param`: the request field the error is about."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, QueueFull):
+        return APIError(429, "the server is busy; retry shortly", kind="rate_limit_error",
+                        code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(error, ContextLengthError):
+        return APIError(400, str(error), param=param, code="context_length_exceeded")
+    if isinstance(error, UserError):
+        return APIError(400, str(error), param=param)
+    return APIError(500, "internal server error", kind="server_error")
+
+
+def request_field(error: Exception, max_tokens_field: str | None) -> str:
+    """The chat request's field an engine error is about, by the error's type and fields:
+    the token limit for a prompt over the context (the messages when no limit was given),
+    a sampling option by its name (`max_new_tokens` as the client spelled the limit)."""
+    if isinstance(error, ContextLengthError):
+        return max_tokens_field or "messages"
+    if isinstance(error, ConfigError) and error.field:
+        return (max_tokens_field or "max_tokens") if error.field == "max_new_tokens" else error.field
+    return "messages"
 
 
 def validation_error(errors: list[dict], data) -> APIError:
