@@ -72,6 +72,8 @@ class LLMConfig:
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
     image_token: str = "<image>"  # the placeholder users write; expanded to the image's tokens
+    # The placeholders of other modalities (`{audio: "<speech>"}`); unnamed ones are `<modality>`.
+    placeholders: dict[str, str] = field(default_factory=dict)
     chat_template: str | None = None  # a Jinja template overriding the tokenizer's own
     # A system message for conversations that have none, in training and generation alike.
     # SmolLM2's template otherwise adds its ~20-token default to every sequence.
@@ -81,19 +83,34 @@ class LLMConfig:
     def __post_init__(self):
         if self.max_length is not None and self.max_length < 1:
             raise ConfigError(f"max_length: must be at least 1, got {self.max_length}")
+        if "image" in self.placeholders:
+            raise ConfigError("placeholders.image: the image's placeholder is image_token")
+
+    def placeholder(self, modality: str) -> str:
+        """The text users write where a medium of `modality` goes (`<image>`, `<audio>`)."""
+        return self.image_token if modality == "image" else self.placeholders.get(modality, f"<{modality}>")
 
 
 @dataclass
 class ModelConfig:
-    """A multimodal LM: encoder -> connector -> fusion -> LLM. No encoder means text only.
+    """A multimodal LM: per modality an encoder and a connector, a fusion, and the LLM.
 
-    `kind: dual-encoder` is a CLIP-style model instead: the image `encoder` and the text
-    tower named in `contrastive`, projected into one embedding space (no connector, no LLM).
+    `encoders` and `connectors` are keyed by modality (`image`, `audio`): each medium of a
+    sample goes through its modality's encoder and connector to the LLM, at its own
+    placeholder (`LLMConfig.placeholder`). No encoder means text only. `encoder:` and
+    `connector:` are the former spelling of the image modality's (recipes and saved models
+    written before modalities) and are read as `encoders.image` and `connectors.image`.
+
+    `kind: dual-encoder` is a CLIP-style model instead: the `encoder` (image or audio) and
+    the text tower named in `contrastive`, projected into one embedding space (no
+    connector, no LLM).
     """
 
     llm: LLMConfig = field(default_factory=LLMConfig)
-    encoder: EncoderConfig | None = None
-    connector: ConnectorConfig | None = None
+    encoders: dict[str, EncoderConfig] = field(default_factory=dict)  # modality -> encoder
+    connectors: dict[str, ConnectorConfig] = field(default_factory=dict)  # modality -> connector
+    encoder: EncoderConfig | None = None  # a dual encoder's tower; else encoders.image
+    connector: ConnectorConfig | None = None  # connectors.image, as written before modalities
     fusion: FusionConfig = field(default_factory=FusionConfig)
     kind: str = "multimodal-lm"  # a registered model kind (registry.MODEL_KINDS)
     contrastive: ContrastiveConfig | None = None
@@ -101,12 +118,41 @@ class ModelConfig:
     def __post_init__(self):
         if self.kind == "dual-encoder":
             if self.encoder is None:
-                raise ConfigError("encoder: a dual-encoder model needs an image encoder")
+                raise ConfigError("encoder: a dual-encoder model needs an encoder")
             self.contrastive = self.contrastive or ContrastiveConfig()
             return
-        if (self.encoder is None) != (self.connector is None):
+        if (self.encoder is None) != (self.connector is None) and not (self.encoders or self.connectors):
             missing = "connector" if self.connector is None else "encoder"
             raise ConfigError(f"{missing}: required when the other part is set")
+        for single, plural in (("encoder", "encoders"), ("connector", "connectors")):
+            part = getattr(self, single)
+            if part is not None:
+                if "image" in getattr(self, plural):
+                    raise ConfigError(f"{single}: the image's {single} is given twice "
+                                      f"({single} and {plural}.image); keep one")
+                setattr(self, plural, {"image": part, **getattr(self, plural)})
+                setattr(self, single, None)
+        for modality in [*self.encoders, *self.connectors]:
+            if (modality in self.encoders) != (modality in self.connectors):
+                missing = "connectors" if modality in self.encoders else "encoders"
+                raise ConfigError(f"{missing}.{modality}: required when the other part of "
+                                  f"{modality} is set")
+        self._check_modalities()
+
+    def _check_modalities(self) -> None:
+        """Each encoder sits under the modality it reads: a Whisper under `image` is a typo."""
+        from polymodal import registry
+
+        for modality, encoder in self.encoders.items():
+            declared = getattr(registry.ENCODERS.get(encoder.kind).builder, "modality", modality)
+            if declared != modality:
+                raise ConfigError(f"encoders.{modality}: a {encoder.kind} encoder reads "
+                                  f"{declared}, not {modality}")
+
+    @property
+    def modalities(self) -> list[str]:
+        """The media this model reads, in the order of `encoders`."""
+        return list(self.encoders)
 
 
 @dataclass

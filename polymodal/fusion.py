@@ -19,26 +19,26 @@ class InlineFusionConfig(FusionConfig):
 
 @register_fusion("inline", config=InlineFusionConfig)
 class InlineFusion(nn.Module):
-    """Each image's K tokens replace its K placeholder positions in the text (LLaVA, Fuyu)."""
+    """Each medium's K tokens replace its K placeholder positions in the text (LLaVA, Fuyu)."""
 
     def __init__(self, config: InlineFusionConfig | None = None):
         super().__init__()
 
-    def forward(
-        self, text_embeds: torch.Tensor, placeholder_mask: torch.Tensor, image_tokens: torch.Tensor | None
-    ) -> torch.Tensor:
-        """text_embeds [B, T, D], placeholder_mask [B, T] bool, image_tokens [N, K, D] -> [B, T, D].
+    def forward(self, text_embeds: torch.Tensor, placeholder_mask: torch.Tensor,
+                media_tokens: torch.Tensor | None, modality: str = "image") -> torch.Tensor:
+        """text_embeds [B, T, D], placeholder_mask [B, T] bool, media_tokens [N, K, D] -> [B, T, D].
 
-        Images fill placeholders in reading order: sample by sample, left to right.
+        Media fill their modality's placeholders in reading order: sample by sample, left to
+        right. Raises UserError when the placeholder positions and the tokens differ in number.
         """
         slots = int(placeholder_mask.sum())
-        given = 0 if image_tokens is None else image_tokens.shape[0] * image_tokens.shape[1]
+        given = 0 if media_tokens is None else media_tokens.shape[0] * media_tokens.shape[1]
         if slots != given:
-            raise UserError(f"image placeholders and image tokens differ: {slots} placeholder "
-                            f"positions, {given} image tokens")
-        if image_tokens is None:
+            raise UserError(f"{modality} placeholders and {modality} tokens differ: {slots} "
+                            f"placeholder positions, {given} {modality} tokens")
+        if media_tokens is None:
             return text_embeds
-        flat = image_tokens.reshape(-1, image_tokens.shape[-1]).to(text_embeds.dtype)
+        flat = media_tokens.reshape(-1, media_tokens.shape[-1]).to(text_embeds.dtype)
         return text_embeds.masked_scatter(placeholder_mask.unsqueeze(-1), flat)
 
 

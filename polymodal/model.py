@@ -16,10 +16,11 @@ from polymodal.connectors import build_connector
 from polymodal.encoders import build_encoder
 from polymodal.errors import UserError
 from polymodal.fusion import build_fusion
-from polymodal.llm import LanguageModel
+from polymodal.llm import LanguageModel, add_placeholder_token
 from polymodal.processing import Processor
 from polymodal.processing.branches import branch_attention_mask
 from polymodal.processing.collate import IGNORE, collate
+from polymodal.processing.processor import MediaKind
 from polymodal.registry import register_model_kind
 from polymodal.safe_files import build_checked
 from polymodal.saved import (
@@ -39,7 +40,11 @@ class Output:
 
 @register_model_kind("multimodal-lm", config=ModelConfig)
 class MultimodalLM(nn.Module):
-    """A decoder LLM that reads images through an encoder and a connector.
+    """A decoder LLM that reads media through an encoder and a connector per modality.
+
+    `encoders` and `connectors` are `nn.ModuleDict`s keyed by modality ("image", "audio"):
+    a medium's encoder inputs become features, its connector turns them into LLM tokens,
+    and the fusion puts those where the medium's placeholder stands in the text.
 
     Example:
         model = MultimodalLM.from_config(load_recipe("recipes/tiny-llava.yaml").model)
@@ -54,19 +59,26 @@ class MultimodalLM(nn.Module):
         loader = loader or PartLoader(trust_remote_code=config.llm.trust_remote_code)
         self.config = config
         self.llm = LanguageModel(config.llm, loader, tokenizer)
-        self.encoder = build_encoder(config.encoder, loader) if config.encoder else None
-        self.connector = None
-        if self.encoder is not None:
-            self.connector = build_connector(
-                config.connector, self.encoder.out_dim, self.llm.hidden_size, self.encoder.num_tokens
-            )
+        self.encoders = nn.ModuleDict({modality: build_encoder(part, loader, f"encoders.{modality}")
+                                       for modality, part in config.encoders.items()})
+        self.connectors = nn.ModuleDict({
+            modality: build_connector(config.connectors[modality], encoder.out_dim, self.llm.hidden_size,
+                                      encoder.num_tokens)
+            for modality, encoder in self.encoders.items()})
+        # modality -> its placeholder's token id; the image's always exists (text-only models
+        # refuse images by it); other modalities' are added to the tokenizer as they come.
+        self.placeholder_ids = {"image": self.llm.image_token_id} | {
+            modality: add_placeholder_token(self.llm.tokenizer, self.llm.model, config.llm.placeholder(modality))
+            for modality in self.encoders if modality != "image"}
         self.fusion = build_fusion(config.fusion)
         self.architectures = loader.architectures  # what save_pretrained records per part
-        self.processor = Processor(
-            self.llm,
-            tokens_per_image=self.connector.num_tokens if self.connector else None,
-            image_size=self.encoder.image_size if self.encoder else None,
-        )
+        self.processor = Processor(self.llm, {
+            modality: MediaKind(modality, config.llm.placeholder(modality), self.placeholder_ids[modality],
+                                self.connectors[modality].num_tokens, encoder.load_media)
+            for modality, encoder in self.encoders.items()})
+        # Saved models and checkpoints from before modalities name the image's parts
+        # `encoder.*` and `connector.*`: renamed as they load (_rename_old_weights).
+        self._register_load_state_dict_pre_hook(_rename_old_weights)
 
     @classmethod
     def from_config(cls, config: ModelConfig | RecipeConfig) -> MultimodalLM:
@@ -81,51 +93,96 @@ class MultimodalLM(nn.Module):
     def tokens_per_image(self) -> int | None:
         return self.processor.tokens_per_image
 
+    @property
+    def modalities(self) -> list[str]:
+        """The media this model reads ("image", "audio", ...), in the config's order."""
+        return list(self.encoders)
+
+    @property
+    def encoder(self) -> nn.Module | None:
+        """The image encoder (None without one): what a contrastive stage pretrains."""
+        return self.encoders["image"] if "image" in self.encoders else None  # noqa: SIM401 - no ModuleDict.get
+
+    @property
+    def connector(self) -> nn.Module | None:
+        """The image connector (None without one)."""
+        return self.connectors["image"] if "image" in self.connectors else None  # noqa: SIM401
+
     # ------------------------------------------------------------ freezing
 
     def part_modules(self) -> dict[str, nn.Module | None]:
-        return {"encoder": self.encoder, "connector": self.connector, "llm": self.llm}
+        """Trainable parts by name: `encoder` and `connector` (every modality's),
+        `encoder.MODALITY` and `connector.MODALITY` (one modality's), `llm`."""
+        parts: dict[str, nn.Module | None] = {"encoder": self.encoders or None,
+                                              "connector": self.connectors or None, "llm": self.llm}
+        for modality in self.encoders:
+            parts[f"encoder.{modality}"] = self.encoders[modality]
+            parts[f"connector.{modality}"] = self.connectors[modality]
+        return parts
 
     def set_trainable(self, parts: list[str]) -> None:
         """Train exactly these parts and freeze the rest; the one place freezing happens.
 
-        Parts: `encoder`, `connector`, `llm` (all of it), `llm.lora` (the adapters only).
+        Parts: `encoder` and `connector` (all modalities), `encoder.image`,
+        `connector.audio`, ... (one modality), `llm` (all of it), `llm.lora` (the adapters).
+
+        Raises:
+            UserError: an unknown part, or `llm.lora` without adapters configured.
         """
-        known = ["encoder", "connector", "llm", "llm.lora"]
+        modules = self.part_modules()
+        known = ["encoder", "connector", *(name for name in modules if "." in name), "llm", "llm.lora"]
         unknown = [part for part in parts if part not in known]
         if unknown:
             raise UserError(f"unknown trainable part {unknown[0]!r}; known: {', '.join(known)}")
         if "llm.lora" in parts and self.config.llm.lora is None:
             raise UserError("llm.lora is trainable but model.llm.lora is not configured")
-        for name, module in self.part_modules().items():
-            if module is not None:
-                module.requires_grad_(name in parts)
-        if "llm.lora" in parts and "llm" not in parts:
-            for name, parameter in self.llm.named_parameters():
-                parameter.requires_grad_("lora_" in name)
+        self.requires_grad_(False)
+        for part in parts:
+            if part == "llm.lora":
+                for name, parameter in self.llm.named_parameters():
+                    parameter.requires_grad_(parameter.requires_grad or "lora_" in name)
+            elif modules[part] is not None:
+                modules[part].requires_grad_(True)
 
     # ------------------------------------------------------------ forward
 
+    def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """One modality's encoder inputs [N, ...] (pixels [N, 3, S, S] in [0, 1], log-mel
+        [N, 80, F]) -> LLM tokens [N, K, D_llm]. UserError when the model lacks the modality."""
+        if modality not in self.encoders:
+            reads = ", ".join(self.encoders) or "text only"
+            raise UserError(f"this model has no {modality} encoder; it takes {reads}")
+        return self.connectors[modality](self.encoders[modality](inputs))
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] in [0, 1] -> LLM tokens [N, K, D_llm]."""
-        if self.encoder is None:
+        if "image" not in self.encoders:
             raise UserError("this model has no image encoder; it takes text only")
-        return self.connector(self.encoder(pixel_values))
+        return self.encode("image", pixel_values)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_tokens: torch.Tensor | None = None,
-              image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [B, T] (+ images) -> input embeddings [B, T, D] with image tokens fused in.
+    def embed(self, input_ids: torch.Tensor, media: dict | torch.Tensor | None = None,
+              media_tokens: dict | torch.Tensor | None = None,
+              media_features: dict | torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [B, T] (+ media) -> input embeddings [B, T, D], each medium's tokens fused in.
 
-        Images come as pixels [N, 3, S, S], as encoder features [N, S_enc, D_enc] (a cache
-        of a frozen encoder), or as finished LLM tokens [N, K, D].
+        Each argument maps modality -> that modality's items in placeholder order (a bare
+        tensor is the image modality's): `media` the encoder inputs (pixels [N, 3, S, S]),
+        `media_features` the encoder's outputs [N, S_enc, D_enc] (a frozen encoder's
+        cache), `media_tokens` finished LLM tokens [N, K, D]; the first given of tokens,
+        features and inputs is used. Raises UserError when a modality's placeholders and
+        items differ in number.
         """
-        if image_tokens is None and image_features is not None:
-            image_tokens = self.connector(image_features)
-        if image_tokens is None and pixel_values is not None:
-            image_tokens = self.encode_images(pixel_values)
-        text = self.llm.embed(input_ids)
-        return self.fusion(text, input_ids == self.llm.image_token_id, image_tokens)
+        media, media_tokens, media_features = (_by_modality(media), _by_modality(media_tokens),
+                                               _by_modality(media_features))
+        embeds = self.llm.embed(input_ids)
+        for modality, token_id in self.placeholder_ids.items():
+            tokens = media_tokens.get(modality)
+            if tokens is None and media_features.get(modality) is not None:
+                tokens = self.connectors[modality](media_features[modality])
+            if tokens is None and media.get(modality) is not None:
+                tokens = self.encode(modality, media[modality])
+            embeds = self.fusion(embeds, input_ids == token_id, tokens, modality)
+        return embeds
 
     def forward(self, batch: dict) -> Output:
         """Mean next-token loss over label positions; logits are computed only there."""
@@ -211,3 +268,18 @@ class MultimodalLM(nn.Module):
                               directory, record)
         load_saved_weights(model, directory)
         return model.eval()
+
+
+def _by_modality(value: dict | torch.Tensor | None) -> dict:
+    """{} for None, {"image": tensor} for a bare tensor (callers from before modalities)."""
+    if value is None:
+        return {}
+    return value if isinstance(value, dict) else {"image": value}
+
+
+def _rename_old_weights(state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: weights saved before modalities, `encoder.*` and
+    `connector.*`, are the image modality's (`encoders.image.*`, `connectors.image.*`)."""
+    for name in [name for name in state_dict if name.startswith((f"{prefix}encoder.", f"{prefix}connector."))]:
+        part, rest = name[len(prefix):].split(".", 1)
+        state_dict[f"{prefix}{part}s.image.{rest}"] = state_dict.pop(name)

@@ -34,7 +34,7 @@ from polymodal.errors import UserError
 from polymodal.safe_files import atomic_write, read_safetensors_header
 
 FORMAT = "polymodal"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: parts keyed by modality (see upgrade_record)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -79,14 +79,22 @@ def read_model_record(directory: Path) -> dict:
 def upgrade_record(record: dict) -> dict:
     """A record of any earlier format version as the current code reads it.
 
-    Every backward-compatibility fix for older saved models lives here, one step per version
-    (none yet: version 1 is the first). A field renamed in ModelConfig, or a part moved, is
-    fixed here, so that old directories keep loading. Raises UserError for a record saved by
-    a newer polymodal.
+    Every backward-compatibility fix for older saved models lives here, one step per version.
+    A field renamed in ModelConfig, or a part moved, is fixed here, so that old directories
+    keep loading. Raises UserError for a record saved by a newer polymodal.
+
+    Version 1 -> 2 (parts keyed by modality): a multimodal LM's image parts were `encoder`
+    and `connector`; their architectures are `encoders.image` now (the config's old keys
+    still parse as the image's; the weights' names are renamed as they load, by
+    model._rename_old_weights, which checkpoints of version 1 need as well).
     """
     version = record.get("format_version", 1)
     if version > FORMAT_VERSION:
         raise UserError(f"model was saved by a newer polymodal (format {version})")
+    if version < 2 and record["model"].get("kind", "multimodal-lm") == "multimodal-lm":
+        renamed = {("encoders.image" + key[len("encoder"):] if key.split(".")[0] == "encoder" else key): value
+                   for key, value in record["architectures"].items()}
+        record = {**record, "format_version": 2, "architectures": renamed}
     return record
 
 

@@ -33,8 +33,8 @@ def test_info_recipe_prints_parts(capsys):
     code, out, _ = run(capsys, "info", RECIPE, "--set", "model.connector.kind=pixel_shuffle")
     assert code == 0
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
-    assert rows["encoder"][1:3] == ["hf", "tiny:clip"] and rows["encoder"][5] == "16"
-    assert rows["connector"][1] == "pixel_shuffle" and rows["connector"][5] == "4"
+    assert rows["encoder.image"][1:3] == ["hf", "tiny:clip"] and rows["encoder.image"][5] == "16"
+    assert rows["connector.image"][1] == "pixel_shuffle" and rows["connector.image"][5] == "4"
     assert rows["llm"][1] == "llama"
 
 

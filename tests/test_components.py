@@ -59,7 +59,7 @@ def test_shapes_and_gradients(encoder, connector):
     assert torch.isfinite(loss)
     for name, parameter in model.named_parameters():
         reached = parameter.grad is not None and bool(parameter.grad.abs().sum() > 0)
-        if name.startswith("connector."):
+        if name.startswith("connectors.image."):
             assert parameter.grad is not None, f"{name} got no gradient"
         else:
             assert not reached, f"frozen {name} got a gradient"
@@ -74,8 +74,8 @@ def test_lora_trains_only_adapters():
     trained = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     llm_trained = {name for name in trained if name.startswith("llm.")}
     assert llm_trained and all("lora_" in name for name in llm_trained)
-    assert any(name.startswith("connector.") for name in trained)
-    assert not any(name.startswith("encoder.") for name in trained)
+    assert any(name.startswith("connectors.image.") for name in trained)
+    assert not any(name.startswith("encoders.image.") for name in trained)
 
 
 def test_whole_model_trains_end_to_end():
@@ -105,7 +105,7 @@ def test_cnn_pool_max_pools_the_grid_to_fewer_tokens():
     assert model.tokens_per_image == 4 and pooled.shape == (2, 4, full.shape[-1])
     grid = full.view(2, 4, 4, -1)
     assert torch.allclose(pooled[:, 0], grid[:, :2, :2].amax((1, 2)))  # top-left 2x2 block
-    with pytest.raises(ConfigError, match=r"encoder\.pool"):
+    with pytest.raises(ConfigError, match=r"encoders\.image\.pool"):
         tiny_model({**ENCODERS["cnn"], "pool": 5})
 
 

@@ -14,9 +14,10 @@ def test_kinds_pick_their_own_dataclass():
                                                {"kind": "hf", "source": "tiny:dinov2"}]},
         "connector": {"kind": "mlp", "depth": 3},
     })
-    assert isinstance(config.connector, MLPConnectorConfig) and config.connector.depth == 3
-    assert isinstance(config.encoder, MultiEncoderConfig)
-    assert config.encoder.parts[1].source == "tiny:dinov2"
+    connector, encoder = config.connectors["image"], config.encoders["image"]  # the old spelling: image's
+    assert isinstance(connector, MLPConnectorConfig) and connector.depth == 3
+    assert isinstance(encoder, MultiEncoderConfig)
+    assert encoder.parts[1].source == "tiny:dinov2"
     assert config.llm.lora.r == 4 and config.llm.lora.alpha == 32
 
 
@@ -47,7 +48,7 @@ def test_overrides_parse_values_as_yaml():
 
 def test_recipe_file_with_overrides(tmp_path):
     recipe = load_recipe(f"{RECIPES}/tiny-llava.yaml", ["model.connector.depth=1"])
-    assert recipe.name == "tiny-llava" and recipe.model.connector.depth == 1
+    assert recipe.name == "tiny-llava" and recipe.model.connectors["image"].depth == 1
     with pytest.raises(UserError, match="config file not found"):
         load_recipe(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"

@@ -173,7 +173,7 @@ def test_recipe_with_a_contrastive_stage_then_an_lm_stage_resumes_identically(tm
     from safetensors.torch import load_file
     straight = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
-    assert any(k.startswith("encoder.") for k in straight)
+    assert any(k.startswith("encoders.image.") for k in straight)
     differ = [k for k in straight if not torch.equal(straight[k], resumed[k])]
     assert differ == [], (differ, [float((straight[k] - resumed[k]).abs().max()) for k in differ])
 

@@ -68,7 +68,7 @@ def test_frozen_parts_stay_bit_identical(tmp_path):
     train(config, tmp_path / "run", model)
     for name, parameter in model.named_parameters():
         changed = not torch.equal(before[name], parameter)
-        assert changed == name.startswith("connector."), name
+        assert changed == name.startswith("connectors.image."), name
 
 
 def lora_then_connector(path) -> RecipeConfig:
@@ -100,7 +100,7 @@ def test_a_stage_that_freezes_the_adapters_runs_them_folded_in(tmp_path, monkeyp
         models[folded] = dict(model.named_parameters())
     assert adapter_runs == {True: 3, False: 6}  # one forward per step: tune's 3, then align's 3 unless folded
     for name, parameter in models[True].items():
-        if name.startswith("connector."):
+        if name.startswith("connectors.image."):
             # 3 Adam steps of 3e-3 move a weight by up to 9e-3; round-off in a near-zero
             # gradient can move one by ~1e-4 differently (Adam divides by its size)
             torch.testing.assert_close(parameter, models[False][name], rtol=0, atol=3e-4)
@@ -201,8 +201,8 @@ def test_resume_after_an_interruption_gives_identical_weights(tmp_path, monkeypa
     checkpoints = tmp_path / "resumed" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000006", "step-0000008"]  # keep 2
     # Checkpoints hold what stages so far trained; the rest is rebuilt from its source and seed.
-    assert saved_parts(checkpoints / "step-0000006") == {"connector"}  # the end of align
-    assert saved_parts(checkpoints / "step-0000008") == {"connector", "llm"}
+    assert saved_parts(checkpoints / "step-0000006") == {"connectors"}  # the end of align
+    assert saved_parts(checkpoints / "step-0000008") == {"connectors", "llm"}
 
     # A save killed half-way leaves a .tmp folder, or a folder without all its files: never picked.
     (checkpoints / ".tmp-killed").mkdir()

@@ -61,15 +61,16 @@ def _dtype(module) -> str:
 
 
 def parts_table(model) -> str:
-    """One row per part: kind, source, parameters, trainable parameters, tokens per image, dtype."""
+    """One row per part: kind, source, parameters, trainable parameters, tokens per item, dtype."""
     config = model.config
-    rows = [("part", "kind", "source", "params", "trainable", "tokens/image", "dtype")]
-    if model.encoder is not None:
-        source = getattr(config.encoder, "source", "") or "-"
-        rows.append(("encoder", config.encoder.kind, source, *_counts(model.encoder),
-                     str(model.encoder.num_tokens), _dtype(model.encoder)))
-        rows.append(("connector", config.connector.kind, "-", *_counts(model.connector),
-                     str(model.connector.num_tokens), _dtype(model.connector)))
+    rows = [("part", "kind", "source", "params", "trainable", "tokens/item", "dtype")]
+    for modality, encoder in model.encoders.items():  # rows named as a stage's `train:` names them
+        source = getattr(config.encoders[modality], "source", "") or "-"
+        rows.append((f"encoder.{modality}", config.encoders[modality].kind, source, *_counts(encoder),
+                     str(encoder.num_tokens), _dtype(encoder)))
+        connector = model.connectors[modality]
+        rows.append((f"connector.{modality}", config.connectors[modality].kind, "-", *_counts(connector),
+                     str(connector.num_tokens), _dtype(connector)))
     rows.append(("fusion", config.fusion.kind, "-", *_counts(model.fusion), "-", "-"))
     lora = " + lora" if config.llm.lora else ""
     rows.append(("llm", model.llm.model.config.model_type + lora, config.llm.source,
