@@ -153,3 +153,31 @@ def test_pope_from_an_object_file_and_from_easy_vqa_layout(tmp_path):
     assert asked[("random", "0", "red circle")] == "yes" and asked[("popular", "1", "blue triangle")] == "yes"
     assert {name for (_, image, name), answer in asked.items() if image == "0" and answer == "yes"} == \
         {"circle", "red shape", "red circle"}
+
+
+def test_tasks_resolve_through_the_registry():
+    """A task registered outside polymodal/eval is found by name, like the built-in ones."""
+    from polymodal.eval.tasks import Item, Task, register_task
+    from polymodal.registry import EVAL_TASKS
+
+    @register_task("test-echo")
+    class Echo(Task):
+        """Answers that repeat the question."""
+
+        def items(self, options):
+            return [Item("1", "hello", [], ["hello"])]
+
+        def score(self, items, predictions):
+            return {"accuracy": float(predictions == [i.question for i in items])}, []
+
+    assert "easy-vqa" in EVAL_TASKS and "pope" in EVAL_TASKS  # discovery imports polymodal.eval
+    task = get_task("test-echo")
+    assert isinstance(task, Echo) and task.name == "test-echo"
+    assert task.score(task.items(TaskOptions()), ["hello"])[0] == {"accuracy": 1.0}
+
+
+def test_a_dataset_that_lends_no_questions_is_refused_by_name(tmp_path):
+    with pytest.raises(UserError, match="dataset format llava lends no questions to evaluation tasks"):
+        get_task("pope").items(TaskOptions(dataset="llava"))
+    with pytest.raises(UserError, match=r"gone\.jsonl: not found \(--data: a task file"):
+        get_task("caption").items(TaskOptions(data=str(tmp_path / "gone.jsonl")))

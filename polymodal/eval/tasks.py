@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from polymodal.data.errors import DataError
 from polymodal.data.evaluation import EvaluationData
 from polymodal.data.sample import Item
 from polymodal.errors import UserError
@@ -107,8 +108,14 @@ def task_names() -> list[str]:
 
 
 def task_file(options: TaskOptions) -> Path | None:
-    """The task file `--data` names, or None when it names none (or a dataset's folder)."""
-    return Path(options.data) if options.data and Path(options.data).is_file() else None
+    """The task file `--data` names, or None when it names none (or a dataset's folder).
+    Raises DataError when `--data` names nothing that exists."""
+    if not options.data:
+        return None
+    path = Path(options.data)
+    if not path.exists():
+        raise DataError(f"not found (--data: a task file, or a folder in the layout of {options.dataset})", path)
+    return path if path.is_file() else None
 
 
 def task_dataset(options: TaskOptions) -> EvaluationData:
