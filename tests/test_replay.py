@@ -6,11 +6,12 @@ import pytest
 from test_train import MODEL, synthetic_dataset
 
 from polymodal.config import RecipeConfig, StageConfig, from_dict
-from polymodal.data.replay import BUILTIN_QUESTIONS, answer_questions, read_questions
-from polymodal.engine.generate import Generator
+from polymodal.data.replay import BUILTIN_QUESTIONS, read_questions
+from polymodal.engine.generate import Engine
 from polymodal.engine.sampling import SamplingParams
 from polymodal.errors import ConfigError, UserError
 from polymodal.model import MultimodalLM
+from polymodal.train.replay import answer_questions
 from polymodal.train.run import train
 
 QUESTIONS = ["Name a fruit.", "Name a colour.", "Say hi.", "Count to two."]
@@ -39,7 +40,7 @@ def text_then_images(tmp_path, replay: bool) -> RecipeConfig:
 
 def text_answers(model) -> dict[str, str]:
     prompts = [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS]
-    completions = Generator(model).generate(prompts, SamplingParams(max_new_tokens=8))
+    completions = Engine(model).generate(prompts, SamplingParams(max_new_tokens=8))
     return {q: c.text for q, c in zip(QUESTIONS, completions)}
 
 
@@ -69,7 +70,7 @@ def test_answers_are_cached_and_unfinished_ones_dropped(tmp_path, monkeypatch):
         return [Completion("a long answer", [1] * 8, "length", 5), Completion(" Paris. ", [1, 2], "stop", 5),
                 Completion("  ", [1], "stop", 5)][: len(prompts)]
 
-    monkeypatch.setattr(Generator, "generate", fake_generate)
+    monkeypatch.setattr(Engine, "generate", fake_generate)
     questions = read_questions(None)[:3]
     cache = tmp_path / "replay.jsonl"
     answered = answer_questions(model, questions, 8, cache)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import ddp_and_single_losses
 from polymodal.config import RecipeConfig, from_dict
-from polymodal.engine.generate import Generator
+from polymodal.engine.generate import Engine
 from polymodal.engine.sampling import SamplingParams
 from polymodal.errors import UserError
 from polymodal.model import MultimodalLM
@@ -44,7 +44,7 @@ def recipe(path, train_parts, steps, lr=3e-3, **stage):
 def answers(model, folder):
     prompts = [{"messages": [{"role": "user", "content": "<image>\nWhat is this?"}],
                 "images": [str(folder / f"{i}.png")]} for i in range(len(WORDS))]
-    return [c.text for c in Generator(model).generate(prompts, SamplingParams(max_new_tokens=6))]
+    return [c.text for c in Engine(model).generate(prompts, SamplingParams(max_new_tokens=6))]
 
 
 def test_tiny_model_memorises_eight_pairs_and_the_run_directory_is_complete(tmp_path):
@@ -84,13 +84,15 @@ def test_a_stage_that_freezes_the_adapters_runs_them_folded_in(tmp_path, monkeyp
     """The connector-only stage runs the LLM with its (trained, non-zero) adapters folded into
     the base weights: no adapter matmul in its steps, the same connector as running them
     unfolded (to float round-off), and the LLM's weights bit-identical afterwards."""
-    from polymodal.train import loop, run
+    from contextlib import nullcontext
+
+    from polymodal.objectives.lm import LanguageModeling
 
     config = lora_then_connector(synthetic_dataset(tmp_path))
     models, adapter_runs = {}, {}
     for folded in (True, False):
         if not folded:
-            monkeypatch.setattr(run, "adapters_folded_unless_trained", lambda model, stage: loop.nullcontext())
+            monkeypatch.setattr(LanguageModeling, "stage_context", lambda self: nullcontext())
         torch.manual_seed(0)
         model = MultimodalLM.from_config(config)
         adapter_runs[folded] = 0
@@ -119,12 +121,51 @@ def test_nan_loss_stops_naming_the_step(tmp_path, monkeypatch):
         calls.append(1)
         output = forward(batch)
         if len(calls) == 3:
-            output.loss = output.loss * float("nan")
+            output.logits = output.logits * float("nan")
         return output
 
     monkeypatch.setattr(model, "forward", poisoned)
     with pytest.raises(NonFiniteLoss, match="loss is nan at step 3 of stage 'only'"):
         train(config, tmp_path / "run", model)
+
+
+def test_a_nan_loss_exits_1_with_one_line_naming_the_step_and_stage(tmp_path, monkeypatch, capsys):
+    """Divergence is not the user's typo (exit 2): one line naming step and stage, exit 1."""
+    from polymodal.cli.main import main
+
+    forward = MultimodalLM.forward
+
+    def diverged(self, batch):
+        output = forward(self, batch)
+        output.logits = output.logits * float("nan")
+        return output
+
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(json.dumps({"name": "nan", "model": MODEL, "stages": [
+        {"name": "align", "train": ["connector"], "lr": {"connector": 1e-3}, "steps": 3,
+         "data": [{"format": "llava", "path": str(synthetic_dataset(tmp_path))}]}]}))
+    monkeypatch.setattr(MultimodalLM, "forward", diverged)
+    assert main(["train", str(recipe_file), "--out", str(tmp_path / "run")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("polymodal: error: loss is nan at step 1 of stage 'align'; stopped")
+    assert "Traceback" not in "\n".join(lines)
+
+
+def test_tensorboard_events_hold_the_logged_losses_and_learning_rates(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = two_stage_recipe(synthetic_dataset(tmp_path), steps=3)
+    train(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    for stage in ("align", "tune"):
+        logged = [(row["global_step"], row["loss"]) for row in rows if row["stage"] == stage]
+        scalars = [(event.step, event.value) for event in events.Scalars(f"loss/{stage}")]
+        assert [step for step, _ in scalars] == [step for step, _ in logged]
+        assert [value for _, value in scalars] == pytest.approx([loss for _, loss in logged], rel=1e-6)
+    rates = [event.value for event in events.Scalars("learning_rate/tune/llm")]
+    assert rates == pytest.approx([row["learning_rates"]["llm"] for row in rows if row["stage"] == "tune"])
 
 
 def test_too_many_bad_samples_stop_before_training(tmp_path):
@@ -312,6 +353,7 @@ def test_learning_rate_schedules_warm_up_then_decay_to_near_zero():
 
 def test_lora_plus_gives_the_b_matrices_their_own_rate():
     from polymodal.errors import ConfigError
+    from polymodal.objectives.lm import LanguageModeling
     from polymodal.train.loop import make_optimizer
 
     lora_model = {**MODEL, "llm": {"source": "tiny:llama", "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}}
@@ -319,7 +361,9 @@ def test_lora_plus_gives_the_b_matrices_their_own_rate():
         {"name": "tune", "train": ["connector", "llm.lora"], "lr": {"connector": 1e-3, "llm.lora": 2e-4},
          "lora_plus_ratio": 8, "data": [{"format": "easy-vqa"}]}]})
     model = MultimodalLM.from_config(config)
-    groups = {g["name"]: g for g in make_optimizer(model, config.stages[0]).param_groups}
+    objective = LanguageModeling(config.stages[0], model)
+    objective.set_trainable(model)
+    groups = {g["name"]: g for g in make_optimizer(objective, model).param_groups}
     assert {name: g["lr"] for name, g in groups.items()} == {"connector": 1e-3, "llm.lora": 2e-4, "llm.lora.B": 1.6e-3}
     names = {id(p): n for n, p in model.named_parameters()}
     assert groups["llm.lora.B"]["params"] and all("lora_B" in names[id(p)] for p in groups["llm.lora.B"]["params"])

@@ -8,6 +8,7 @@ from test_train import WORDS, recipe, synthetic_dataset
 from polymodal.config import RecipeConfig, from_dict
 from polymodal.errors import ConfigError
 from polymodal.model import MultimodalLM
+from polymodal.objectives.lm import LanguageModeling
 from polymodal.train.run import train
 from polymodal.train.validation import Validator
 
@@ -33,7 +34,7 @@ def test_validation_loss_and_metric_every_n_steps_in_the_metrics_and_the_picture
     assert all("loss" in row for row in rows if "val_loss" not in row)  # training rows unchanged
     # The last point is the saved model's held-out loss, computed again here.
     model = MultimodalLM.from_pretrained(tmp_path / "run" / "model")
-    again = Validator(model, config.stages[0])(model)
+    again = Validator(LanguageModeling(config.stages[0], model))(model)
     assert again["val_loss"] == pytest.approx(measured[-1]["val_loss"], rel=1e-5)
     assert again["val_soft_accuracy"] == measured[-1]["val_soft_accuracy"]
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000

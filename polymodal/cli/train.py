@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from polymodal.cli.signals import stop_on
     from polymodal.config import load_recipe
     from polymodal.errors import UserError
+    from polymodal.train.loop import NonFiniteLoss
     from polymodal.train.run import train
 
     recipe = load_recipe(args.recipe, args.set)
@@ -41,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
             name = stopped[0] if stopped else "SIGINT"
             print(stopped_line(args, run_dir, name), file=sys.stderr)
             return 128 + int(getattr(signal, name))
+        except NonFiniteLoss as error:  # training diverged: not a typo of the user's (exit 2)
+            print(f"polymodal: error: {error} (the training diverged: lower the stage's lr, keep clip "
+                  "on, or check its data)", file=sys.stderr)
+            return 1
     print(json.dumps({"run_dir": run_dir, "train_seconds": round(summary["train_seconds"], 1),
                       "final_loss": summary["final_loss"], "model": f"{run_dir}/model"}))
     return 0

@@ -2,12 +2,11 @@
 
 Example (the contrastive stage of a recipe builds one around its model's encoder):
     dual = DualEncoder.around(model.encoder, ContrastiveConfig(pool="max"))
-    loss = dual({"pixel_values": pixels, "texts": ["a red circle", ...]}).loss
+    pairs = dual(PairBatch(texts, text_ids, media=pixels))  # embeddings; the loss: objectives.contrastive
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -18,11 +17,10 @@ from torch import nn
 
 from polymodal.config import ContrastiveConfig, ModelConfig, RecipeConfig
 from polymodal.contrastive.gather import gather_rows
-from polymodal.contrastive.losses import clip_loss, siglip_loss
 from polymodal.contrastive.towers import ImageTower, TextTower
-from polymodal.data.sample import Sample
 from polymodal.encoders.base import Encoder, build_encoder
 from polymodal.errors import UserError
+from polymodal.processing.batch import PairBatch
 from polymodal.registry import register_model_kind
 from polymodal.safe_files import build_checked
 from polymodal.saved import (
@@ -37,14 +35,22 @@ MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: the temperature never drops bel
 
 
 @dataclass
-class ContrastiveOutput:
-    loss: torch.Tensor  # the contrastive loss of the global batch
-    num_label_tokens: int  # the (image, text) pairs compared: the count the loop reads as tokens
+class PairEmbeddings:
+    """What the forward gives the contrastive objective, over the global batch (every
+    process's rows under DDP: contrastive/gather.py): image [B, D] and text [B, D]
+    embeddings, L2-normalised, row i a pair; text_ids [B] (equal ids: positives of each
+    other); logit_scale, the clamped log inverse temperature; logit_bias (SigLIP) or None."""
 
+    image: torch.Tensor
+    text: torch.Tensor
+    text_ids: torch.Tensor
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None
 
-def text_id(text: str) -> int:
-    """A stable 63-bit id of a text: equal captions are positives of each other."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+    @property
+    def positives(self) -> torch.Tensor:
+        """[B, B] bool: which texts match which image (equal captions match)."""
+        return self.text_ids[:, None] == self.text_ids[None, :]
 
 
 class LogitParameters(nn.Module):
@@ -144,49 +150,20 @@ class DualEncoder(nn.Module):
         """B texts -> [B, D], L2-normalised."""
         return self.text(texts)
 
-    def forward(self, batch: dict) -> ContrastiveOutput:
-        """The contrastive loss of the global batch (see gather.py for DDP)."""
-        if "features" in batch:  # cached outputs of a frozen encoder
-            image = gather_rows(self.image.head(batch["features"]))  # [B, D]
+    def forward(self, batch: PairBatch) -> PairEmbeddings:
+        """Both towers' embeddings of the global batch (see gather.py for DDP); the loss is
+        the objective's (`objectives.contrastive`, `contrastive.losses`)."""
+        if batch.features is not None:  # cached outputs of a frozen encoder
+            image = self.image.head(batch.features)  # [B, D]
         else:
-            image = gather_rows(self.encode_images(batch["pixel_values"]))  # [B, D]
-        text = gather_rows(self.encode_texts(batch["texts"]))  # [B, D]
-        ids = gather_rows(batch["text_ids"])  # [B]
-        positives = ids[:, None] == ids[None, :]  # [B, B]: equal captions match
-        scale = self.logits.scale.clamp(max=MAX_LOGIT_SCALE)
-        if self.logits.bias is not None:
-            loss = siglip_loss(image, text, scale, self.logits.bias, positives)
-        else:
-            loss = clip_loss(image, text, scale, positives)
-        return ContrastiveOutput(loss=loss, num_label_tokens=len(ids))
-
-    # ------------------------------------------------------------ training data
-
-    def training_example(self, sample: Sample, max_length: int | None = None, memo: dict | None = None) -> dict | None:
-        """An (image, text) pair: the sample's one image and its last assistant message
-        (`max_length` and `memo` are the LM's; a pair has no tokens to limit or reuse)."""
-        replies = [m["content"] for m in sample.messages if m["role"] == "assistant"]
-        if len(sample.images) != 1 or not replies:
-            return None
-        return {"image": sample.images[0], "text": replies[-1]}
-
-    def training_batch(self, examples: list[dict], features=None) -> dict:
-        """Examples -> {pixel_values: the encoder's inputs (pixels, or log-mel for audio),
-        texts, text_ids}; with `features` (a FeatureCache, when the encoder is frozen) the
-        encoder's outputs instead."""
-        texts = [e["text"] for e in examples]
-        paths = [e["image"] for e in examples]
-        batch = {"texts": texts, "text_ids": torch.tensor([text_id(t) for t in texts]), "num_items": len(examples)}
-        if features is not None:
-            batch["features"] = features.get(self, paths)  # [B, S, D_enc]
-        else:
-            batch["pixel_values"] = self.media_inputs(paths)
-        return batch
+            image = self.encode_images(batch.media)  # [B, D]
+        # The scale and bias leave the forward as results computed in it (never the
+        # parameters themselves), so a sharded module frees nothing they still point to.
+        bias = self.logits.bias.clone() if self.logits.bias is not None else None
+        return PairEmbeddings(image=gather_rows(image), text=gather_rows(self.encode_texts(batch.texts)),
+                              text_ids=gather_rows(batch.text_ids),
+                              logit_scale=self.logits.scale.clamp(max=MAX_LOGIT_SCALE), logit_bias=bias)
 
     @property
     def encoder(self) -> Encoder:
         return self.image.encoder
-
-    def media_inputs(self, paths: list) -> torch.Tensor:
-        """Files -> the encoder's input batch [B, ...]."""
-        return torch.stack([self.encoder.load_media(path) for path in paths])

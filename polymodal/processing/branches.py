@@ -9,17 +9,14 @@ branch) after it:
 A branch attends to the prefix and to its own earlier tokens, never to another branch, and
 its positions continue from the prefix as they would alone. So every label sees exactly
 the context it has in its own sequence (the loss is the same), at fewer tokens: easy-VQA's
-one-question samples are ~33 tokens, 11 of them the system prompt's. The inference
-counterpart is `engine.generate.shared_prefixes`.
+one-question samples are ~33 tokens, 11 of them the system prompt's. How a row attends:
+`processing.batch.branch_attention_mask`. The inference counterpart is
+`engine.generate.shared_prefixes`.
 """
 
 from __future__ import annotations
 
-import torch
-
-from polymodal.processing.collate import IGNORE
-
-PREFIX = 0  # branch id of the shared prefix; branches are 1, 2, ...; padding is -1
+from polymodal.processing.batch import IGNORE, PREFIX
 
 
 def common_prefix_length(rows: list[list[int]]) -> int:
@@ -76,24 +73,15 @@ def merge_branches(examples: list[dict], image_token_id: int | None = None, toke
             "images": images}
 
 
-def branch_attention_mask(branch_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """branch_ids [B, T] (PREFIX, branch, or -1 for padding), attention_mask [B, T] ->
-    a boolean mask [B, 1, T, T], True where a query may attend to a key."""
-    length = branch_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=branch_ids.device).tril()  # [T, T]
-    query, key = branch_ids[:, :, None], branch_ids[:, None, :]  # [B, T, 1], [B, 1, T]
-    allowed = causal & ((key == PREFIX) | (key == query)) & attention_mask[:, None, :].bool() & (query >= 0)
-    # A padding query sees only itself: a row with no allowed key would make NaN in softmax.
-    allowed |= torch.eye(length, dtype=torch.bool, device=branch_ids.device)
-    return allowed[:, None]
-
-
-def sample_ids(batch: dict) -> torch.Tensor:
-    """[B, T]: which sample each token belongs to, numbered across the batch: the row, or
-    the row's branch when a row holds several samples over a shared prefix."""
-    rows, length = batch["input_ids"].shape
-    row = torch.arange(rows, device=batch["input_ids"].device)[:, None].expand(rows, length)
-    if "branch_ids" not in batch:
-        return row
-    branches = batch["branch_ids"].clamp(min=0)  # padding (-1) carries no labels
-    return row * (int(branches.max()) + 1) + branches
+def balanced_rows(examples: list[dict], per_row: int) -> list[list[dict]]:
+    """Up to `per_row` examples per row, the longest placed first, each in the row with the
+    fewest tokens so far: rows pad to the longest, and one long sample (a replay answer)
+    would otherwise pad every other row to its length. Rows keep the draw's order inside."""
+    count = -(-len(examples) // per_row)
+    rows, lengths = [[] for _ in range(count)], [0] * count
+    by_length = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    for index in by_length:
+        row = min((r for r in range(count) if len(rows[r]) < per_row), key=lengths.__getitem__)
+        rows[row].append(index)
+        lengths[row] += len(examples[index]["input_ids"])
+    return [[examples[i] for i in sorted(row)] for row in rows]

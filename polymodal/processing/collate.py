@@ -1,20 +1,24 @@
-"""Pad a list of encoded samples into one batch, once."""
+"""Pad a list of encoded samples into one `Batch`, once."""
 
 from __future__ import annotations
 
 import torch
 
-IGNORE = -100  # label of positions that carry no loss
+from polymodal.processing.batch import IGNORE, Batch
+
+__all__ = ["IGNORE", "collate"]  # IGNORE stays importable from here (processor, tests)
 
 
-def collate(samples: list[dict], pad_id: int, left_pad: bool = False) -> dict:
-    """Samples {input_ids, labels?, pixel_values? [N_i, 3, S, S]} -> a batch.
+def collate(samples: list[dict], pad_id: int, left_pad: bool = False) -> Batch:
+    """Samples -> a `Batch`, every field filled.
 
-    Returns input_ids [B, T], attention_mask [B, T], labels [B, T] (when given) and
-    pixel_values [sum N_i, 3, S, S] in reading order (None when there are no images);
-    position_ids and branch_ids [B, T] too when a sample shares a prefix among branches
-    (`processing.branches`). Generation pads on the left so that every row's last token
-    is at the end.
+    A sample is {input_ids, labels?, media?: modality -> encoder inputs [N_i, ...],
+    position_ids?, branch_ids?} (`pixel_values` [N_i, 3, S, S] is the image modality's
+    media, as processors spelled it before modalities). The batch holds input_ids,
+    attention_mask, position_ids and sample_ids [B, T]; labels [B, T] when every sample has
+    them; media concatenated per modality in reading order; branch_ids [B, T] when a sample
+    shares a prefix among branches (`processing.branches`). Generation pads on the left so
+    that every row's last token is at the end.
     """
     length = max(len(sample["input_ids"]) for sample in samples)
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
@@ -28,17 +32,31 @@ def collate(samples: list[dict], pad_id: int, left_pad: bool = False) -> dict:
         attention_mask[row, span] = 1
         if labels is not None:
             labels[row, span] = torch.as_tensor(sample["labels"])
-    pixels = [sample["pixel_values"] for sample in samples if sample.get("pixel_values") is not None]
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-             "pixel_values": torch.cat(pixels) if pixels else None}
-    if labels is not None:
-        batch["labels"] = labels
+    # Plain rows count positions over their tokens (padding repeats an edge position: it is
+    # never attended to); rows of branches bring their own.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    branch_ids = None
     if any("branch_ids" in sample for sample in samples):
-        batch.update(_branch_layout(samples, length))
-    return batch
+        position_ids, branch_ids = _branch_layout(samples, length)
+    return Batch(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                 media=_media(samples), sample_ids=_sample_ids(len(samples), length, branch_ids),
+                 branch_ids=branch_ids)
 
 
-def _branch_layout(samples: list[dict], length: int) -> dict:
+def _media(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """modality -> the samples' encoder inputs concatenated in reading order."""
+    gathered: dict[str, list[torch.Tensor]] = {}
+    for sample in samples:
+        media = dict(sample.get("media") or {})
+        if sample.get("pixel_values") is not None:
+            media["image"] = sample["pixel_values"]
+        for modality, inputs in media.items():
+            if inputs is not None:
+                gathered.setdefault(modality, []).append(inputs)
+    return {modality: torch.cat(parts) for modality, parts in gathered.items()}
+
+
+def _branch_layout(samples: list[dict], length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """position_ids and branch_ids [B, T], right-padded; a plain sample is one prefix."""
     positions = torch.zeros((len(samples), length), dtype=torch.long)
     branches = torch.full((len(samples), length), -1, dtype=torch.long)
@@ -46,4 +64,14 @@ def _branch_layout(samples: list[dict], length: int) -> dict:
         n = len(sample["input_ids"])
         positions[row, :n] = torch.as_tensor(sample.get("position_ids", range(n)))
         branches[row, :n] = torch.as_tensor(sample.get("branch_ids", [0] * n))
-    return {"position_ids": positions, "branch_ids": branches}
+    return positions, branches
+
+
+def _sample_ids(rows: int, length: int, branch_ids: torch.Tensor | None) -> torch.Tensor:
+    """[B, T]: which sample each token belongs to, numbered across the batch: the row, or
+    the row's branch when a row holds several samples over a shared prefix."""
+    row = torch.arange(rows)[:, None].expand(rows, length)
+    if branch_ids is None:
+        return row
+    branches = branch_ids.clamp(min=0)  # padding (-1) carries no labels
+    return row * (int(branches.max()) + 1) + branches

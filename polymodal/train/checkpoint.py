@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from polymodal.errors import UserError
+from polymodal.objectives.base import part_parameters
 from polymodal.safe_files import fsync_file
 
 FILES = ("weights.safetensors", "optimizer.safetensors", "meta.json")
@@ -41,14 +42,6 @@ def trained_tensors(model, parts: list[str]) -> dict[str, torch.Tensor]:
     persistent = model.state_dict().keys()
     tensors.update({name: b.contiguous() for name, b in model.named_buffers() if name in persistent})
     return tensors
-
-
-def part_parameters(model, part: str) -> list[torch.nn.Parameter]:
-    """A trainable part's parameters: a module of `model.part_modules()`, or `llm.lora`."""
-    if part == "llm.lora":
-        return [p for name, p in model.llm.named_parameters() if "lora_" in name]
-    module = model.part_modules()[part]
-    return list(module.parameters()) if module is not None else []
 
 
 def save(folder: Path, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler, meta: dict,

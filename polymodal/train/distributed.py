@@ -35,11 +35,6 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), CPU)
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """A batch with every tensor on `device` (lists and numbers as they are)."""
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
-
-
 @dataclass(frozen=True)
 class World:
     rank: int = 0
@@ -107,9 +102,24 @@ def sharded_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy
 
 
+def is_sharded(trainer: torch.nn.Module) -> bool:
+    """Whether `trainer` is an FSDP-sharded copy (`sharded_copy`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(trainer, FSDPModule)
+
+
+def unwrapped(trainer: torch.nn.Module) -> torch.nn.Module:
+    """The module whose parameters the optimizer steps: DDP's inner module, or the
+    trainer itself (the model alone, or its sharded copy)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return trainer.module if isinstance(trainer, DistributedDataParallel) else trainer
+
+
 def gather_into(model: torch.nn.Module, trainer: torch.nn.Module) -> None:
     """Copy a sharded copy's full weights back into the model (on every process)."""
-    if trainer is model or not hasattr(trainer, "reshard"):  # alone, or DDP: the same tensors
+    if trainer is model or not is_sharded(trainer):  # alone, or DDP: the same tensors
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -120,7 +130,7 @@ def gather_into(model: torch.nn.Module, trainer: torch.nn.Module) -> None:
 def full_optimizer_state(trainer: torch.nn.Module, optimizer) -> dict:
     """The optimizer's state as one process's `optimizer.state_dict()` would hold it
     (integer ids in parameter order), gathered from the shards for FSDP."""
-    if not hasattr(trainer, "reshard"):
+    if not is_sharded(trainer):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -133,7 +143,7 @@ def full_optimizer_state(trainer: torch.nn.Module, optimizer) -> dict:
 
 def load_full_optimizer_state(trainer: torch.nn.Module, optimizer, state: dict) -> None:
     """The inverse of `full_optimizer_state`."""
-    if not hasattr(trainer, "reshard"):
+    if not is_sharded(trainer):
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

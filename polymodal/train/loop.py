@@ -1,7 +1,8 @@
 """One stage of training: an explicit loop, no framework.
 
-The model-specific part of a step is `model(batch).loss`; everything else here is
-the optimizer, schedule, accumulation, clipping, precision and logging.
+The loop sees only the stage's objective (`polymodal.objectives`): which module trains and
+which of its parts, the batches, the loss and what it counts. Everything else is here: the
+optimizer, schedule, accumulation, clipping, precision, logging and checkpoints.
 """
 
 from __future__ import annotations
@@ -16,66 +17,41 @@ from tqdm import tqdm
 
 from polymodal.config import StageConfig
 from polymodal.errors import UserError
-from polymodal.llm import merged_lora
+from polymodal.objectives.base import Objective
 from polymodal.train import checkpoint
-from polymodal.train.checkpoint import part_parameters
 from polymodal.train.distributed import (
     SINGLE_PROCESS,
     World,
     full_optimizer_state,
     gather_into,
     load_full_optimizer_state,
-    to_device,
+    unwrapped,
     wrap,
 )
 from polymodal.train.mixture import Mixture
 
 
-class NonFiniteLoss(UserError):
-    """The loss became NaN or inf; the message names the stage and step."""
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf: training diverged (a learning rate too high, a bad
+    batch), which is not a mistake in what the user typed. The message names the stage and
+    the step; `polymodal train` prints it on one line and exits 1."""
+
+    def __init__(self, loss: float, step: int, stage: str):
+        super().__init__(f"loss is {loss} at step {step} of stage {stage!r}; stopped")
+        self.loss, self.step, self.stage = loss, step, stage
 
 
-def make_optimizer(model, stage: StageConfig) -> torch.optim.Optimizer:
-    """AdamW with one parameter group (and learning rate) per trained part."""
-    model.set_trainable(stage.train)
-    groups, seen = [], set()
-    for part in stage.train:
-        # `llm` already holds the adapters when both are named; never add a tensor twice.
-        params = [p for p in part_parameters(model, part) if p.requires_grad and id(p) not in seen]
-        seen.update(id(p) for p in params)
-        if part == "llm.lora" and stage.lora_plus_ratio:
-            groups += lora_plus_groups(model, params, stage.lr[part], stage.lora_plus_ratio)
-        elif params:
-            groups.append({"params": params, "lr": stage.lr[part], "name": part})
+def make_optimizer(objective: Objective, module: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the objective's parameter groups of `module` (one per trained part, each
+    with its learning rate)."""
+    groups = objective.parameter_groups(module)
     if not groups:
+        stage = objective.stage
         raise UserError(f"stage {stage.name!r}: nothing to train in {stage.train}")
     # fused: one vectorised pass over all tensors (CPU and CUDA), not a loop of small ops per
-    # tensor, which the easy-VQA recipe's 420 adapter tensors felt at every step
-    # (docs/experiments.md).
+    # tensor: ~50 ms a step for the easy-VQA recipe's 420 adapter tensors (profiled).
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, weight_decay=stage.weight_decay, fused=fused)
-
-
-def lora_plus_groups(model, params: list, lr: float, ratio: float) -> list[dict]:
-    """LoRA+: the adapters' A matrices at `lr`, their B matrices (zero at the start) at `ratio` x `lr`."""
-    b_ids = {id(p) for name, p in model.llm.named_parameters() if "lora_B" in name or "lora_embedding_B" in name}
-    a_part = [p for p in params if id(p) not in b_ids]
-    b_part = [p for p in params if id(p) in b_ids]
-    return [group for group in ({"params": a_part, "lr": lr, "name": "llm.lora"},
-                                {"params": b_part, "lr": lr * ratio, "name": "llm.lora.B"}) if group["params"]]
-
-
-def adapters_folded_unless_trained(model, stage: StageConfig):
-    """Context for a stage: when it trains neither the LLM nor its LoRA adapters (an align
-    stage), the adapters are folded into the base weights for its duration and restored
-    exactly after (`llm.merged_lora`). The LLM computes the same function without running
-    the adapters' matmuls at every step (the easy-VQA align stage's time is in
-    docs/experiments.md). Fresh adapters (B = 0) fold in as exact zeros, so
-    nothing changes by a bit."""
-    llm = getattr(model, "llm", None)
-    if llm is None or {"llm", "llm.lora"} & set(stage.train):
-        return nullcontext()
-    return merged_lora(llm.model)
+    return torch.optim.AdamW(groups, weight_decay=objective.stage.weight_decay, fused=fused)
 
 
 def learning_rate_factor(stage: StageConfig) -> Callable[[int], float]:
@@ -95,26 +71,32 @@ def learning_rate_factor(stage: StageConfig) -> Callable[[int], float]:
     return factor
 
 
-def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict], None],
+def train_stage(objective: Objective, mixture: Mixture, log: Callable[[dict], None],
                 totals: dict | None = None, start_step: int = 0, resume_from=None,
                 on_checkpoint: Callable | None = None, checkpoint_every: int | None = None,
                 world: World = SINGLE_PROCESS, strategy: str = "ddp",
                 validate: Callable[[torch.nn.Module], dict] | None = None) -> dict:
-    """Run optimizer steps `start_step`..`stage.steps`; returns totals (samples, tokens, seconds, loss).
+    """Run optimizer steps `start_step`..`stage.steps` of the objective's stage on its
+    module; returns totals (samples, the objective's count (`tokens` or `pairs`), seconds,
+    final loss).
 
     `resume_from` is a checkpoint whose optimizer, schedule and RNG state continue here;
     `on_checkpoint(step, optimizer_state, scheduler, totals)` runs on rank 0 every
     `checkpoint_every` steps and at the stage's end. `strategy`: ddp or fsdp (with
     several processes). `validate(model)` (a `train.validation.Validator`) runs on rank 0
     every `stage.validation.every` steps and at the end; its row goes to `log`.
+
+    Raises:
+        NonFiniteLoss: the loss became NaN or inf (every process stops at the same step).
     """
+    stage, model = objective.stage, objective.module
     if stage.batch_size % world.size:
         raise UserError(f"stage {stage.name!r}: batch_size {stage.batch_size} does not split over "
                         f"{world.size} processes")
-    model.set_trainable(stage.train)
+    objective.set_trainable(model)
     # The model itself, DDP around it (averages the processes' gradients), or its sharded copy (FSDP).
     trainer = wrap(model, world, strategy)
-    optimizer = make_optimizer(getattr(trainer, "module", trainer), stage)
+    optimizer = make_optimizer(objective, unwrapped(trainer))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(stage))
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     precision = (torch.autocast(world.device.type, dtype=torch.bfloat16) if stage.precision == "bfloat16"
@@ -125,39 +107,29 @@ def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict
         torch.manual_seed(stage.seed)
     model.train()
     trainer.train()
-    rate_name, rate_key = (("tok/s", "tokens_per_second") if stage.objective == "lm"
-                           else ("pairs/s", "pairs_per_second"))
     totals = totals or {"samples": 0, "tokens": 0, "seconds": 0.0, "final_loss": None}
     progress = tqdm(range(start_step, stage.steps), desc=f"stage {stage.name}", unit="step",
                     dynamic_ncols=True, initial=start_step, total=stage.steps, disable=not world.is_main)
     for step in progress:
         started = time.perf_counter()
-        loss_sum, tokens = 0.0, 0
-        for micro in range(stage.grad_accum):
-            batch = to_device(mixture.batch(model, step, micro, world.rank, world.size), world.device)
-            with precision:
-                output = trainer(batch)
-            (output.loss / stage.grad_accum).backward()
-            loss_sum += output.loss.item() / stage.grad_accum
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["num_items"]
-        loss_sum = world.average(loss_sum)  # the same number on every process, so all stop together
-        tokens = round(world.average(tokens) * world.size)
-        if not math.isfinite(loss_sum):
-            raise NonFiniteLoss(f"loss is {loss_sum} at step {step + 1} of stage {stage.name!r}; stopped")
+        loss, count = _accumulate(objective, trainer, mixture, step, world, precision)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(loss, step + 1, stage.name)
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, stage.clip or float("inf"))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         totals["samples"] += stage.batch_size * stage.grad_accum
-        if stage.objective == "lm":  # a contrastive stage counts (image, text) pairs, not tokens
-            totals["tokens"] += tokens
+        totals[objective.unit] = totals.get(objective.unit, 0) + count
         totals["seconds"] += seconds
-        totals["final_loss"] = loss_sum
-        progress.set_postfix({"loss": f"{loss_sum:.4f}", rate_name: f"{tokens / seconds:.0f}"})
+        totals["final_loss"] = loss
+        progress.set_postfix({"loss": f"{loss:.4f}", f"{objective.unit}/s": f"{count / seconds:.0f}"})
         if world.is_main and ((step + 1) % stage.log_every == 0 or step + 1 == stage.steps):
-            log({"stage": stage.name, "step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
-                 "grad_norm": float(grad_norm), rate_key: tokens / seconds})
+            rates = {group["name"]: rate for group, rate in zip(optimizer.param_groups, scheduler.get_last_lr())}
+            log({"stage": stage.name, "step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                 "learning_rates": rates, "grad_norm": float(grad_norm),
+                 f"{objective.unit}_per_second": count / seconds})
         if stage.validation and ((step + 1) % stage.validation.every == 0 or step + 1 == stage.steps):
             gather_into(model, trainer)  # every process takes part; rank 0 (`validate`) measures
             if validate is not None:
@@ -171,3 +143,20 @@ def train_stage(model, stage: StageConfig, mixture: Mixture, log: Callable[[dict
     gather_into(model, trainer)
     model.eval()
     return totals
+
+
+def _accumulate(objective: Objective, trainer: torch.nn.Module, mixture: Mixture, step: int, world: World,
+                precision) -> tuple[float, int]:
+    """Forward and backward over the step's micro-batches; (the step's loss averaged over
+    the processes, the objective's count summed over them). Every process gets the same
+    loss, so all stop together on a NaN."""
+    stage = objective.stage
+    loss_sum, count = 0.0, 0
+    for micro in range(stage.grad_accum):
+        batch = mixture.batch(step, micro, world.rank, world.size).to(world.device)
+        with precision:
+            step_loss = objective.loss(trainer, batch)
+        (step_loss.loss / stage.grad_accum).backward()
+        loss_sum += step_loss.loss.item() / stage.grad_accum
+        count += step_loss.count
+    return world.average(loss_sum), round(world.average(count) * world.size)

@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from polymodal.config import DatasetConfig, StageConfig
+from polymodal.config import DatasetConfig
 from polymodal.data.datasets import format_options, read_dataset
-from polymodal.data.replay import answer_questions
 from polymodal.data.sample import Sample
 from polymodal.data.validate import check_samples, record_bad, stop_if_too_many
 from polymodal.errors import UserError
-from polymodal.processing.branches import merge_branches, sample_ids
-from polymodal.train.distributed import module_device
+from polymodal.objectives.base import Objective
+from polymodal.train.replay import answer_questions
 
 
 def pack(value, packed: dict[int, array]):
@@ -120,13 +119,15 @@ def fingerprint(name: str, samples: list[Sample]) -> dict[str, str]:
     return {name: records.hexdigest()[:16], **{path: file_digest(path) for path in media}}
 
 
-def encode_dataset(model, config: DatasetConfig, stage: StageConfig, bad_file: Path | None,
+def encode_dataset(objective: Objective, config: DatasetConfig, bad_file: Path | None,
                    replay_file: Path | None = None, fingerprinted: bool = False) -> EncodedDataset:
-    """Read, check and tokenize; images stay paths until batching. Samples that are bad or
-    too long are skipped, listed in `bad_file` (rank 0's; None elsewhere) and counted on
-    the console; more than the stage's `max_bad_fraction` of them (both kinds together)
-    stops the run. A replay dataset's answers are the model's own, kept in (or taken
-    from) `replay_file`. `fingerprinted`: also the data's `fingerprint`."""
+    """Read, check and make the objective's examples (`objective.example`); media stay
+    paths until batching. Samples that are bad or unusable (too long) are skipped, listed
+    in `bad_file` (rank 0's; None elsewhere) and counted on the console; more than the
+    stage's `max_bad_fraction` of them (both kinds together) stops the run. A replay dataset's answers are the stage's model's own
+    (`train.replay`), kept in (or taken from) `replay_file`. `fingerprinted`: also the
+    data's `fingerprint`."""
+    stage, model = objective.stage, objective.module
     config = format_options(config)  # the format's own options (replay's max_new_tokens)
     name = config.name
     samples = read_dataset(config)
@@ -134,15 +135,15 @@ def encode_dataset(model, config: DatasetConfig, stage: StageConfig, bad_file: P
     if config.format == "replay":
         samples = answer_questions(model, samples, config.max_new_tokens, replay_file)
     total = len(samples)
-    samples = check_samples(samples, model.image_placeholder, bad_file, stage.max_bad_fraction, name)
+    samples = check_samples(samples, objective.placeholder, bad_file, stage.max_bad_fraction, name)
     bad = total - len(samples)
     encoded, too_long, refused, memo = Examples(), [], [], {}
-    reason = unusable_reason(stage)
+    reason = objective.skip_reason
     for sample in tqdm(samples, desc=f"encoding {name}", unit="sample", dynamic_ncols=True,
                        leave=False, disable=bad_file is None):
         known = len(memo)
         try:
-            example = model.training_example(sample, stage.max_length, memo)
+            example = objective.example(sample, memo)
         except UserError as error:  # e.g. a chat template that refuses this conversation
             refused.append({"id": sample.id, "reason": str(error)})
             continue
@@ -166,86 +167,34 @@ def encode_dataset(model, config: DatasetConfig, stage: StageConfig, bad_file: P
     return EncodedDataset(name, config.weight, encoded, len(too_long), prints)
 
 
-def unusable_reason(stage: StageConfig) -> str:
-    """Why the model gives no training example for a checked sample (`training_example`)."""
-    if stage.objective != "lm":
-        return "not one image with an answer"
-    if stage.max_length:
-        return f"longer than max_length {stage.max_length}"
-    return "longer than the LLM's context"
-
-
 class Mixture:
-    """Batches drawn from several datasets by weight; the order is fixed by the seed.
+    """Batches drawn from several datasets by weight; the order is fixed by the stage's seed.
 
     The draw for optimizer step `s` depends only on (seed, s), so a run resumed at step
-    `s` sees exactly the batches an uninterrupted run would.
+    `s` sees exactly the batches an uninterrupted run would. The objective makes each
+    draw's examples a batch (`Objective.batch`).
     """
 
-    def __init__(self, datasets: list[EncodedDataset], batch_size: int, seed: int,
-                 features: FeatureCache | None = None, share_prefix: int | None = None,
-                 loss_average: str = "token"):
+    def __init__(self, datasets: list[EncodedDataset], objective: Objective):
         self.datasets = [d for d in datasets if d.samples]
-        self.features = features
+        self.objective = objective
         self.weights = torch.tensor([d.weight for d in self.datasets], dtype=torch.float64)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.share_prefix = share_prefix
-        self.loss_average = loss_average
+        self.batch_size = objective.stage.batch_size
+        self.seed = objective.stage.seed
 
     def __len__(self) -> int:
         return sum(len(d.samples) for d in self.datasets)
 
-    def batch(self, model, step: int, micro: int = 0, rank: int = 0, world_size: int = 1) -> dict:
-        """The batch of (step, micro); under DDP, this process's rows of the global batch."""
+    def examples(self, step: int, micro: int = 0, rank: int = 0, world_size: int = 1) -> list[dict]:
+        """The examples of (step, micro); under DDP, this process's share of the global batch."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 997 + micro)
         which = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=generator)
         chosen = []
         for index in which.tolist():
             samples = self.datasets[index].samples
             chosen.append(samples[int(torch.randint(len(samples), (1,), generator=generator))])
-        mine = chosen[rank::world_size]
-        if self.share_prefix:  # rows of several samples over one copy of their common prefix
-            mine = [merge_branches(row, model.llm.image_token_id, model.tokens_per_image or 1)
-                    for row in balanced_rows(mine, self.share_prefix)]
-        batch = model.training_batch(mine, self.features)
-        if self.loss_average == "sample":  # the model averages per sample, then over samples
-            batch["sample_ids"] = sample_ids(batch)
-        return batch
+        return chosen[rank::world_size]
 
-
-def balanced_rows(examples: list[dict], per_row: int) -> list[list[dict]]:
-    """Up to `per_row` examples per row, the longest placed first, each in the row with the
-    fewest tokens so far: rows pad to the longest, and one long sample (a replay answer)
-    would otherwise pad every other row to its length. Rows keep the draw's order inside."""
-    count = -(-len(examples) // per_row)
-    rows, lengths = [[] for _ in range(count)], [0] * count
-    by_length = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
-    for index in by_length:
-        row = min((r for r in range(count) if len(rows[r]) < per_row), key=lengths.__getitem__)
-        rows[row].append(index)
-        lengths[row] += len(examples[index]["input_ids"])
-    return [[examples[i] for i in sorted(row)] for row in rows]
-
-
-class FeatureCache:
-    """Encoder features of each image, computed once, for stages that keep the encoder frozen.
-
-    Held in memory: [S_enc, D_enc] float32 per image (a 64-token, 192-wide ViT: 48 KiB).
-    """
-
-    def __init__(self):
-        self.features: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def get(self, model, paths: list[str]) -> torch.Tensor:
-        """[N, S_enc, D_enc] for these image paths, encoding only those not seen before."""
-        missing = list(dict.fromkeys(p for p in paths if p not in self.features))
-        if missing:
-            was_training = model.encoder.training
-            model.encoder.eval()
-            inputs = model.media_inputs(missing) if hasattr(model, "media_inputs") else model.processor.pixels(missing)
-            encoded = model.encoder(inputs.to(module_device(model.encoder)))
-            model.encoder.train(was_training)
-            self.features.update(zip(missing, encoded))
-        return torch.stack([self.features[p] for p in paths])
+    def batch(self, step: int, micro: int = 0, rank: int = 0, world_size: int = 1):
+        """The objective's batch of (step, micro) for this process."""
+        return self.objective.batch(self.examples(step, micro, rank, world_size))

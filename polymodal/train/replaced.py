@@ -16,7 +16,7 @@ from pathlib import Path
 ASIDE = ".replaced"
 # A run's own files: what a fresh run replaces.
 RUN_FILES = ("metrics.jsonl", "bad_samples.jsonl", "loss.png", "summary.json", "fingerprints.json",
-             "recipe.yaml", "checkpoints", "model")
+             "recipe.yaml", "checkpoints", "model", "tensorboard")
 
 
 def _run_files(run_dir: Path) -> list[Path]:

@@ -8,6 +8,7 @@ RUN_DIR/
   replay-*.jsonl     a replay dataset's answers, as the model gave them when its stage began
   checkpoints/       resumable checkpoints (see checkpoint.py)
   loss.png           loss curves, one per stage
+  tensorboard/       the same curves as TensorBoard events: loss per stage, learning rates, validation
   summary.json       train_seconds (total and per stage), samples, tokens, final loss
   model/             the final model (MultimodalLM.from_pretrained reads it)
   .lock              held by the one `train` writing here (see polymodal/locks.py)
@@ -27,12 +28,12 @@ from polymodal.build import build_model
 from polymodal.config import RecipeConfig
 from polymodal.errors import UserError
 from polymodal.locks import exclusive
-from polymodal.model import MultimodalLM
+from polymodal.objectives import Objective, objective_for
 from polymodal.safe_files import atomic_write
 from polymodal.train import checkpoint, distributed, replaced
 from polymodal.train.distributed import World
-from polymodal.train.loop import adapters_folded_unless_trained, train_stage
-from polymodal.train.mixture import FeatureCache, Mixture, encode_dataset, read_dataset
+from polymodal.train.loop import train_stage
+from polymodal.train.mixture import Mixture, encode_dataset, read_dataset
 from polymodal.train.plots import plot_losses
 from polymodal.train.run_files import (
     comparable_recipe,
@@ -42,6 +43,7 @@ from polymodal.train.run_files import (
     save_model,
     writing,
 )
+from polymodal.train.tensorboard import TensorBoard
 from polymodal.train.validation import Validator
 
 LOCK = ".lock"  # in the run directory: held by the one `train` writing it
@@ -56,6 +58,7 @@ class Run:
         self.bad_samples = run_dir / "bad_samples.jsonl"
         self.checkpoints = run_dir / "checkpoints"
         self.fingerprints = run_dir / "fingerprints.json"  # the data each stage began with
+        self.tensorboard = TensorBoard(run_dir / "tensorboard")  # opened by the first row rank 0 logs
         self.summary = {"recipe": recipe.name, "stages": {}, "train_seconds": 0.0,
                         "samples": 0, "tokens": 0, "final_loss": None, "processes": world.size,
                         "parallel": recipe.parallel if world.size > 1 else None}
@@ -95,6 +98,7 @@ class Run:
         self.position = (meta["stage_index"], meta["step"])
         self.summary = meta["summary"]
         self._drop_metrics_after(meta["global_step"])
+        self.tensorboard.purge_after(meta["global_step"])
 
     def _drop_metrics_after(self, global_step: int) -> None:
         if self.world.is_main and self.metrics.is_file():
@@ -134,14 +138,17 @@ class Run:
         return recorded
 
     def log(self, row: dict) -> None:
+        """A row of metrics.jsonl (rank 0 logs), and its numbers as TensorBoard scalars."""
         with writing(self.metrics, self.checkpoints), open(self.metrics, "a") as handle:
             handle.write(json.dumps(row) + "\n")
+        with writing(self.tensorboard.folder, self.checkpoints):
+            self.tensorboard.write(row)
 
     def global_step(self, stage_index: int, step: int) -> int:
         return sum(s.steps for s in self.recipe.stages[:stage_index]) + step
 
 
-def train(recipe: RecipeConfig, run_dir: str | Path, model: MultimodalLM | None = None,
+def train(recipe: RecipeConfig, run_dir: str | Path, model=None,
           resume: bool = False, overwrite: bool = False) -> dict:
     """Train every stage of `recipe` into `run_dir` (continuing its newest checkpoint if
     `resume`); returns the summary.
@@ -188,14 +195,17 @@ def _train(recipe: RecipeConfig, run_dir: Path, model, resume: bool, overwrite: 
         torch.manual_seed(recipe.stages[0].seed)  # parts built from scratch start the same every run
         model = build_model(recipe)
     model.to(world.device)
-    stage_models = StageModels(model, recipe)
-    if run.resume_from is not None:  # a checkpoint holds the weights of the model its stage trains
-        checkpoint.load_weights(run.resume_from, stage_models.get(run.position[0]))
-    for index, stage in enumerate(recipe.stages):
-        start = run.position[1] if index == run.position[0] else 0
-        if index < run.position[0] or start >= stage.steps:
-            continue
-        _train_one_stage(run, stage_models.get(index), index, start)
+    objectives = StageObjectives(model, recipe, world.device)
+    if run.resume_from is not None:  # a checkpoint holds the weights of the module its stage trains
+        checkpoint.load_weights(run.resume_from, objectives.get(run.position[0]).module)
+    try:
+        for index, stage in enumerate(recipe.stages):
+            start = run.position[1] if index == run.position[0] else 0
+            if index < run.position[0] or start >= stage.steps:
+                continue
+            _train_one_stage(run, objectives.get(index), index, start)
+    finally:
+        run.tensorboard.close()
     world.barrier()
     if not world.is_main:
         return run.summary
@@ -219,44 +229,33 @@ def resolve_epochs(recipe: RecipeConfig) -> None:
             stage.steps = max(1, math.ceil(stage.epochs * samples / per_step))
 
 
-class StageModels:
-    """The module each stage trains: the model itself for `lm` stages and for a dual-encoder
-    model; for a `contrastive` stage of a multimodal LM, a DualEncoder around its own encoder (its head and text tower are
-    dropped after the stage; the encoder keeps what it learned)."""
+class StageObjectives:
+    """Each stage's objective (`objectives.objective_for`), built as the stage begins: the
+    module it trains is the model itself, or one built around a part of it (a contrastive
+    stage of a multimodal LM: a DualEncoder around its encoder, dropped after the stage; the
+    encoder keeps what it learned). Only the current stage's is kept."""
 
-    def __init__(self, model: MultimodalLM, recipe: RecipeConfig):
-        self.model, self.recipe, self.built = model, recipe, {}
+    def __init__(self, model, recipe: RecipeConfig, device):
+        self.model, self.recipe, self.device, self.built = model, recipe, device, {}
 
-    def get(self, index: int):
-        stage = self.recipe.stages[index]
-        dual = self.recipe.model.kind == "dual-encoder"
-        if dual and stage.objective != "contrastive":
-            raise UserError(f"stage {stage.name!r}: a dual-encoder model trains with objective: contrastive")
-        if stage.objective == "lm" or dual:
-            return self.model
+    def get(self, index: int) -> Objective:
         if index not in self.built:
-            from polymodal.contrastive.model import DualEncoder
-
-            if self.model.encoder is None:
-                raise UserError(f"stage {stage.name!r}: a contrastive stage needs an image encoder")
-            torch.manual_seed(stage.seed)  # the new head starts the same every run
-            head = DualEncoder.around(self.model.encoder, stage.contrastive)
-            self.built = {index: head.to(distributed.module_device(self.model))}
+            objective = objective_for(self.recipe.stages[index], self.model)
+            objective.module.to(self.device)
+            self.built = {index: objective}
         return self.built[index]
 
 
-def _train_one_stage(run: Run, model, index: int, start: int) -> None:
-    stage = run.recipe.stages[index]
+def _train_one_stage(run: Run, objective: Objective, index: int, start: int) -> None:
+    stage, model = objective.stage, objective.module
     bad_file = run.bad_samples if run.world.is_main else None
     with writing(run.bad_samples, run.checkpoints):  # (or a replay file, named by the error)
-        datasets = [encode_dataset(model, d, stage, bad_file, run.dir / f"replay-{stage.name}-{i}.jsonl",
+        datasets = [encode_dataset(objective, d, bad_file, run.dir / f"replay-{stage.name}-{i}.jsonl",
                                    fingerprinted=run.world.is_main)
                     for i, d in enumerate(stage.data)]
     if run.world.is_main:
         run.check_data(stage.name, [d.fingerprint for d in datasets], resuming=start > 0)
-    frozen_encoder = getattr(model, "encoder", None) is not None and "encoder" not in stage.train
-    cache = FeatureCache() if stage.cache_features and frozen_encoder else None
-    mixture = Mixture(datasets, stage.batch_size, stage.seed, cache, stage.share_prefix, stage.loss_average)
+    mixture = Mixture(datasets, objective)
     if len(mixture) == 0:
         raise UserError(f"stage {stage.name!r}: no usable samples")
     resuming = start > 0
@@ -274,9 +273,9 @@ def _train_one_stage(run: Run, model, index: int, start: int) -> None:
                         scheduler, meta, run.recipe.checkpoint.keep)
         replaced.discard(run.dir)  # the new run has a checkpoint of its own now
 
-    validate = Validator(model, stage) if stage.validation and run.world.is_main else None
-    with adapters_folded_unless_trained(model, stage):
-        train_stage(model, stage, mixture, log, totals=totals, start_step=start,
+    validate = Validator(objective) if stage.validation and run.world.is_main else None
+    with objective.stage_context():
+        train_stage(objective, mixture, log, totals=totals, start_step=start,
                     resume_from=run.resume_from if resuming else None,
                     on_checkpoint=on_checkpoint, checkpoint_every=run.recipe.checkpoint.every, world=run.world,
                     strategy=run.recipe.parallel, validate=validate)

@@ -77,7 +77,7 @@ def writing(path: Path, checkpoints: Path):
         if not full:
             raise
         kept = checkpoint.complete(checkpoints)
-        where = getattr(error, "filename", None) or path
+        where = (error.filename if isinstance(error, OSError) else None) or path
         raise UserError(f"disk full writing {where}; " + (
             f"the last checkpoint is {kept[-1]}: free space and rerun with --resume" if kept
             else "no checkpoint written yet: free space and run again")) from None

@@ -1,0 +1,103 @@
+"""What a training stage optimises, behind one small Protocol.
+
+The loop, the mixture and the run see only an `Objective`: which module the stage trains,
+which of its parts, how a sample becomes an example and examples a batch, the loss and
+what it counts. Each kind registers in `registry.OBJECTIVES` under the name a recipe's
+`objective:` gives (`lm`, `contrastive`); `objective_for(stage, model)` builds the stage's.
+
+A new objective is a class with the attributes and methods below, registered:
+
+    @register_objective("my-objective")
+    class MyObjective:
+        unit = "pairs"
+        ...
+
+(the model-specific part of a step as a small "task" object: open_clip's
+`src/open_clip/task/clip_task.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from polymodal.config import StageConfig
+from polymodal.registry import OBJECTIVES
+
+
+@dataclass
+class StepLoss:
+    """One micro-batch's loss and its count."""
+
+    loss: torch.Tensor  # a scalar: what the optimizer minimises
+    count: int  # what the objective counts in this batch (`Objective.unit`): tokens read, pairs compared
+
+
+class Objective(Protocol):
+    """What one stage optimises; built for a stage and the run's model (`objective_for`)."""
+
+    unit: ClassVar[str]  # what `StepLoss.count` counts ("tokens", "pairs"): rates and totals
+    skip_reason: str  # why `example` gives None for a sample that passed the data checks
+    placeholder: str  # what marks a medium in a sample's text (`<image>`): the data checks count it
+    stage: StageConfig
+    module: nn.Module  # what the stage trains: the model, or a module around a part of it
+
+    @classmethod
+    def check(cls, stage: StageConfig) -> None:
+        """Refuse (ConfigError naming the field) a stage's options this objective cannot
+        use; fill in its own options' defaults. Runs when the recipe is parsed."""
+
+    def set_trainable(self, module: nn.Module) -> None:
+        """Train exactly the stage's parts of `module` (self.module, or its sharded copy)."""
+
+    def parameter_groups(self, module: nn.Module) -> list[dict]:
+        """AdamW parameter groups {params, lr, name} of `module`'s trainable parts."""
+
+    def stage_context(self) -> AbstractContextManager:
+        """Entered for the whole stage (e.g. LoRA adapters folded in while they are frozen)."""
+
+    def example(self, sample, memo: dict) -> dict | None:
+        """A checked `Sample` -> a compact training example (ids, media paths), or None when
+        it cannot be used (`skip_reason`). `memo` is kept across one dataset's samples."""
+
+    def batch(self, examples: list[dict]) -> Any:
+        """Examples -> a typed batch for `module`'s forward (media loaded, or a frozen
+        encoder's features from the objective's cache), with `.to(device)`."""
+
+    def loss(self, forward: nn.Module, batch: Any) -> StepLoss:
+        """Run `forward` (the module, or its DDP/FSDP wrapper) on the batch; its loss."""
+
+
+def objective_for(stage: StageConfig, model: nn.Module) -> Objective:
+    """The objective a stage names (registry.OBJECTIVES), built for `model`."""
+    return OBJECTIVES.get(stage.objective).builder(stage, model)
+
+
+def part_parameters(model: nn.Module, part: str) -> list[nn.Parameter]:
+    """A trainable part's parameters: a module of `model.part_modules()`, or `llm.lora`
+    (the LoRA adapters of a multimodal LM's LLM)."""
+    if part == "llm.lora":
+        return [p for name, p in model.llm.named_parameters() if "lora_" in name]
+    module = model.part_modules()[part]
+    return list(module.parameters()) if module is not None else []
+
+
+def part_groups(model: nn.Module, stage: StageConfig) -> Iterator[tuple[str, list[nn.Parameter]]]:
+    """(part, its trainable parameters) for each part the stage trains, no tensor twice
+    (`llm` already holds the adapters when both are named)."""
+    seen: set[int] = set()
+    for part in stage.train:
+        params = [p for p in part_parameters(model, part) if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in params)
+        yield part, params
+
+
+def encoder_is_frozen(encoder: nn.Module | None) -> bool:
+    """True when `encoder` exists and none of its weights train (set_trainable ran): its
+    outputs can be cached for the stage."""
+    return encoder is not None and not any(p.requires_grad for p in encoder.parameters())

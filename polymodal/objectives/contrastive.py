@@ -1,0 +1,112 @@
+"""`objective: contrastive`: an encoder against a text tower on (medium, caption) pairs, CLIP-
+or SigLIP-style, without the LLM (Radford et al., 2021; Zhai et al., 2023)."""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from polymodal.config import ContrastiveConfig, StageConfig
+from polymodal.contrastive.losses import clip_loss, siglip_loss
+from polymodal.contrastive.model import DualEncoder
+from polymodal.errors import ConfigError, UserError
+from polymodal.objectives.base import StepLoss, encoder_is_frozen, part_groups
+from polymodal.objectives.features import FeatureCache
+from polymodal.processing.batch import PairBatch
+from polymodal.registry import register_objective
+
+
+def text_id(text: str) -> int:
+    """A stable 63-bit id of a text: equal captions are positives of each other."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+@register_objective("contrastive")
+class Contrastive:
+    """The contrastive loss of (medium, text) pairs over the global batch.
+
+    The module it trains: a dual-encoder model itself, or for a multimodal LM a
+    `DualEncoder` around the LM's own image encoder (shared, not copied: the encoder keeps
+    what it learns; the head and text tower are dropped after the stage). Parts: encoder,
+    projection (the pooled head and the learned temperature/bias), text. The loss is the
+    module's `contrastive.loss` (clip or siglip); it counts pairs.
+    """
+
+    unit = "pairs"
+    skip_reason = "not one image with an answer"
+
+    def __init__(self, stage: StageConfig, model: nn.Module):
+        self.check(stage)
+        self.stage = stage
+        self.module = model if isinstance(model, DualEncoder) else self._around(model)
+        self.placeholder = self.module.image_placeholder
+        self.features = FeatureCache() if stage.cache_features else None
+
+    @classmethod
+    def check(cls, stage: StageConfig) -> None:
+        """Options of the LM's loss are refused; the contrastive options get their defaults."""
+        stage.contrastive = stage.contrastive or ContrastiveConfig()
+        lm_only = [("share_prefix", stage.share_prefix is not None), ("loss_average", stage.loss_average != "token"),
+                   ("validation", stage.validation is not None)]
+        for name, given in lm_only:
+            if given:
+                raise ConfigError(f"{name}: only for objective lm")
+        if any(dataset.format == "replay" for dataset in stage.data):
+            raise ConfigError("data: format replay is for objective lm (it needs the LLM's answers)")
+
+    def _around(self, model: nn.Module) -> DualEncoder:
+        if model.encoder is None:
+            raise UserError(f"stage {self.stage.name!r}: a contrastive stage needs an image encoder")
+        torch.manual_seed(self.stage.seed)  # the new head starts the same every run
+        return DualEncoder.around(model.encoder, self.stage.contrastive)
+
+    # ------------------------------------------------------------ parts
+
+    def set_trainable(self, module: nn.Module) -> None:
+        module.set_trainable(self.stage.train)
+
+    def parameter_groups(self, module: nn.Module) -> list[dict]:
+        return [{"params": params, "lr": self.stage.lr[part], "name": part}
+                for part, params in part_groups(module, self.stage) if params]
+
+    def stage_context(self):
+        return nullcontext()
+
+    # ------------------------------------------------------------ data
+
+    def example(self, sample, memo: dict) -> dict | None:
+        """An (image, text) pair: the sample's one medium and its last assistant message."""
+        replies = [m["content"] for m in sample.messages if m["role"] == "assistant"]
+        if len(sample.images) != 1 or not replies:
+            return None
+        return {"image": sample.images[0], "text": replies[-1]}
+
+    def batch(self, examples: list[dict]) -> PairBatch:
+        """Pairs -> a `PairBatch`: the encoder's inputs (pixels, or log-mel for audio) or,
+        while the encoder is frozen, its cached outputs."""
+        texts = [e["text"] for e in examples]
+        paths = [e["image"] for e in examples]
+        batch = PairBatch(texts=texts, text_ids=torch.tensor([text_id(t) for t in texts]))
+        encoder = self.module.encoder
+        if self.features is not None and encoder_is_frozen(encoder):
+            batch.features = self.features.get("image", encoder, self._load, paths)  # [B, S, D_enc]
+        else:
+            batch.media = self._load(paths)
+        return batch
+
+    def _load(self, paths: list) -> torch.Tensor:
+        """Files -> the encoder's input batch [B, ...] (the encoder loads its own medium)."""
+        return torch.stack([self.module.encoder.load_media(path) for path in paths])
+
+    # ------------------------------------------------------------ loss
+
+    def loss(self, forward: nn.Module, batch: PairBatch) -> StepLoss:
+        pairs = forward(batch)
+        if self.module.config.loss == "siglip":
+            loss = siglip_loss(pairs.image, pairs.text, pairs.logit_scale, pairs.logit_bias, pairs.positives)
+        else:
+            loss = clip_loss(pairs.image, pairs.text, pairs.logit_scale, pairs.positives)
+        return StepLoss(loss, batch.num_pairs)  # this process's pairs (the loop sums processes)
