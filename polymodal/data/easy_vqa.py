@@ -11,10 +11,10 @@ Training formats (registered):
 - `easy-vqa-captions`: "a red triangle" per image, derived from its questions.
 - `easy-vqa-speech`: those captions spoken by espeak-ng (data/speech.py), voices of the test
   split never heard in training.
-Evaluation: the options (`EasyVQASplit`, an `EvaluationData`) serve the tasks that build their questions from a dataset: the
-questions (task `easy-vqa`), captions (`caption`, `retrieval`), objects (`pope`), option
-questions (`multiple-choice`), shape and colour labels (`zeroshot`), spoken captions
-(`audio-image`).
+Evaluation: the options (`EasyVQASplit`, an `EvaluationData`) serve the tasks that build
+their questions from a dataset: the questions (task `easy-vqa`), captions (`caption`,
+`retrieval`), objects (`pope`), option questions (`multiple-choice`), shape and colour
+labels (`zeroshot`), spoken captions (`audio-image`).
 """
 
 from __future__ import annotations
@@ -49,10 +49,9 @@ ZEROSHOT_TEMPLATES = {"shape": [f"a {color} {{}}" for color in COLORS] + ["a {}"
 
 @dataclass
 class EasyVQASplit(DatasetConfig, EvaluationData):
-    """easy-VQA's `split` from its package, or the folder `path` in its layout; also what
-    it lends the evaluation tasks (EvaluationData)."""
+    """easy-VQA's `split` from its package, or the folder `path` in its layout (the options
+    every easy-VQA format shares); also what it lends the evaluation tasks (EvaluationData)."""
 
-    format: str = "easy-vqa-captions"
     split: Literal["train", "test"] = "train"
 
     @property
@@ -65,7 +64,8 @@ class EasyVQASplit(DatasetConfig, EvaluationData):
 
     @classmethod
     def for_evaluation(cls, split: str, folder: str | None) -> EasyVQASplit:
-        return cls(path=folder, split=split)  # the split is checked when the folder is looked up
+        # the split is checked when the folder is looked up
+        return cls(format="easy-vqa", path=folder, split=split)
 
     def question_items(self) -> list[Item]:
         return [Item(f"{Path(image).stem}:{number}", question, [image], [answer], {"type": question_type(answer)})
@@ -133,6 +133,13 @@ class EasyVQAOptions(EasyVQASplit):
             if unknown or not self.question_types:
                 raise ConfigError(f"question_types: {unknown[0] if unknown else 'empty'!r}; "
                                   f"choose from {', '.join(QUESTION_TYPES)}")
+
+
+@dataclass
+class EasyVQACaptionsOptions(EasyVQASplit):
+    """easy-VQA images with captions derived from their questions."""
+
+    format: str = "easy-vqa-captions"
 
 
 @dataclass
@@ -299,8 +306,8 @@ def read_easy_vqa_captions(split: str = "train", folder: str | Path | None = Non
             if (caption := caption_of(found)) is not None]
 
 
-@register_dataset_format("easy-vqa-captions", config=EasyVQASplit)
-def read_easy_vqa_captions_format(options: EasyVQASplit) -> list[Sample]:
+@register_dataset_format("easy-vqa-captions", config=EasyVQACaptionsOptions)
+def read_easy_vqa_captions_format(options: EasyVQACaptionsOptions) -> list[Sample]:
     """easy-VQA images with captions derived from their questions ("a red triangle")."""
     return read_easy_vqa_captions(options.split, options.path)
 
