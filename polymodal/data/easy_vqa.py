@@ -19,6 +19,7 @@ labels (`zeroshot`), spoken captions (`audio-image`).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import random
 from collections import defaultdict
@@ -64,8 +65,9 @@ class EasyVQASplit(DatasetConfig, EvaluationData):
 
     @classmethod
     def for_evaluation(cls, split: str, folder: str | None) -> EasyVQASplit:
-        # the split is checked when the folder is looked up
-        return cls(format="easy-vqa", path=folder, split=split)
+        default = next(f.default for f in dataclasses.fields(cls) if f.name == "format")
+        name = default if isinstance(default, str) else "easy-vqa"  # the format this class is registered as
+        return cls(format=name, path=folder, split=split)  # the split is checked when the folder is looked up
 
     def question_items(self) -> list[Item]:
         return [Item(f"{Path(image).stem}:{number}", question, [image], [answer], {"type": question_type(answer)})
