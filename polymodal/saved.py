@@ -3,9 +3,10 @@ is read and checked, and the one place where older formats are brought up to dat
 
 A model directory (any model kind: `MultimodalLM`, `DualEncoder`, ...) holds:
 
-    config.json        {"format": "polymodal", "format_version": 1,
+    config.json        {"format": "polymodal", "format_version": FORMAT_VERSION,
                         "model": the ModelConfig as plain data (its `kind` picks the class),
-                        "architectures": {part: {"config": transformers config, ...}}}
+                        "architectures": {part ("llm", "encoders.image", ...):
+                                          {"config": its transformers config, ...}}}
     model.safetensors  every weight, tied duplicates dropped (safetensors' save_model)
     tokenizer files    the LLM's (a dual encoder: its text tower's, under text/)
 
