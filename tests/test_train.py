@@ -257,6 +257,11 @@ def test_resume_after_an_interruption_gives_identical_weights(tmp_path, monkeypa
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     steps = [json.loads(r)["global_step"] for r in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "resumed" / "tensorboard"))
+    events.Reload()  # both sessions' events, each step once
+    assert [e.step for stage in ("align", "tune") for e in events.Scalars(f"loss/{stage}")] == steps
     assert summary["samples"] == 12 * 4
 
 

@@ -45,7 +45,9 @@ class Objective(Protocol):
     skip_reason: str  # why `example` gives None for a sample that passed the data checks
     placeholder: str  # what marks a medium in a sample's text (`<image>`): the data checks count it
     stage: StageConfig
-    module: nn.Module  # what the stage trains: the model, or a module around a part of it
+    # What the stage trains: the model, or a module around a part of it; its `part_modules()`
+    # names the parts a checkpoint keeps (train.checkpoint.trained_tensors).
+    module: nn.Module
 
     @classmethod
     def check(cls, stage: StageConfig) -> None:
