@@ -53,8 +53,10 @@ demo: install $(RUN)/model/config.json
 $(RUN)/model/config.json: recipes/easy-vqa.yaml | install
 	$(VENV)/bin/polymodal train recipes/easy-vqa.yaml --out $(RUN) --overwrite
 
+# ruff, then the import contracts of .importlinter (layers run one way, no cycles).
 lint: install
 	$(VENV)/bin/ruff check polymodal tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # The docs site (mkdocs-material) into site/, ignored by git; --strict makes a broken link,
 # a missing anchor or a page left out of the nav an error.

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from polymodal.engine.generate import Engine, media_key
 from polymodal.engine.sampling import SamplingParams
-from polymodal.eval.tasks import Item
+from polymodal.data.sample import Item
 
 
 def image_key(item: Item) -> tuple:
