@@ -49,7 +49,8 @@ def make_optimizer(objective: Objective, module: torch.nn.Module) -> torch.optim
         stage = objective.stage
         raise UserError(f"stage {stage.name!r}: nothing to train in {stage.train}")
     # fused: one vectorised pass over all tensors (CPU and CUDA), not a loop of small ops per
-    # tensor: ~50 ms a step for the easy-VQA recipe's 420 adapter tensors (profiled).
+    # tensor, which the easy-VQA recipe's 420 adapter tensors felt at every step
+    # (docs/experiments.md).
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, weight_decay=objective.stage.weight_decay, fused=fused)
 
