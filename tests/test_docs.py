@@ -60,7 +60,7 @@ def registries_restored():
 
 
 def test_extending_has_examples():
-    assert len(EXAMPLES) >= 6, f"docs/extending.md: {len(EXAMPLES)} python blocks"
+    assert len(EXAMPLES) >= 7, f"docs/extending.md: {len(EXAMPLES)} python blocks"
 
 
 @pytest.mark.parametrize("block", EXAMPLES, ids=[block_id(block) for block in EXAMPLES])
