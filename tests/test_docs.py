@@ -123,3 +123,15 @@ def test_readme_recipe_parses(tmp_path):
         path = tmp_path / f"recipe{number}.yaml"
         path.write_text(block, encoding="utf-8")
         load_recipe(path)
+
+
+def test_readme_python_runs(registries_restored, monkeypatch, tmp_path):
+    """The README's Python example runs as written, from a folder that has the repository's
+    recipes/ and tests/ (its outputs, out/ and runs/, land in the temporary folder)."""
+    for name in ("recipes", "tests"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks(README)
+    assert blocks, "README.md: no python block"
+    for heading, start, code in blocks:
+        exec(compile(code, f"README.md:{start} ({heading})", "exec"), {"__name__": "readme_example"})
