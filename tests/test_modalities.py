@@ -3,6 +3,7 @@ a sample holding an image and an audio clip; the spelling and saved models from 
 
 import json
 import os
+import shutil
 import wave
 
 import numpy as np
@@ -85,6 +86,7 @@ def test_an_image_only_model_refuses_audio(tmp_path, tiny_llava):
 
 
 def test_a_sample_with_an_image_and_a_clip_trains(tmp_path):
+    from polymodal.objectives.losses import next_token_loss
     from polymodal.processing import collate
 
     model = image_audio_model()
@@ -98,18 +100,53 @@ def test_a_sample_with_an_image_and_a_clip_trains(tmp_path):
     model.set_trainable(["connector", "encoder.audio", "llm"])
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
+    batch = collate(rows, model.pad_id)
+    assert batch.media["audio"].shape == (2, 80, 50) and batch.media["image"].shape == (2, 3, 16, 16)
     for _ in range(30):
-        batch = collate(rows, model.pad_id)
-        embeds = model.embed(batch["input_ids"], {"image": torch.cat([r["media"]["image"] for r in rows]),
-                                                  "audio": torch.cat([r["media"]["audio"] for r in rows])})
-        logits = model.llm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+        loss = next_token_loss(model(batch))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 2, losses
     assert model.encoders["audio"].conv1.weight.grad.abs().sum() > 0  # the clip is heard
+
+
+def test_a_sample_with_an_image_and_a_clip_generates(tmp_path):
+    from polymodal.engine.generate import Engine
+
+    model = image_audio_model().eval()
+    clips = [write_tone(tmp_path / f"{hertz}.wav", hertz) for hertz in (300, 900)]
+    prompts = [{"messages": [{"role": "user", "content": "Which?"}], "images": [image(seed, 16)],
+                "media": {"audio": [clip]}} for seed, clip in enumerate(clips)]
+    engine = Engine(model)
+    completions = engine.generate(prompts)
+    assert all(c.prompt_tokens == len(model.processor.encode(p["messages"], p["images"], media=p["media"])["input_ids"])
+               for c, p in zip(completions, prompts))
+    # the same answer alone as in a batch: the clips reach their own rows
+    [alone] = engine.generate(prompts[1:])
+    assert alone.token_ids == completions[1].token_ids
+    assert not set(model.placeholder_ids.values()) & {t for c in completions for t in c.token_ids}
+
+
+def test_rows_of_several_samples_never_share_a_clip(tmp_path):
+    from polymodal.processing.branches import merge_branches
+
+    model = image_audio_model()
+    picture = image(0, 16)
+    examples = []
+    for name in ("a", "b"):
+        encoded = model.processor.encode_for_training(
+            [{"role": "user", "content": "<image>\n<audio>"}, {"role": "assistant", "content": name}],
+            [picture], load_images=False, media={"audio": [None]})
+        examples.append({"input_ids": encoded["input_ids"], "labels": encoded["labels"], "images": ["same.png"],
+                         "media_paths": {"audio": [f"{name}.wav"]}})
+    merged = merge_branches(examples, model.placeholder_ids["image"], 4, [model.placeholder_ids["audio"]])
+    audio_id = model.placeholder_ids["audio"]
+    assert merged["input_ids"].count(audio_id) == 2 * 5  # each branch keeps its own clip's tokens
+    assert merged["media_paths"] == {"audio": ["a.wav", "b.wav"]} and merged["images"] == ["same.png"]
+    first_audio = merged["input_ids"].index(audio_id)
+    assert merged["branch_ids"][first_audio] == 1  # in a branch, not in the shared prefix
 
 
 def test_a_saved_model_of_format_1_still_loads():
@@ -127,7 +164,7 @@ def test_a_saved_model_of_format_1_still_loads():
     encoded = model.processor.encode([{"role": "user", "content": "<image>What shape?"}], [image(0)])
     batch = collate([encoded], model.pad_id)
     with torch.no_grad():
-        embeds = model.embed(batch["input_ids"], encoded["media"])
+        embeds = model.embed(batch.input_ids, batch.media)
         logits = model.llm.model(inputs_embeds=embeds).logits[0, -1]
     torch.testing.assert_close(logits[:5], torch.tensor(expected["last_logits_first5"]), atol=1e-5, rtol=1e-5)
     assert int(logits.argmax()) == expected["argmax"]
@@ -140,3 +177,34 @@ def test_old_checkpoint_names_load_as_the_image_modality(tiny_llava):
     assert not unexpected
     for name, tensor in tiny_llava.connectors["image"].state_dict().items():
         torch.testing.assert_close(tensor, state[f"connector.{name}"])
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_spoken_questions_test_voices_are_never_heard_in_training(tmp_path, monkeypatch):
+    from polymodal.data.easy_vqa_spoken import (
+        EasyVQASpokenOptions,
+        read_easy_vqa_spoken,
+        spoken_questions,
+    )
+
+    monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path))
+    folder = tmp_path / "split"
+    (folder / "images").mkdir(parents=True)
+    questions = [["what shape is in the image?", "circle", 0], ["is there a red shape?", "no", 0],
+                 ["what color is the shape?", "blue", 1]]
+    (folder / "questions.json").write_text(json.dumps(questions))
+    for index in (0, 1):
+        (folder / "images" / f"{index}.png").write_bytes(b"")
+    train = spoken_questions("train", folder)
+    test = spoken_questions("test", folder)
+    assert {s.voice for s in train}.isdisjoint({s.voice for s in test})
+    assert len({s.voice for s in train}) == 3  # one question, the next voice
+    samples = read_easy_vqa_spoken(EasyVQASpokenOptions(path=str(folder), split="train"))
+    assert samples[0].messages == [{"role": "user", "content": "<image>\n<audio>"},
+                                   {"role": "assistant", "content": "circle"}]
+    assert samples[0].media["audio"] == [train[0].clip] and os.path.getsize(train[0].clip) > 1000
+    items = EasyVQASpokenOptions.for_evaluation("test", str(folder)).question_items()
+    assert items[2].references == ["blue"] and items[2].info["type"] == "colour"
+    assert items[2].prompt()["media"] == {"audio": [test[2].clip]}
+    transcripts = read_easy_vqa_spoken(EasyVQASpokenOptions(path=str(folder), transcribe=True))
+    assert sorted(t.messages[1]["content"] for t in transcripts) == sorted(q for q, _, _ in questions)

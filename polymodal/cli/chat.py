@@ -1,4 +1,4 @@
-"""`polymodal chat`: answer one prompt, or a REPL with /image, /reset and /quit. Tokens stream."""
+"""`polymodal chat`: answer one prompt, or a REPL with /image, /audio, /reset and /quit. Tokens stream."""
 
 from __future__ import annotations
 
@@ -8,17 +8,21 @@ import sys
 from polymodal.errors import UserError
 from polymodal.processing.processor import with_placeholders
 
-HELP = "commands: /image PATH (attach to the next message), /reset, /help, /quit"
+HELP = "commands: /image PATH, /audio PATH (attach to the next message), /reset, /help, /quit"
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
-        "chat", help="chat with a model (text and images)",
+        "chat", help="chat with a model (text, images, audio)",
         description="MODEL is a saved model directory, a recipe YAML (built as configured) or an "
                     "LLM source (text only). With PROMPT it answers once; without, a REPL.")
     parser.add_argument("model")
-    parser.add_argument("prompt", nargs="?", help="answer this once and exit; '<image>' marks where images go")
+    parser.add_argument("prompt", nargs="?", default=None,
+                        help="answer this once and exit ('' with media alone, e.g. a spoken question); "
+                             "'<image>' and '<audio>' mark where media go")
     parser.add_argument("--image", action="append", default=[], metavar="PATH", help="attach an image (repeatable)")
+    parser.add_argument("--audio", action="append", default=[], metavar="PATH",
+                        help="attach a WAV clip (repeatable), for a model with an audio encoder")
     parser.add_argument("--system", help="a system message")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
@@ -34,16 +38,19 @@ def run(args: argparse.Namespace) -> int:
     from polymodal.cli.loading import load_for_command
     from polymodal.engine.generate import Engine
     from polymodal.engine.sampling import SamplingParams
+    from polymodal.processing.audio import read_wav
     from polymodal.processing.images import open_image
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
     images = [open_image(path) for path in args.image]  # fail on a bad path before a slow load
+    for path in args.audio:
+        read_wav(path)
     session = ChatSession(Engine(load_for_command(args.model, args.set)), params, args.system)
     if args.prompt is not None:
-        session.ask(args.prompt, images)
+        session.ask(args.prompt, images, args.audio)
         return 0
-    return session.repl(images)
+    return session.repl(images, args.audio)
 
 
 class ChatSession:
@@ -55,15 +62,18 @@ class ChatSession:
         self.system = system
         self.messages: list[dict] = []
         self.images: list = []
+        self.audio: list = []  # clips of earlier messages, in placeholder order
         self.token = generator.model.llm.image_token
+        self.audio_token = generator.model.config.llm.placeholder("audio")
 
-    def ask(self, text: str, images: list) -> str:
-        # the images sent with this message go in it (the conversation's earlier ones are placed)
-        content = with_placeholders(text, len(images), self.token)
+    def ask(self, text: str, images: list, audio: list = ()) -> str:
+        # the media sent with this message go in it (the conversation's earlier ones are
+        # placed): images first, then clips, then the text, unless the text marks them
+        content = with_placeholders(with_placeholders(text, len(audio), self.audio_token), len(images), self.token)
         messages = [*self.messages, {"role": "user", "content": content}]
         if self.system:
             messages.insert(0, {"role": "system", "content": self.system})
-        prompt = {"messages": messages, "images": [*self.images, *images]}
+        prompt = {"messages": messages, "images": [*self.images, *images], "media": {"audio": [*self.audio, *audio]}}
         encoded = self.generator.encode(prompt)  # placeholders and length checked before streaming
         pieces = []
         for piece in self.generator.stream(encoded, self.params):
@@ -73,13 +83,14 @@ class ChatSession:
         sys.stdout.write("\n")
         answer = "".join(pieces)
         self.messages = [*messages[1 if self.system else 0 :], {"role": "assistant", "content": answer}]
-        self.images = prompt["images"]
+        self.images, self.audio = prompt["images"], prompt["media"]["audio"]
         return answer
 
-    def repl(self, images: list) -> int:
+    def repl(self, images: list, audio: list = ()) -> int:
+        from polymodal.processing.audio import read_wav
         from polymodal.processing.images import open_image
 
-        pending = list(images)
+        pending, clips = list(images), list(audio)
         print(HELP, file=sys.stderr)
         while True:
             try:
@@ -95,7 +106,7 @@ class ChatSession:
                 print(HELP, file=sys.stderr)
                 continue
             if line == "/reset":
-                self.messages, self.images, pending = [], [], []
+                self.messages, self.images, self.audio, pending, clips = [], [], [], [], []
                 print("(conversation cleared)", file=sys.stderr)
                 continue
             try:
@@ -106,9 +117,17 @@ class ChatSession:
                     pending.append(open_image(path))
                     print(f"(image attached; {len(pending)} pending)", file=sys.stderr)
                     continue
+                if line.startswith("/audio"):
+                    path = line.removeprefix("/audio").strip()
+                    if not path:
+                        raise UserError("usage: /audio PATH")
+                    read_wav(path)  # a bad file is named now, not at the next message
+                    clips.append(path)
+                    print(f"(audio attached; {len(clips)} pending)", file=sys.stderr)
+                    continue
                 if line.startswith("/"):
                     raise UserError(f"unknown command {line.split()[0]}; {HELP}")
-                self.ask(line, pending)
-                pending = []
+                self.ask(line, pending, clips)
+                pending, clips = [], []
             except UserError as error:  # the REPL survives a mistake
                 print(f"error: {error}", file=sys.stderr)

@@ -6,7 +6,7 @@ Formats: `llava` (llava.py), `captions` (captions.py), `replay` (replay.py), eas
 imports it by name).
 """
 
-from polymodal.data import captions, easy_vqa, llava, replay  # noqa: F401  (they register their formats)
+from polymodal.data import captions, easy_vqa, easy_vqa_spoken, llava, replay  # noqa: F401  (they register their formats)
 from polymodal.data.captions import read_captions
 from polymodal.data.easy_vqa import read_easy_vqa
 from polymodal.data.llava import read_llava_json

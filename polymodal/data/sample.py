@@ -24,6 +24,12 @@ class Sample:
     images: list[str] = field(default_factory=list)
     problem: str | None = None
     where: str | None = None
+    # Other modalities' media paths ({"audio": [clip]}), each in its placeholder's order.
+    media: dict[str, list[str]] = field(default_factory=dict)
+
+    def media_paths(self) -> list[str]:
+        """Every media path: the images, then the other modalities'."""
+        return [*self.images, *(path for paths in self.media.values() for path in paths)]
 
 
 @dataclass
@@ -35,11 +41,14 @@ class Item:
     images: list  # paths, PIL images or pixel tensors [3, S, S]
     references: list[str]  # accepted answers (captions for `caption`)
     info: dict = field(default_factory=dict)  # kept in predictions.jsonl: type, setting, rotation, ...
+    media: dict[str, list] = field(default_factory=dict)  # other modalities' ({"audio": [clip]})
 
     def prompt(self, placeholder: str = "<image>") -> dict:
-        """A chat prompt: the question, after one placeholder per image unless it marks them."""
+        """A chat prompt: the question, after one placeholder per image unless it marks them
+        (other modalities' placeholders likewise go before the text unless it marks them)."""
         content = with_placeholders(self.question, len(self.images), placeholder)
-        return {"messages": [{"role": "user", "content": content}], "images": list(self.images)}
+        return {"messages": [{"role": "user", "content": content}], "images": list(self.images),
+                "media": {modality: list(items) for modality, items in self.media.items()}}
 
 
 def split_turns(sample: Sample, turns: int, placeholder: str = "<image>") -> list[Sample]:

@@ -35,7 +35,7 @@ def sample_problem(sample: Sample, placeholder: str, verdicts: dict[str, str | N
            for message in sample.messages):
         # its image's features would be trained as part of the answer
         return f"{placeholder} inside an assistant turn (images go in user turns)"
-    for path in sample.images:
+    for path in sample.media_paths():
         if path not in verdicts:
             verdicts[path] = media_problem(path)
         if verdicts[path]:

@@ -60,13 +60,14 @@ class Engine:
         # Never emit the image placeholder or the padding rows added when resizing embeddings.
         self.vocab_limit = len(model.llm.tokenizer)
         self.image_token_id = model.llm.image_token_id
+        self.placeholder_ids = list(model.placeholder_ids.values())  # every modality's, never emitted
         self._merged = False  # inside lora_merged()
 
     def encode(self, prompt: dict) -> dict:
         """{"messages": [...], "images": [...]} -> ids and pixels; already-encoded prompts pass."""
         if "input_ids" in prompt:
             return prompt
-        return self.model.processor.encode(prompt["messages"], prompt.get("images", ()))
+        return self.model.processor.encode(prompt["messages"], prompt.get("images", ()), media=prompt.get("media"))
 
     def generate(self, prompts: list[dict], params: SamplingParams | None = None) -> list[Completion]:
         """Answer a batch of prompts together."""
@@ -176,11 +177,11 @@ class Engine:
                                      suffix_embeds, suffixes.attention_mask, slots)
 
     def allowed_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] -> float logits [B, V] with -inf at the tokens never emitted: the image
-        placeholder and the padding rows added when resizing the embeddings."""
+        """logits [B, V] -> float logits [B, V] with -inf at the tokens never emitted: the media
+        placeholders and the padding rows added when resizing the embeddings."""
         logits = logits.float()
         logits[:, self.vocab_limit :] = float("-inf")
-        logits[:, self.image_token_id] = float("-inf")
+        logits[:, self.placeholder_ids] = float("-inf")
         return logits
 
     def _advance(self, rows: list[_Row], next_ids: list[int], stop_ids: set[int]) -> None:
@@ -216,6 +217,8 @@ def shared_prefixes(prompts: list[dict], samples: list[dict], image_token_id: in
     """Group prompts whose text up to their last image is the same and whose images are
     the same objects (or paths); None when no two prompts share one. Text-only prompts
     share the ids they all begin with (a system prompt and the template's headers)."""
+    if any(set(sample.get("media") or {}) - {"image"} for sample in samples):
+        return None  # other media (a spoken question) come after the image: each row runs whole
     if not any(image_token_id in sample["input_ids"] for sample in samples):
         return common_text_prefix([sample["input_ids"] for sample in samples])
     groups: dict[tuple, int] = {}

@@ -7,6 +7,7 @@ from polymodal.eval import (  # noqa: F401  (each registers its task)
     audio_image,
     caption,
     easy_vqa,
+    easy_vqa_spoken,
     multiple_choice,
     pope,
     retrieval,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 
+import torch
 from torch import nn
 
 from polymodal.config import StageConfig
@@ -92,17 +93,28 @@ class LanguageModeling:
         loaded, or a frozen image encoder's features from the cache."""
         module = self.module
         if self.stage.share_prefix:
-            examples = [merge_branches(row, module.llm.image_token_id, module.tokens_per_image or 1)
+            others = [token for modality, token in module.placeholder_ids.items() if modality != "image"]
+            examples = [merge_branches(row, module.llm.image_token_id, module.tokens_per_image or 1, others)
                         for row in balanced_rows(examples, self.stage.share_prefix)]
         batch = collate(examples, module.pad_id)
-        paths = [path for example in examples for path in example["images"]]
-        if not paths:
-            return batch
-        if self.features is not None and encoder_is_frozen(module.encoder):
-            batch.media_features["image"] = self.features.get("image", module.encoder, module.processor.pixels, paths)
-        else:
-            batch.media["image"] = module.processor.pixels(paths)
+        for modality in module.modalities:
+            paths = [path for example in examples for path in example_media(example, modality)]
+            if paths:
+                self._add_media(batch, modality, paths)
         return batch
+
+    def _add_media(self, batch: Batch, modality: str, paths: list[str]) -> None:
+        """One modality's media of the batch: loaded, or a frozen encoder's cached features."""
+        module = self.module
+        encoder = module.encoders[modality]
+
+        def load(items: list) -> torch.Tensor:
+            return module.processor.media_inputs({modality: items})[modality]
+
+        if self.features is not None and encoder_is_frozen(encoder):
+            batch.media_features[modality] = self.features.get(modality, encoder, load, paths)
+        else:
+            batch.media[modality] = load(paths)
 
     # ------------------------------------------------------------ loss
 
@@ -120,14 +132,24 @@ def lm_example(model: MultimodalLM, sample, max_length: int | None = None, memo:
     `max_length` (or the LLM's context); see `LanguageModeling.example`."""
     limit = min(max_length or model.llm.max_length, model.llm.max_length)
     memo = {} if memo is None else memo
-    key = (json.dumps(sample.messages), len(sample.images))
+    counts = {modality: len(paths) for modality, paths in sample.media.items()}
+    key = (json.dumps(sample.messages), len(sample.images), json.dumps(counts))
     if key not in memo:
-        memo[key] = model.processor.encode_for_training(sample.messages, [None] * len(sample.images),
-                                                        load_images=False)
+        memo[key] = model.processor.encode_for_training(
+            sample.messages, [None] * len(sample.images), load_images=False,
+            media={modality: [None] * count for modality, count in counts.items()})
     tokens = memo[key]
     if len(tokens["input_ids"]) > limit:
         return None
-    return {"input_ids": tokens["input_ids"], "labels": tokens["labels"], "images": sample.images}
+    example = {"input_ids": tokens["input_ids"], "labels": tokens["labels"], "images": sample.images}
+    if sample.media:  # other modalities' paths (an image-only example stays as it was)
+        example["media_paths"] = sample.media
+    return example
+
+
+def example_media(example: dict, modality: str) -> list[str]:
+    """An example's media paths of one modality, in placeholder order."""
+    return example["images"] if modality == "image" else example.get("media_paths", {}).get(modality, [])
 
 
 def lora_plus_groups(model: MultimodalLM, params: list, lr: float, ratio: float) -> list[dict]:

@@ -30,15 +30,19 @@ def common_prefix_length(rows: list[list[int]]) -> int:
 
 
 def shared_prefix_length(examples: list[dict], image_token_id: int | None = None,
-                         tokens_per_image: int = 1) -> int:
+                         tokens_per_image: int = 1, stop_ids: list[int] = ()) -> int:
     """How many leading tokens all examples share and may share: their common ids, ending
     before the token that predicts their first label (that position must belong to each
     branch, which holds the label's own loss), before the first image that differs among
-    them (placeholder ids are equal whatever the image) and never inside an image's tokens."""
+    them (placeholder ids are equal whatever the image), never inside an image's tokens,
+    and before the first placeholder of another modality (`stop_ids`: those stay in the
+    branches, each with its own medium)."""
     common = common_prefix_length([e["input_ids"] for e in examples])
     first_labels = [next((i for i, label in enumerate(e["labels"]) if label != IGNORE), len(e["labels"]))
                     for e in examples]
     limit = max(0, min(common, min(first_labels) - 1))
+    if stop_ids:
+        limit = next((i for i, token in enumerate(examples[0]["input_ids"][:limit]) if token in stop_ids), limit)
     seen = 0  # image placeholder tokens before the position
     for position, token in enumerate(examples[0]["input_ids"][:limit]):
         if token != image_token_id:
@@ -50,12 +54,14 @@ def shared_prefix_length(examples: list[dict], image_token_id: int | None = None
     return limit - seen % tokens_per_image  # an image cut at the limit stays whole in the branches
 
 
-def merge_branches(examples: list[dict], image_token_id: int | None = None, tokens_per_image: int = 1) -> dict:
-    """Examples -> one example {input_ids, labels, position_ids, branch_ids, images} holding
-    their shared prefix once; a single example comes back unchanged."""
+def merge_branches(examples: list[dict], image_token_id: int | None = None, tokens_per_image: int = 1,
+                   stop_ids: list[int] = ()) -> dict:
+    """Examples -> one example {input_ids, labels, position_ids, branch_ids, images, media_paths?}
+    holding their shared prefix once; a single example comes back unchanged. Other
+    modalities' placeholders (`stop_ids`) are never shared: their media go branch by branch."""
     if len(examples) < 2:
         return examples[0]
-    prefix = shared_prefix_length(examples, image_token_id, tokens_per_image)
+    prefix = shared_prefix_length(examples, image_token_id, tokens_per_image, stop_ids)
     shared_images = examples[0]["input_ids"][:prefix].count(image_token_id) // tokens_per_image
     ids = list(examples[0]["input_ids"][:prefix])
     labels = [IGNORE] * prefix
@@ -69,8 +75,15 @@ def merge_branches(examples: list[dict], image_token_id: int | None = None, toke
         positions += range(prefix, prefix + rest)
         branch_ids += [branch] * rest
         images += example["images"][shared_images:]
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, "branch_ids": branch_ids,
-            "images": images}
+    merged = {"input_ids": ids, "labels": labels, "position_ids": positions, "branch_ids": branch_ids,
+              "images": images}
+    media: dict[str, list] = {}
+    for example in examples:
+        for modality, paths in example.get("media_paths", {}).items():
+            media.setdefault(modality, []).extend(paths)
+    if media:
+        merged["media_paths"] = media
+    return merged
 
 
 def balanced_rows(examples: list[dict], per_row: int) -> list[list[dict]]:

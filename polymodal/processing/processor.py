@@ -36,7 +36,7 @@ def with_placeholders(text: str, count: int, token: str) -> str:
     Python generator): a text that marks none gets one placeholder per image before it
     (LLaVA's layout); a text that marks some keeps them, and their count must match."""
     if count and token not in text:
-        return token * count + "\n" + text
+        return token * count + ("\n" + text if text else "")  # media alone: a spoken question
     return text
 
 

@@ -114,8 +114,9 @@ def fingerprint(name: str, samples: list[Sample]) -> dict[str, str]:
     package files count too), under the dataset's `name`, and each media file's bytes."""
     records = hashlib.sha256()
     for sample in samples:
-        records.update(json.dumps([sample.id, sample.messages, sample.images]).encode() + b"\n")
-    media = dict.fromkeys(path for sample in samples for path in sample.images)
+        record = [sample.id, sample.messages, sample.images] + ([sample.media] if sample.media else [])
+        records.update(json.dumps(record).encode() + b"\n")
+    media = dict.fromkeys(path for sample in samples for path in sample.media_paths())
     return {name: records.hexdigest()[:16], **{path: file_digest(path) for path in media}}
 
 
