@@ -135,3 +135,16 @@ def test_readme_python_runs(registries_restored, monkeypatch, tmp_path):
     assert blocks, "README.md: no python block"
     for heading, start, code in blocks:
         exec(compile(code, f"README.md:{start} ({heading})", "exec"), {"__name__": "readme_example"})
+
+
+def test_readme_layout_names_every_module():
+    """The README's layout names each top-level module and package of polymodal, and only those."""
+    text = README.read_text(encoding="utf-8")
+    layout = re.search(r"## Layout\n+```\n(.*?)```", text, re.S)
+    assert layout, "README.md: no '## Layout' code block"
+    named = {word.rstrip("/") for line in layout.group(1).splitlines()[1:] if line.startswith("  ")
+             for word in line.split() if word.endswith((".py", "/"))}
+    package = ROOT / "polymodal"
+    present = {path.name for path in package.iterdir() if path.suffix == ".py" and not path.name.startswith("__")}
+    present |= {path.name for path in package.iterdir() if (path / "__init__.py").is_file()}
+    assert named == present, f"README layout: missing {sorted(present - named)}, stale {sorted(named - present)}"
