@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
+from polymodal.data.sample import Item
 from polymodal.engine.generate import Engine, media_key
 from polymodal.engine.sampling import SamplingParams
-from polymodal.data.sample import Item
 
 
 def image_key(item: Item) -> tuple:
