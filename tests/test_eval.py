@@ -86,7 +86,8 @@ def test_eval_command(folder, capsys):
     out = json.loads(capsys.readouterr().out)
     assert {"task", "split", "n", "accuracy"} <= out.keys() and out["n"] == 2
     assert main(["eval", f"{RECIPES}/tiny-llava.yaml", "--task", "vqa-v9"]) == 2
-    assert "unknown task 'vqa-v9'; known: audio-image, caption, easy-vqa, multiple-choice, pope, retrieval, vqa, zeroshot" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "unknown task 'vqa-v9'; known: audio-image, caption, easy-vqa," in error and "zeroshot" in error
 
 
 def test_analyze_finds_no_drop_for_blank_images_when_the_model_ignores_them(folder, monkeypatch, tiny_llava):
