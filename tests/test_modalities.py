@@ -1,6 +1,8 @@
 """Media by modality: encoders and connectors keyed by modality, each with its placeholder;
 a sample holding an image and an audio clip; the spelling and saved models from before."""
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -12,6 +14,8 @@ import torch
 
 from conftest import DATA, image, tiny_config
 from polymodal.config import ModelConfig, from_dict, to_dict
+from polymodal.engine.generate import Engine
+from polymodal.engine.sampling import SamplingParams
 from polymodal.errors import ConfigError, UserError
 
 IMAGE_AUDIO = {"llm": {"source": "tiny:llama"},
@@ -208,3 +212,64 @@ def test_spoken_questions_test_voices_are_never_heard_in_training(tmp_path, monk
     assert items[2].prompt()["media"] == {"audio": [test[2].clip]}
     transcripts = read_easy_vqa_spoken(EasyVQASpokenOptions(path=str(folder), transcribe=True))
     assert sorted(t.messages[1]["content"] for t in transcripts) == sorted(q for q, _, _ in questions)
+
+
+def audio_part(path) -> dict:
+    with open(path, "rb") as handle:
+        return {"type": "input_audio", "input_audio": {"data": base64.b64encode(handle.read()).decode(), "format": "wav"}}
+
+
+def test_the_server_takes_input_audio_parts(tmp_path):
+    import httpx
+    from test_serve import LiveServer, png_uri
+
+    from polymodal.engine.batching import BatchingEngine
+    from polymodal.serve.app import create_app
+    from polymodal.serve.media import MediaLimits
+
+    model = image_audio_model().eval()
+    clip = write_tone(tmp_path / "a.wav", 500)
+    engine = BatchingEngine(model, max_batch=2, max_queue=8).start()
+    app = create_app(model, "tiny", engine, MediaLimits(max_audio=1))
+    content = [{"type": "image_url", "image_url": {"url": png_uri(size=(16, 16))}}, audio_part(clip),
+               {"type": "text", "text": "Which?"}]
+    try:
+        with LiveServer(app) as server:
+            def ask(parts):
+                return httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+                    "model": "tiny", "messages": [{"role": "user", "content": parts}], "max_tokens": 5,
+                    "temperature": 0})
+
+            answer = ask(content)
+            assert answer.status_code == 200, answer.text
+            from PIL import Image
+
+            picture = Image.open(io.BytesIO(base64.b64decode(png_uri(size=(16, 16)).split(",", 1)[1]))).convert("RGB")
+            alone = Engine(model).generate([{"messages": [{"role": "user", "content": "Which?"}], "images": [picture],
+                                             "media": {"audio": [clip]}}], SamplingParams(max_new_tokens=5))[0]
+            assert answer.json()["choices"][0]["message"]["content"] == alone.text
+            mp3 = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "mp3"}}
+            refusals = [(mp3, 415, "unsupported audio format 'mp3'"),
+                        ({"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}}, 400, "invalid base64"),
+                        ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, 400, "not a WAV file"),
+                        ({"type": "input_audio"}, 400, "needs \"input_audio\"")]
+            for part, status, message in refusals:
+                refused = ask([part, {"type": "text", "text": "hi"}])
+                assert refused.status_code == status and message in refused.json()["error"]["message"], refused.text
+                assert refused.json()["error"]["param"].startswith("messages[0].content[0]")
+            too_many = ask([audio_part(clip), audio_part(clip)])
+            assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "too_many_audio"
+    finally:
+        engine.stop()
+
+
+def test_a_model_without_audio_refuses_input_audio(tmp_path, tiny_llava):
+    from polymodal.serve.chat import to_prompt
+    from polymodal.serve.errors import APIError
+    from polymodal.serve.media import MediaLimits
+    from polymodal.serve.schemas import ChatRequest
+
+    clip = write_tone(tmp_path / "a.wav", 500)
+    body = ChatRequest.model_validate({"model": "tiny", "messages": [{"role": "user", "content": [audio_part(clip)]}]})
+    with pytest.raises(APIError, match="this model takes no audio"):
+        to_prompt(body, tiny_llava, MediaLimits())

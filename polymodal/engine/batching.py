@@ -54,7 +54,7 @@ class Finished:
 class Request:
     id: int
     input_ids: list[int]
-    pixels: torch.Tensor | None
+    media: dict[str, torch.Tensor]  # modality -> the prompt's encoder inputs [N, ...] (pixels, log-mel)
     params: SamplingParams
     queue: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -132,7 +132,7 @@ class BatchingEngine:
         return len(self.rows)
 
     def encode(self, prompt: dict) -> dict:
-        """A prompt -> {"input_ids", "pixel_values"}; slow (images, tokenizer): callers on an
+        """A prompt -> {"input_ids", "media"}; slow (media, tokenizer): callers on an
         event loop run it in a thread. Errors are the caller's: UserError."""
         return self.engine.encode(prompt)
 
@@ -148,7 +148,7 @@ class BatchingEngine:
         encoded = self.encode(prompt)
         for each in params:
             check_context_length(len(encoded["input_ids"]), each.max_new_tokens, self.max_length)
-        requests = [Request(next(self.ids), encoded["input_ids"], encoded["pixel_values"], each)
+        requests = [Request(next(self.ids), encoded["input_ids"], encoded["media"], each)
                     for each in params]
         with self.lock:
             self._drop_cancelled_waiting()
@@ -206,7 +206,7 @@ class BatchingEngine:
                 params = request.params
                 row = _Row(request, TextTracker(self.model.llm.tokenizer, params.stop), params.generator())
                 ids = torch.tensor([request.input_ids])
-                logits = self.cache.admit(self.model.embed(ids, request.pixels))  # [1, V]
+                logits = self.cache.admit(self.model.embed(ids, request.media))  # [1, V]
             except Exception as error:
                 request.queue.put(("error", _one_line(error)))
                 continue

@@ -16,7 +16,7 @@ from polymodal.engine.batching import BatchingEngine, QueueFull
 from polymodal.engine.sampling import SamplingParams, choice_seed
 from polymodal.errors import UserError, check_context_length
 from polymodal.serve.errors import APIError, api_error, request_field
-from polymodal.serve.media import MediaLimits, decode_image
+from polymodal.serve.media import MediaLimits, decode_audio, decode_image
 from polymodal.serve.schemas import ChatRequest
 
 # Tokenizers and image processors are shared by all requests; encoding runs in the thread
@@ -66,32 +66,44 @@ def _params(engine: BatchingEngine, body: ChatRequest, prompt_tokens: int, index
 
 
 def to_prompt(body: ChatRequest, model, limits: MediaLimits) -> dict:
-    """OpenAI messages -> {"messages": [...]} whose content is a list of parts, text and
-    decoded images (PIL), as `processing.processor` reads them: images come from image
-    parts alone, and `<image>` typed in a text part is text. Decodes images: slow, so
-    callers on the event loop run it in a thread."""
-    messages, count = [], 0
+    """OpenAI messages -> {"messages": [...]} whose content is a list of parts: text, decoded
+    images (PIL) and clips (WAV bytes, from `input_audio` parts), as `processing.processor`
+    reads them: media come from media parts alone, and `<image>` typed in a text part is
+    text. Decodes media: slow, so callers on the event loop run it in a thread."""
+    messages, counts = [], {"image": 0, "audio": 0}
     for m, message in enumerate(body.messages):
-        parts = []
-        for p, part in enumerate(message.content or []):
-            param = f"messages[{m}].content[{p}]"
-            if part.type == "text":
-                parts.append({"type": "text", "text": part.text or ""})
-            elif part.image_url is None:
-                raise APIError(400, 'an image_url part needs "image_url": {"url": ...}',
-                               param=f"{param}.image_url")
-            else:
-                if count >= limits.max_images:
-                    raise APIError(400, f"too many images: at most {limits.max_images} per request",
-                                   param=param, code="too_many_images")
-                image = decode_image(part.image_url.url, limits, f"{param}.image_url.url")
-                parts.append({"type": "image", "image": image})
-                count += 1
+        parts = [media_part(part, f"messages[{m}].content[{p}]", limits, counts)
+                 for p, part in enumerate(message.content or [])]
         role = "system" if message.role == "developer" else message.role
         messages.append({"role": role, "content": parts})
-    if count and model.encoder is None:
-        raise APIError(400, "this model takes text only; remove the images", param="messages")
+    if counts["image"] and "image" not in model.encoders:
+        raise APIError(400, "this model takes no images; remove them", param="messages")
+    if counts["audio"] and "audio" not in model.encoders:
+        raise APIError(400, "this model takes no audio; remove the input_audio parts", param="messages")
     return {"messages": messages}
+
+
+def media_part(part, param: str, limits: MediaLimits, counts: dict[str, int]) -> dict:
+    """One OpenAI content part -> the processor's part; counts media against the limits."""
+    if part.type == "text":
+        return {"type": "text", "text": part.text or ""}
+    if part.type == "input_audio":
+        if part.input_audio is None:
+            raise APIError(400, 'an input_audio part needs "input_audio": {"data": ..., "format": "wav"}',
+                           param=f"{param}.input_audio")
+        if counts["audio"] >= limits.max_audio:
+            raise APIError(400, f"too many audio clips: at most {limits.max_audio} per request",
+                           param=param, code="too_many_audio")
+        counts["audio"] += 1
+        return {"type": "audio", "audio": decode_audio(part.input_audio.data, part.input_audio.format,
+                                                       limits, f"{param}.input_audio")}
+    if part.image_url is None:
+        raise APIError(400, 'an image_url part needs "image_url": {"url": ...}', param=f"{param}.image_url")
+    if counts["image"] >= limits.max_images:
+        raise APIError(400, f"too many images: at most {limits.max_images} per request",
+                       param=param, code="too_many_images")
+    counts["image"] += 1
+    return {"type": "image", "image": decode_image(part.image_url.url, limits, f"{param}.image_url.url")}
 
 
 async def next_event(request, http: Request | None):

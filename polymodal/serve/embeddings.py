@@ -32,6 +32,9 @@ def embed(model, model_name: str, body: EmbeddingRequest, limits: MediaLimits) -
     vectors, tokens = [], 0
     with torch.inference_mode():
         for index, part in enumerate(body.input):
+            if part.type == "input_audio":
+                raise APIError(400, "embeddings take text and images; input_audio is for chat",
+                               param=f"input[{index}]")
             if part.type == "image_url":
                 if part.image_url is None:
                     raise APIError(400, 'an image_url input needs "image_url": {"url": ...}',

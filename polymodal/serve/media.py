@@ -1,4 +1,5 @@
-"""Images in requests: `data:` URIs by default; remote http(s) URLs only for allowlisted
+"""Media in requests. Audio: `input_audio` parts ({"data": BASE64, "format": "wav"}, as
+OpenAI's), checked by `decode_audio` with the limits and errors of images. Images: `data:` URIs by default; remote http(s) URLs only for allowlisted
 hosts and ports (`host` allows 80 and 443, `host:port` one port), with a byte cap, a
 timeout, every redirect re-checked, the connection made to the address that was checked
 (no second DNS lookup to rebind), and never to loopback, private or link-local addresses
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from polymodal.errors import UserError
+from polymodal.processing.audio import read_wav
 from polymodal.processing.images import ImageTooLarge, image_from_bytes
 from polymodal.serve.errors import APIError
 
@@ -36,6 +38,8 @@ class MediaLimits:
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_images: int = 4
+    max_audio_bytes: int = 10 * 1024 * 1024
+    max_audio: int = 4  # clips per request
     # Remote image hosts: "host" (ports 80 and 443) or "host:port"; empty: none.
     allowed_hosts: set[str] = field(default_factory=set)
     fetch_timeout: float = 5.0
@@ -53,6 +57,29 @@ def decode_image(url: str, limits: MediaLimits, param: str) -> Image.Image:
     else:
         raise APIError(400, "image_url.url must be a data: URI (data:image/png;base64,...)", param=param)
     return _open(data, limits, param)
+
+
+AUDIO_FORMATS = {"wav"}
+
+
+def decode_audio(data: str, audio_format: str, limits: MediaLimits, param: str) -> bytes:
+    """An `input_audio` part's base64 `data` -> the WAV file's bytes, checked to decode;
+    an APIError naming the part otherwise (415 for a format we do not read, 413 over the
+    byte limit, 400 for bad base64 or a file that is not 16-bit PCM WAV)."""
+    if audio_format.lower() not in AUDIO_FORMATS:
+        raise APIError(415, f"unsupported audio format {audio_format!r}; send one of: {', '.join(sorted(AUDIO_FORMATS))}",
+                       param=f"{param}.format", code="unsupported_media_type")
+    if len(data) * 3 // 4 > limits.max_audio_bytes:
+        raise APIError(413, f"audio is over the {limits.max_audio_bytes} byte limit", param=f"{param}.data")
+    try:
+        wav = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "invalid base64 in input_audio.data", param=f"{param}.data") from None
+    try:
+        read_wav(wav)
+    except UserError as error:
+        raise APIError(400, str(error), param=f"{param}.data") from None
+    return wav
 
 
 def _data_uri_bytes(url: str, limits: MediaLimits, param: str) -> bytes:

@@ -38,10 +38,24 @@ class ImageURL(BaseModel):
     detail: str | None = None
 
 
+class InputAudio(BaseModel):
+    data: str  # the clip's bytes in base64
+    format: str  # "wav" (OpenAI also names "mp3", refused here: 415)
+
+
 class ContentPart(BaseModel):
-    type: Literal["text", "image_url"]
+    type: Literal["text", "image_url", "input_audio"]
     text: str | None = None
     image_url: ImageURL | None = None
+    input_audio: InputAudio | None = None
+
+    @field_validator("input_audio", mode="before")
+    @classmethod
+    def _an_audio_object(cls, value):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError('expected an object {"data": BASE64, "format": "wav"}, '
+                             f"got {_kind(value)}")
+        return value
 
     @field_validator("image_url", mode="before")
     @classmethod
