@@ -49,6 +49,8 @@ class TokenLayout:
     cos, sin: [N, 1, head_dim] the rotary table at each token's position.
     mask: [B, 1, T, span] bool, the keys each query sees, or None for all of them.
     span: attention reads slots 0..span-1 of the rows.
+    shared_slots: the slots of every row's tokens when they are the same for all rows and
+        no cell is padding (the batch runner's decoding), else None.
     """
 
     real: torch.Tensor | None
@@ -60,6 +62,7 @@ class TokenLayout:
     mask: torch.Tensor | None
     span: int
     grid: tuple[int, int]  # (B, T)
+    shared_slots: slice | None = None
 
     @classmethod
     def place(cls, cache: KVCache, rotary: tuple[torch.Tensor, torch.Tensor], rows: slice,
@@ -69,6 +72,7 @@ class TokenLayout:
         padding (None: all). Marks the tokens' slots as real in `cache.key_mask`.
         rotary: (cos, sin) [positions, head_dim]."""
         batch, length = positions.shape
+        shared = slots.shape[0] == 1 and length == int(slots[0, -1] - slots[0, 0]) + 1  # one range for all
         slots = slots.expand(batch, length)
         cache_rows = torch.arange(rows.start, rows.stop)[:, None].expand(batch, length)
         if real is not None and bool(real.all()):
@@ -81,7 +85,16 @@ class TokenLayout:
         span = int(slots.max()) + 1
         mask = cache.attention_mask(rows, slots, span)
         cos, sin = rotary[0][token_positions][:, None], rotary[1][token_positions][:, None]
-        return cls(real, rows, token_rows, token_slots, cos, sin, mask, span, (batch, length))
+        shared_slots = slice(int(slots[0, 0]), span) if shared and real is None else None
+        return cls(real, rows, token_rows, token_slots, cos, sin, mask, span, (batch, length), shared_slots)
+
+    def store(self, cache: KVCache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write the new tokens' keys and values [N, H_kv, head_dim] into `cache`'s layer."""
+        if self.shared_slots is None:
+            cache.write(layer, self.token_rows, self.token_slots, keys, values)
+        else:
+            cache.write_block(layer, self.rows, self.shared_slots, self.to_grid(keys).transpose(1, 2),
+                              self.to_grid(values).transpose(1, 2))
 
     def to_grid(self, packed: torch.Tensor) -> torch.Tensor:
         """[N, ...] -> [B, T, ...], zeros at padding."""
@@ -163,7 +176,7 @@ def decoder_layer_step(decoder: LlamaDecoder, layer, index: int, hidden: torch.T
     both = torch.cat([query, key], dim=1)  # rotate queries and keys in one go: [N, H + H_kv, hd]
     both = both * layout.cos + rotate_half(both) * layout.sin
     value = attention.v_proj(normed).view(-1, kv_heads, head_dim)
-    cache.write(index, layout.token_rows, layout.token_slots, both[:, heads:], value)
+    layout.store(cache, index, both[:, heads:], value)
     keys, values = cache.read(index, layout.rows, layout.span)  # [B, H_kv, span, hd]
     out = F.scaled_dot_product_attention(
         layout.to_grid(both[:, :heads]).transpose(1, 2), keys, values,
