@@ -195,14 +195,14 @@ def test_spoken_questions_test_voices_are_never_heard_in_training(tmp_path, monk
     folder = tmp_path / "split"
     (folder / "images").mkdir(parents=True)
     questions = [["what shape is in the image?", "circle", 0], ["is there a red shape?", "no", 0],
-                 ["what color is the shape?", "blue", 1]]
+                 ["what color is the shape?", "blue", 0], ["what color is the shape?", "blue", 1]]
     (folder / "questions.json").write_text(json.dumps(questions))
     for index in (0, 1):
         (folder / "images" / f"{index}.png").write_bytes(b"")
     train = spoken_questions("train", folder)
     test = spoken_questions("test", folder)
     assert {s.voice for s in train}.isdisjoint({s.voice for s in test})
-    assert len({s.voice for s in train}) == 3  # one question, the next voice
+    assert len({s.voice for s in train}) == 4  # one question, the next voice
     samples = read_easy_vqa_spoken(EasyVQASpokenOptions(path=str(folder), split="train"))
     assert samples[0].messages == [{"role": "user", "content": "<image>\n<audio>"},
                                    {"role": "assistant", "content": "circle"}]
@@ -210,6 +210,8 @@ def test_spoken_questions_test_voices_are_never_heard_in_training(tmp_path, monk
     items = EasyVQASpokenOptions.for_evaluation("test", str(folder)).question_items()
     assert items[2].references == ["blue"] and items[2].info["type"] == "colour"
     assert items[2].prompt()["media"] == {"audio": [test[2].clip]}
+    [flipped] = spoken_questions("train", folder, flip_yes_no=True)  # asked about the colour it has
+    assert (flipped.question, flipped.answer) == ("is there a blue shape?", "yes")
     transcripts = read_easy_vqa_spoken(EasyVQASpokenOptions(path=str(folder), transcribe=True))
     assert sorted(t.messages[1]["content"] for t in transcripts) == sorted(q for q, _, _ in questions)
 

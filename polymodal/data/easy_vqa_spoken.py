@@ -16,7 +16,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from polymodal.data.easy_vqa import EasyVQASplit, easy_vqa_folder, question_type, read_questions
+from polymodal.data.easy_vqa import (
+    EasyVQASplit,
+    easy_vqa_folder,
+    flipped_yes_no,
+    question_type,
+    questions_by_image,
+    read_questions,
+)
 from polymodal.data.sample import Item, Sample
 from polymodal.data.speech import VOICES, speak, speech_cache
 from polymodal.registry import register_dataset_format
@@ -40,11 +47,23 @@ def question_clip(question: str, voice: str, speed: int) -> Path:
     return speak(question, voice, speed, speech_cache() / f"{voice}-{speed}" / f"{name}.wav")
 
 
-def spoken_questions(split: str = "train", folder: str | Path | None = None) -> list[SpokenQuestion]:
-    """Every question of the split, in file order, each said by the split's next voice."""
+def spoken_questions(split: str = "train", folder: str | Path | None = None,
+                     flip_yes_no: bool = False) -> list[SpokenQuestion]:
+    """Every question of the split, in file order, each said by the split's next voice.
+
+    `flip_yes_no`: instead, the yes/no questions re-asked about the attribute each image
+    has, answer flipped (`easy_vqa.flipped_yes_no`): easy-VQA asks mostly about absent
+    colours, so "no unless the question says not" answers 83% of its yes/no questions
+    without looking; mixed in, these leave that prior nothing to win.
+    """
     voices = VOICES["test" if split == "test" else "train"]
+    location = easy_vqa_folder(split, folder)
+    triples = read_questions(location)
+    if flip_yes_no:
+        triples = [(question, answer, image) for image, pairs in questions_by_image(location).items()
+                   for question, answer in flipped_yes_no(pairs)]
     found = []
-    for number, (question, answer, image) in enumerate(read_questions(easy_vqa_folder(split, folder))):
+    for number, (question, answer, image) in enumerate(triples):
         voice, speed = voices[number % len(voices)]
         clip = question_clip(question, voice, speed)
         found.append(SpokenQuestion(f"{Path(image).stem}:{number}", image, str(clip), f"{voice}-{speed}",
@@ -61,6 +80,7 @@ class EasyVQASpokenOptions(EasyVQASplit):
     # color is the shape?"): the alignment stage of speech LLMs (an ASR task that teaches the
     # audio connector the LLM's words), as captions align the image connector.
     transcribe: bool = False
+    flip_yes_no: bool = False  # the yes/no questions flipped to the attribute the image has (spoken_questions)
 
     def question_items(self) -> list[Item]:
         return [Item(spoken.id, SPOKEN_PROMPT, [spoken.image], [spoken.answer],
@@ -72,12 +92,13 @@ class EasyVQASpokenOptions(EasyVQASplit):
 @register_dataset_format("easy-vqa-spoken", config=EasyVQASpokenOptions)
 def read_easy_vqa_spoken(options: EasyVQASpokenOptions) -> list[Sample]:
     """easy-VQA images with their questions spoken (espeak-ng), one question per sample."""
+    questions = spoken_questions(options.split, options.path, options.flip_yes_no)
     if options.transcribe:
-        return transcripts(spoken_questions(options.split, options.path))
+        return transcripts(questions)
     return [Sample(spoken.id, [{"role": "user", "content": SPOKEN_PROMPT},
                                {"role": "assistant", "content": spoken.answer}],
                    [spoken.image], media={"audio": [spoken.clip]})
-            for spoken in spoken_questions(options.split, options.path)]
+            for spoken in questions]
 
 
 def transcripts(questions: list[SpokenQuestion]) -> list[Sample]:
