@@ -12,10 +12,13 @@ from polymodal.registry import ENCODERS
 
 
 class Encoder(nn.Module):
-    """Images -> features.
+    """One modality's media -> features [B, num_tokens, out_dim].
 
-    Every encoder takes pixels in [0, 1] at `image_size` x `image_size`
-    (`[B, 3, H, W]`), normalises them itself, and returns `[B, num_tokens, out_dim]`.
+    `modality` names what it reads ("image" unless a kind says otherwise: the whisper and
+    mel encoders read "audio"); a model's `encoders` keys it so, and its media fill that
+    modality's placeholder. `load_media` turns one file into the encoder's input: image
+    encoders take pixels in [0, 1] at `image_size` x `image_size` (`[B, 3, H, W]`) and
+    normalise them themselves; audio encoders take log-mel features `[B, 80, F]`.
     `grid` is the (rows, cols) layout of the tokens when they form one, else None.
     """
 
