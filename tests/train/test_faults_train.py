@@ -116,7 +116,7 @@ def test_a_stage_with_both_steps_and_epochs_is_an_error_naming_both(tmp_path):
 @pytest.mark.parametrize(("overrides", "steps", "epochs"), [
     (["stages.0.steps=5"], 5, None),  # the case: the stage sets epochs in the file
     (["stages.0.steps=5", "stages.0.epochs=3"], None, 3),  # the last one typed wins
-    (["stages.0.epochs=null", "stages.0.steps=3"], 3, None),  # tests/test_audio.py's spelling
+    (["stages.0.epochs=null", "stages.0.steps=3"], 3, None),  # tests/processing/test_audio.py's spelling
 ])
 def test_setting_steps_or_epochs_on_the_command_line_replaces_the_other(tmp_path, overrides, steps, epochs):
     from polymodal.config import load_recipe

@@ -115,7 +115,7 @@ def test_the_objective_checks_its_options_when_the_recipe_is_parsed(tmp_path):
 
 def test_the_loop_mixture_and_run_see_only_the_objective():
     """No probing of the model (hasattr/getattr) and no branch on an objective's name in train/."""
-    train_dir = Path(__file__).parent.parent / "polymodal" / "train"
+    train_dir = Path(__file__).parents[2] / "polymodal" / "train"
     for path in train_dir.glob("*.py"):
         text = path.read_text()
         assert not re.search(r"\b(hasattr|getattr)\(", text), path.name
