@@ -8,27 +8,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from polymodal.config import DatasetConfig
 from polymodal.data.errors import location
-from polymodal.data.records import jsonl_lines
+from polymodal.data.records import FileOptions, jsonl_lines
 from polymodal.data.sample import Sample
-from polymodal.errors import ConfigError
 from polymodal.registry import register_dataset_format
 
 CAPTION_PROMPT = "Describe the image."
 
 
 @dataclass
-class CaptionsOptions(DatasetConfig):
+class CaptionsOptions(FileOptions):
     """A caption JSONL file (`path`) and the folder its image paths are relative to."""
 
     format: str = "captions"
-    image_folder: str | None = None  # default: the file's folder
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.path:
-            raise ConfigError(f"path: required for format {self.format}")
 
 
 def caption_sample(identifier: str, image: str, caption: str, prompt: str = CAPTION_PROMPT,

@@ -11,27 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from polymodal.config import DatasetConfig
 from polymodal.data.errors import DataError, location
-from polymodal.data.records import image_paths, read_json
+from polymodal.data.records import FileOptions, image_paths, read_json
 from polymodal.data.sample import Sample
-from polymodal.errors import ConfigError
 from polymodal.registry import register_dataset_format
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass
-class LlavaOptions(DatasetConfig):
+class LlavaOptions(FileOptions):
     """A LLaVA JSON file (`path`) and the folder its image paths are relative to."""
 
     format: str = "llava"
-    image_folder: str | None = None  # default: the file's folder
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.path:
-            raise ConfigError(f"path: required for format {self.format}")
 
 
 class RecordError(ValueError):

@@ -7,9 +7,25 @@ the record (a JSON array). A byte-order mark (Windows editors write one) is not 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from polymodal.config import DatasetConfig
 from polymodal.data.errors import DataError
+from polymodal.errors import ConfigError
+
+
+@dataclass
+class FileOptions(DatasetConfig):
+    """Options of a format read from the user's file (`path`, required) whose records name
+    media relative to `image_folder` (default: the file's folder)."""
+
+    image_folder: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.path:
+            raise ConfigError(f"path: required for format {self.format}")
 
 
 def read_text(path: Path, what: str = "data file") -> str:
