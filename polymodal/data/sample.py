@@ -53,10 +53,11 @@ class Item:
 
 def split_turns(sample: Sample, turns: int, placeholder: str = "<image>") -> list[Sample]:
     """A one-image conversation cut into parts of at most `turns` user/assistant exchanges,
-    the image placed at the start of each part; others (system turns, several images) stay whole."""
+    the image placed at the start of each part; others (system turns, several images, other
+    modalities' media, whose placeholders sit in particular turns) stay whole."""
     messages = sample.messages
     roles = [m["role"] for m in messages]
-    if len(sample.images) != 1 or "system" in roles or roles[::2] != ["user"] * len(roles[::2]) \
+    if len(sample.images) != 1 or sample.media or "system" in roles or roles[::2] != ["user"] * len(roles[::2]) \
             or roles[1::2] != ["assistant"] * len(roles[1::2]) or len(messages) <= 2 * turns:
         return [sample]
     parts = []

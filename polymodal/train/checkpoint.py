@@ -36,7 +36,10 @@ def trained_tensors(model, parts: list[str]) -> dict[str, torch.Tensor]:
     modules = model.part_modules()
     trained = set()
     for part in parts:
-        if modules.get(part.split(".")[0]) is not None:
+        # An earlier stage's part may not exist here (`encoder.image` trained by an lm
+        # stage, then a contrastive stage's model): skip it, by its exact name.
+        has_part = modules.get("llm") is not None if part == "llm.lora" else modules.get(part) is not None
+        if has_part:
             trained.update(id(p) for p in part_parameters(model, part))
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters() if id(p) in trained}
     persistent = model.state_dict().keys()

@@ -78,6 +78,8 @@ def test_split_turns_puts_the_image_in_every_part():
     assert [p.id for p in parts] == ["x#0", "x#2", "x#4"] and all(p.images == ["x.png"] for p in parts)
     two_images = Sample("y", messages, ["a.png", "b.png"])
     assert split_turns(two_images, 1) == [two_images]  # where would the second image go? left whole
+    spoken = Sample("z", messages, ["x.png"], media={"audio": ["q.wav"]})
+    assert split_turns(spoken, 1) == [spoken]  # the clip belongs to one turn: kept whole, not lost
 
 
 @needs_package("easy_vqa")
