@@ -69,7 +69,8 @@ class ChatSession:
     def ask(self, text: str, images: list, audio: list = ()) -> str:
         # the media sent with this message go in it (the conversation's earlier ones are
         # placed): images first, then clips, then the text, unless the text marks them
-        content = with_placeholders(with_placeholders(text, len(audio), self.audio_token), len(images), self.token)
+        spoken = with_placeholders(text, len(audio), self.audio_token, alone=True)  # a clip may be the question
+        content = with_placeholders(spoken, len(images), self.token)
         messages = [*self.messages, {"role": "user", "content": content}]
         if self.system:
             messages.insert(0, {"role": "system", "content": self.system})

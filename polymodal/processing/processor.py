@@ -31,12 +31,15 @@ _LITERAL_FORM = _LITERAL_MARK + "{}\ue001"
 _LITERAL = re.compile(_LITERAL_MARK + "(\\d+)\ue001")
 
 
-def with_placeholders(text: str, count: int, token: str) -> str:
-    """The one rule for where images go, everywhere (training data, eval files, chat, the
-    Python generator): a text that marks none gets one placeholder per image before it
-    (LLaVA's layout); a text that marks some keeps them, and their count must match."""
+def with_placeholders(text: str, count: int, token: str, alone: bool = False) -> str:
+    """The one rule for where media go, everywhere (training data, eval files, chat, the
+    Python generator): a text that marks none gets one placeholder per item before it and a
+    newline (LLaVA's layout); a text that marks some keeps them, and their count must match.
+
+    `alone`: an empty text becomes the placeholders without the newline; a spoken question
+    is its clip alone (easy-vqa-spoken's "<image>\n<audio>", data/easy_vqa_spoken.py)."""
     if count and token not in text:
-        return token * count + ("\n" + text if text else "")  # media alone: a spoken question
+        return token * count + ("" if alone and not text else "\n" + text)
     return text
 
 
@@ -203,7 +206,9 @@ class Processor:
             placed = sum(m["content"].count(token) for m in flat) + sum(
                 text.count(token) for text, keeps in literals if keeps)
             if not placed:
-                first_user["content"] = with_placeholders(first_user["content"], len(found[modality]), token)
+                # a clip with no text is the question itself (easy-vqa-spoken); an image is not
+                first_user["content"] = with_placeholders(first_user["content"], len(found[modality]), token,
+                                                          alone=modality != "image")
 
     def pixels(self, images: list) -> torch.Tensor | None:
         """Paths, PIL images or pixel tensors -> [N, 3, S, S] in [0, 1]; None for no images."""
