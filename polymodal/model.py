@@ -68,7 +68,7 @@ class MultimodalLM(nn.Module):
                                        for modality, part in config.encoders.items()})
         self.connectors = nn.ModuleDict({
             modality: build_connector(config.connectors[modality], encoder.out_dim, self.llm.hidden_size,
-                                      encoder.num_tokens)
+                                      encoder.num_tokens, f"model.connectors.{modality}")
             for modality, encoder in self.encoders.items()})
         # modality -> its placeholder's token id; the image's always exists (text-only models
         # refuse images by it); other modalities' are added to the tokenizer as they come.

@@ -134,3 +134,10 @@ def test_parts_built_at_random_start_the_same_however_the_llm_loads(tmp_path, mo
     for name, parameter in plain.named_parameters():
         if name in built_at_random:
             assert torch.equal(parameter, params[name]), name
+
+
+def test_a_connector_config_error_names_the_modality_s_connector():
+    from polymodal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model\.connectors\.image\.depth: must be at least 1"):
+        tiny_model({"kind": "hf", "source": "tiny:clip"}, {"kind": "mlp", "depth": 0})

@@ -43,12 +43,12 @@ class ResidualConvBlock(nn.Module):
 class CAbstractor(Connector):
     """Conv blocks, adaptive average pooling to K tokens, conv blocks, MLP (Cha et al. 2024)."""
 
-    def __init__(self, config: CAbstractorConnectorConfig, in_dim: int, out_dim: int, in_tokens: int):
+    def __init__(self, config: CAbstractorConnectorConfig, in_dim: int, out_dim: int, in_tokens: int, key: str):
         super().__init__()
-        self.side = square_side(in_tokens, "cabstractor")
+        self.side = square_side(in_tokens, "cabstractor", key)
         pooled = math.isqrt(config.num_tokens)
         if pooled * pooled != config.num_tokens or pooled > self.side:
-            raise ConfigError(f"model.connector.num_tokens: {config.num_tokens} must be a square "
+            raise ConfigError(f"{key}.num_tokens: {config.num_tokens} must be a square "
                               f"number at most the encoder's {in_tokens} tokens")
         width = config.width or in_dim
         self.num_tokens = config.num_tokens

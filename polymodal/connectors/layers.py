@@ -34,8 +34,8 @@ class FeedForward(nn.Module):
         return x + self.net(x)
 
 
-def check_heads(width: int, heads: int) -> None:
+def check_heads(width: int, heads: int, key: str) -> None:
     from polymodal.errors import ConfigError
 
     if heads < 1 or width % heads:
-        raise ConfigError(f"model.connector.heads: {heads} does not divide width {width}")
+        raise ConfigError(f"{key}.heads: {heads} does not divide width {width}")

@@ -39,7 +39,7 @@ class MLPConnectorConfig(ConnectorConfig):
 class LinearConnector(Connector):
     """One linear layer per token (LLaVA-1.0, Fuyu's patch projection)."""
 
-    def __init__(self, config: LinearConnectorConfig, in_dim: int, out_dim: int, in_tokens: int):
+    def __init__(self, config: LinearConnectorConfig, in_dim: int, out_dim: int, in_tokens: int, key: str):
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim)
         self.num_tokens = in_tokens
@@ -53,10 +53,10 @@ class LinearConnector(Connector):
 class MLPConnector(Connector):
     """A GELU MLP per token, `depth` linear layers (LLaVA-1.5 uses 2)."""
 
-    def __init__(self, config: MLPConnectorConfig, in_dim: int, out_dim: int, in_tokens: int):
+    def __init__(self, config: MLPConnectorConfig, in_dim: int, out_dim: int, in_tokens: int, key: str):
         super().__init__()
         if config.depth < 1:
-            raise ConfigError("model.connector.depth: must be at least 1")
+            raise ConfigError(f"{key}.depth: must be at least 1")
         self.norm = nn.LayerNorm(in_dim) if config.norm else nn.Identity()
         self.mlp = mlp_layers(in_dim, out_dim, config.depth)
         self.num_tokens = in_tokens

@@ -26,10 +26,10 @@ class PerceiverConnectorConfig(ConnectorConfig):
 class PerceiverResampler(Connector):
     """R latents attend to [features; latents] in each of L layers (Flamingo, Alayrac et al. 2022)."""
 
-    def __init__(self, config: PerceiverConnectorConfig, in_dim: int, out_dim: int, in_tokens: int):
+    def __init__(self, config: PerceiverConnectorConfig, in_dim: int, out_dim: int, in_tokens: int, key: str):
         super().__init__()
         width = config.width or in_dim
-        check_heads(width, config.heads)
+        check_heads(width, config.heads, key)
         self.num_tokens = config.num_latents
         self.input = nn.Linear(in_dim, width) if width != in_dim else nn.Identity()
         self.latents = nn.Parameter(torch.randn(config.num_latents, width) * 0.02)

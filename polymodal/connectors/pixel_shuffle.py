@@ -32,11 +32,11 @@ def space_to_depth(features: torch.Tensor, side: int, factor: int) -> torch.Tens
 class PixelShuffleConnector(Connector):
     """Reduces S tokens to S / r^2 by stacking neighbours on channels, then projects."""
 
-    def __init__(self, config: PixelShuffleConnectorConfig, in_dim: int, out_dim: int, in_tokens: int):
+    def __init__(self, config: PixelShuffleConnectorConfig, in_dim: int, out_dim: int, in_tokens: int, key: str):
         super().__init__()
-        self.side = square_side(in_tokens, "pixel_shuffle")
+        self.side = square_side(in_tokens, "pixel_shuffle", key)
         if config.factor < 1 or self.side % config.factor:
-            raise ConfigError(f"model.connector.factor: {config.factor} does not divide the "
+            raise ConfigError(f"{key}.factor: {config.factor} does not divide the "
                               f"{self.side}x{self.side} token grid")
         self.factor = config.factor
         self.num_tokens = (self.side // config.factor) ** 2

@@ -44,11 +44,11 @@ class QFormerBlock(nn.Module):
 class QFormer(Connector):
     """Q learned queries -> Q tokens: self-attention and cross-attention blocks (Li et al. 2023)."""
 
-    def __init__(self, config: QFormerConnectorConfig, in_dim: int, out_dim: int, in_tokens: int):
+    def __init__(self, config: QFormerConnectorConfig, in_dim: int, out_dim: int, in_tokens: int, key: str):
         super().__init__()
-        check_heads(config.width, config.heads)
+        check_heads(config.width, config.heads, key)
         if config.cross_attention_every < 1:
-            raise ConfigError("model.connector.cross_attention_every: must be at least 1")
+            raise ConfigError(f"{key}.cross_attention_every: must be at least 1")
         self.num_tokens = config.num_queries
         self.input = nn.Linear(in_dim, config.width)
         self.queries = nn.Parameter(torch.randn(config.num_queries, config.width) * 0.02)

@@ -28,10 +28,10 @@ class StackConnectorConfig(ConnectorConfig):
 class StackConnector(Connector):
     """S states -> ceil(S / k) tokens, each the concatenation of k neighbours, then an MLP."""
 
-    def __init__(self, config: StackConnectorConfig, in_dim: int, out_dim: int, in_tokens: int):
+    def __init__(self, config: StackConnectorConfig, in_dim: int, out_dim: int, in_tokens: int, key: str):
         super().__init__()
         if config.factor < 1 or config.depth < 1:
-            raise ConfigError("model.connector.factor and depth: must be at least 1")
+            raise ConfigError(f"{key}.factor and depth: must be at least 1")
         self.factor = config.factor
         self.num_tokens = -(-in_tokens // config.factor)
         self.norm = nn.LayerNorm(in_dim * config.factor) if config.norm else nn.Identity()
