@@ -62,6 +62,8 @@ def _dtype(module) -> str:
 
 def parts_table(model) -> str:
     """One row per part: kind, source, parameters, trainable parameters, tokens per item, dtype."""
+    if not hasattr(model, "encoders"):  # a dual encoder: its own parts
+        return dual_encoder_table(model)
     config = model.config
     rows = [("part", "kind", "source", "params", "trainable", "tokens/item", "dtype")]
     for modality, encoder in model.encoders.items():  # rows named as a stage's `train:` names them
@@ -76,6 +78,26 @@ def parts_table(model) -> str:
     rows.append(("llm", model.llm.model.config.model_type + lora, config.llm.source,
                  *_counts(model.llm), "-", _dtype(model.llm)))
     rows.append(("total", "", "", *_counts(model), "", ""))
+    return _table(rows)
+
+
+def dual_encoder_table(model) -> str:
+    """A dual encoder's parts, as a contrastive stage's `train:` names them: the image
+    encoder, the projection (head and logit scale), the text tower."""
+    config = model.model_config
+    rows = [("part", "kind", "source", "params", "trainable", "dtype")]
+    modules = model.part_modules()
+    source = getattr(config.encoder, "source", "") or "-"
+    rows.append(("encoder", config.encoder.kind, source, *_counts(modules["encoder"]), _dtype(modules["encoder"])))
+    rows.append(("projection", config.contrastive.loss, "-", *_counts(modules["projection"]),
+                 _dtype(modules["projection"])))
+    rows.append(("text", "hf", config.contrastive.text, *_counts(modules["text"]), _dtype(modules["text"])))
+    rows.append(("total", "", "", *_counts(model), ""))
+    return _table(rows)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    """Rows in aligned columns, a rule under the header."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))

@@ -38,6 +38,24 @@ def test_info_recipe_prints_parts(capsys):
     assert rows["llm"][1] == "llama"
 
 
+def test_info_dual_encoder_prints_its_parts(capsys, tmp_path):
+    import torch
+
+    from polymodal.config import ModelConfig, from_dict
+    from polymodal.contrastive.model import DualEncoder
+
+    config = from_dict(ModelConfig, {"kind": "dual-encoder",
+                                     "encoder": {"kind": "cnn", "image_size": 32, "channels": [8, 16]},
+                                     "contrastive": {"text": "tiny:bert", "pool": "max", "dim": 16}})
+    torch.manual_seed(0)
+    DualEncoder.from_config(config).save_pretrained(tmp_path / "model")
+    code, out, _ = run(capsys, "info", str(tmp_path / "model"))
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert list(rows) == ["encoder", "projection", "text", "total"]
+    assert rows["encoder"][1] == "cnn" and rows["text"][1:3] == ["hf", "tiny:bert"]
+
+
 def test_chat_answers_once_with_an_image(capsys):
     code, out, err = run(capsys, "chat", RECIPE, "--image", f"{DATA}/red_circle.png",
                          "--max-new-tokens", "4", "What shape?")
