@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from polymodal.data.easy_vqa_spoken import EasyVQASpokenOptions
 from polymodal.eval.easy_vqa import EasyVQA
-from polymodal.eval.tasks import Item, TaskOptions, register_task, seeded_sample
+from polymodal.eval.tasks import Item, TaskOptions, check_data_folder, register_task, seeded_sample
 
 
 @register_task("easy-vqa-spoken")
@@ -14,5 +14,6 @@ class EasyVQASpoken(EasyVQA):
     """easy-VQA questions spoken (an image and a clip): exact match, by question type."""
 
     def items(self, options: TaskOptions) -> list[Item]:
+        check_data_folder(options, "easy-vqa-spoken")
         spoken = EasyVQASpokenOptions.for_evaluation(options.split, options.data)
         return seeded_sample(spoken.question_items(), options.limit, options.seed)

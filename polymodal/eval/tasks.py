@@ -121,11 +121,19 @@ def task_file(options: TaskOptions) -> Path | None:
 def task_dataset(options: TaskOptions) -> EvaluationData:
     """The dataset a task reads without a task file: `options.dataset` at `options.split`, or
     at the folder `--data` names. Raises UserError for a format that lends no questions."""
+    check_data_folder(options)
     entry = DATASET_FORMATS.get(options.dataset)
     if entry.config is None or not issubclass(entry.config, EvaluationData):
         raise UserError(f"dataset format {options.dataset} lends no questions to evaluation tasks; "
                         f"give a task file (--data FILE.jsonl)")
     return entry.config.for_evaluation(options.split, options.data)
+
+
+def check_data_folder(options: TaskOptions, layout: str | None = None) -> None:
+    """Raises DataError naming `--data` when it names nothing (before a file inside it is
+    looked for); `layout`: the dataset whose folder layout it must have (`options.dataset`)."""
+    if options.data and not Path(options.data).exists():
+        raise DataError(f"not found (--data: a folder in the layout of {layout or options.dataset})", options.data)
 
 
 def seeded_sample(items: list, limit: int | None, seed: int = 0) -> list:

@@ -181,3 +181,15 @@ def test_a_dataset_that_lends_no_questions_is_refused_by_name(tmp_path):
         get_task("pope").items(TaskOptions(dataset="llava"))
     with pytest.raises(UserError, match=r"gone\.jsonl: not found \(--data: a task file"):
         get_task("caption").items(TaskOptions(data=str(tmp_path / "gone.jsonl")))
+
+
+@pytest.mark.parametrize("task", ["easy-vqa", "easy-vqa-spoken"])
+def test_a_data_folder_that_does_not_exist_is_named_before_any_file_in_it(task, tmp_path):
+    from polymodal.data.errors import DataError
+    from polymodal.eval.tasks import TaskOptions, get_task, task_dataset
+
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match=rf"^{missing}: not found \(--data: a folder in the layout of {task}\)"):
+        get_task(task).items(TaskOptions(data=str(missing)))
+    with pytest.raises(DataError, match=rf"^{missing}: not found"):  # audio-image's dataset
+        task_dataset(TaskOptions(data=str(missing)))
