@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -172,6 +172,9 @@ class DatasetConfig:
     # At most this many question/answer turns per sample: a longer one-image conversation is
     # split, each part with the image. 1 stops earlier answers giving later ones away.
     turns: int | None = None
+    # The samples' answers are the model's own, made as the stage begins (replay): only an
+    # objective that trains the LLM's answers can use them.
+    answered_by_model: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.weight <= 0:

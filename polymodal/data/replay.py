@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from polymodal.config import DatasetConfig
 from polymodal.data.errors import DataError, location
 from polymodal.data.sample import Sample
+from polymodal.errors import ConfigError
 from polymodal.registry import register_dataset_format
 
 BUILTIN_QUESTIONS = Path(__file__).with_name("replay_questions.txt")
@@ -33,6 +35,12 @@ class ReplayOptions(DatasetConfig):
 
     format: str = "replay"
     max_new_tokens: int = 32  # the longest answer kept (longer ones are dropped)
+    answered_by_model: ClassVar[bool] = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: must be at least 1, got {self.max_new_tokens}")
 
 
 def read_questions(path: str | Path | None = None) -> list[Sample]:

@@ -12,6 +12,7 @@ from torch import nn
 from polymodal.config import ContrastiveConfig, StageConfig
 from polymodal.contrastive.losses import clip_loss, siglip_loss
 from polymodal.contrastive.model import DualEncoder
+from polymodal.data.datasets import format_options
 from polymodal.errors import ConfigError, UserError
 from polymodal.objectives.base import StepLoss, encoder_is_frozen, part_groups
 from polymodal.objectives.features import FeatureCache
@@ -54,8 +55,9 @@ class Contrastive:
         for name, given in lm_only:
             if given:
                 raise ConfigError(f"{name}: only for objective lm")
-        if any(dataset.format == "replay" for dataset in stage.data):
-            raise ConfigError("data: format replay is for objective lm (it needs the LLM's answers)")
+        answered = [dataset for dataset in stage.data if format_options(dataset).answered_by_model]
+        if answered:
+            raise ConfigError(f"data: format {answered[0].format} is for objective lm (it needs the LLM's answers)")
 
     def _around(self, model: nn.Module) -> DualEncoder:
         if model.encoder is None:

@@ -133,7 +133,7 @@ def encode_dataset(objective: Objective, config: DatasetConfig, bad_file: Path |
     name = config.name
     samples = read_dataset(config)
     prints = fingerprint(name, samples) if fingerprinted else {}
-    if config.format == "replay":
+    if config.answered_by_model:
         samples = answer_questions(model, samples, config.max_new_tokens, replay_file)
     total = len(samples)
     samples = check_samples(samples, objective.placeholder, bad_file, stage.max_bad_fraction, name)

@@ -95,6 +95,9 @@ def test_replay_input_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="replay is for objective lm"):
         from_dict(StageConfig, {"name": "v", "objective": "contrastive", "train": ["encoder"],
                                 "lr": {"encoder": 1e-3}, "data": [{"format": "replay"}]})
+    with pytest.raises(ConfigError, match="max_new_tokens: must be at least 1, got 0"):
+        from_dict(StageConfig, {"name": "v", "train": ["llm"], "lr": {"llm": 1e-3},
+                                "data": [{"format": "replay", "max_new_tokens": 0}]})
 
 
 def test_a_fresh_run_asks_its_own_model_again(tmp_path):
