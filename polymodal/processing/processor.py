@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from polymodal.errors import UserError
+from polymodal.errors import UserError, check_context_length
 from polymodal.processing.collate import IGNORE
 
 # A literal text's place in the rendered template: private-use characters around its index.
@@ -95,8 +95,7 @@ class Processor:
         messages, found, literals = self.split_media(messages, self._given(images, media))
         ids = self._tokenize(self.llm.render(messages, add_generation_prompt), literals)
         ids = self._expand(ids, {modality: len(items) for modality, items in found.items()})
-        if len(ids) > self.max_length:
-            raise UserError(f"prompt is {len(ids)} tokens; the context holds {self.max_length}")
+        check_context_length(len(ids), 0, self.max_length, asked_as=None)  # before any answer is asked for
         inputs = self.media_inputs(found)
         return {"input_ids": ids, "media": inputs, "pixel_values": inputs.get("image")}
 

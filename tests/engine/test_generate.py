@@ -313,6 +313,9 @@ def test_a_context_overflow_is_one_typed_error_with_its_counts():
     with pytest.raises(ContextLengthError) as raised:
         engine.submit(prompt, SamplingParams(max_new_tokens=1))
     assert (raised.value.prompt_tokens, raised.value.new_tokens, raised.value.context) == (error.prompt_tokens, 1, 100)
+    with pytest.raises(ContextLengthError, match="leaves no room for an answer in the context of 512") as raised:
+        Engine(model).encode({"messages": [{"role": "user", "content": "x " * 600}]})  # longer than the context itself
+    assert raised.value.prompt_tokens > 512
 
 
 def test_the_generating_class_is_engine_and_torch_generator_is_left_alone():
