@@ -324,6 +324,9 @@ class StageConfig:
         except UserError as error:
             raise ConfigError(f"objective: {error}") from None
         objective.builder.check(self)
+        # validation's held-out loss is the objective's optional `summed_loss`
+        if self.validation is not None and not hasattr(objective.builder, "summed_loss"):
+            raise ConfigError(f"validation: objective {self.objective} measures no held-out loss (only lm does)")
 
     def _check_ranges(self) -> None:
         """Values torch or the loop would take badly: a traceback deep inside, or a silent

@@ -74,6 +74,12 @@ class Objective(Protocol):
     def loss(self, forward: nn.Module, batch: Any) -> StepLoss:
         """Run `forward` (the module, or its DDP/FSDP wrapper) on the batch; its loss."""
 
+    # Optional (`lm` has it): without it a stage's `validation:` is refused when the recipe
+    # is parsed (StageConfig), so train.validation calls it only where it exists.
+    def summed_loss(self, batch: Any) -> tuple[float, int]:
+        """(summed loss, counted units) of `self.module` on a held-out batch, no gradients
+        kept by the caller: `validation:`'s `val_loss` is their ratio over the data."""
+
 
 def objective_for(stage: StageConfig, model: nn.Module) -> Objective:
     """The objective a stage names (registry.OBJECTIVES), built for `model`."""

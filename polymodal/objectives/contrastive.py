@@ -50,8 +50,8 @@ class Contrastive:
     def check(cls, stage: StageConfig) -> None:
         """Options of the LM's loss are refused; the contrastive options get their defaults."""
         stage.contrastive = stage.contrastive or ContrastiveConfig()
-        lm_only = [("share_prefix", stage.share_prefix is not None), ("loss_average", stage.loss_average != "token"),
-                   ("validation", stage.validation is not None)]
+        # (`validation:` needs summed_loss, which this objective lacks: StageConfig refuses it)
+        lm_only = [("share_prefix", stage.share_prefix is not None), ("loss_average", stage.loss_average != "token")]
         for name, given in lm_only:
             if given:
                 raise ConfigError(f"{name}: only for objective lm")

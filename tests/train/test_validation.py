@@ -45,3 +45,13 @@ def test_validation_needs_something_to_measure(tmp_path):
              "data": [{"format": "llava", "path": "d.json"}], "validation": {"every": 5}}
     with pytest.raises(ConfigError, match=r"validation\.data or task"):
         from_dict(RecipeConfig, {"name": "x", "model": {"llm": {"source": "tiny:llama"}}, "stages": [stage]})
+
+
+def test_validation_is_refused_for_an_objective_without_a_held_out_loss():
+    from polymodal.config import StageConfig
+
+    stage = {"name": "s", "objective": "contrastive", "train": ["encoder"], "lr": {"encoder": 1e-3},
+             "data": [{"format": "captions", "path": "c.jsonl"}],
+             "validation": {"data": [{"format": "captions", "path": "v.jsonl"}]}}
+    with pytest.raises(ConfigError, match="validation: objective contrastive measures no held-out loss"):
+        from_dict(StageConfig, stage)
