@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from polymodal.config import FusionConfig
-from polymodal.errors import UserError
 from polymodal.registry import FUSIONS, register_fusion
 
 
@@ -29,12 +28,13 @@ class InlineFusion(nn.Module):
         """text_embeds [B, T, D], placeholder_mask [B, T] bool, media_tokens [N, K, D] -> [B, T, D].
 
         Media fill their modality's placeholders in reading order: sample by sample, left to
-        right. Raises UserError when the placeholder positions and the tokens differ in number.
+        right. Raises RuntimeError when the placeholder positions and the tokens differ in
+        number (the processor counted them against the media already: a bug, not the user's).
         """
         slots = int(placeholder_mask.sum())
         given = 0 if media_tokens is None else media_tokens.shape[0] * media_tokens.shape[1]
         if slots != given:
-            raise UserError(f"{modality} placeholders and {modality} tokens differ: {slots} "
+            raise RuntimeError(f"{modality} placeholders and {modality} tokens differ: {slots} "
                             f"placeholder positions, {given} {modality} tokens")
         if media_tokens is None:
             return text_embeds

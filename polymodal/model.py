@@ -60,7 +60,8 @@ class MultimodalLM(nn.Module):
     def __init__(self, config: ModelConfig, loader: PartLoader | None = None, tokenizer=None):
         super().__init__()
         if config.kind != "multimodal-lm":
-            raise UserError(f"model.kind {config.kind!r} is not a multimodal LM")
+            # build.build_model / load_model dispatch by kind: another kind here is a caller's bug
+            raise RuntimeError(f"model.kind {config.kind!r} is not a multimodal LM")
         loader = loader or PartLoader(trust_remote_code=config.llm.trust_remote_code)
         self.config = config
         self.llm = LanguageModel(config.llm, loader, tokenizer)
@@ -174,8 +175,8 @@ class MultimodalLM(nn.Module):
         tensor is the image modality's): `media` the encoder inputs (pixels [N, 3, S, S]),
         `media_features` the encoder's outputs [N, S_enc, D_enc] (a frozen encoder's
         cache), `media_tokens` finished LLM tokens [N, K, D]; the first given of tokens,
-        features and inputs is used. Raises UserError when a modality's placeholders and
-        items differ in number.
+        features and inputs is used. Raises RuntimeError when a modality's placeholders and
+        items differ in number (the processor checks them first).
         """
         media, media_tokens, media_features = (_by_modality(media), _by_modality(media_tokens),
                                                _by_modality(media_features))

@@ -97,7 +97,8 @@ class DualEncoder(nn.Module):
         text tower loaded from `contrastive.text`."""
         config = config.model if isinstance(config, RecipeConfig) else config
         if config.kind != "dual-encoder":
-            raise UserError("not a dual-encoder model config (model.kind: dual-encoder)")
+            # build.build_model / load_model dispatch by kind: another kind here is a caller's bug
+            raise RuntimeError(f"model.kind {config.kind!r} is not a dual encoder")
         loader = loader or PartLoader()
         model = cls.around(build_encoder(config.encoder, loader), config.contrastive, loader, tokenizer)
         model.model_config, model.architectures = config, loader.architectures
