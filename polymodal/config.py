@@ -141,18 +141,11 @@ class ModelConfig:
 
     def _check_modalities(self) -> None:
         """Each encoder sits under the modality it reads: a Whisper under `image` is a typo."""
-        from polymodal import registry
-
         for modality, encoder in self.encoders.items():
             declared = getattr(registry.ENCODERS.get(encoder.kind).builder, "modality", modality)
             if declared != modality:
                 raise ConfigError(f"encoders.{modality}: a {encoder.kind} encoder reads "
                                   f"{declared}, not {modality}")
-
-    @property
-    def modalities(self) -> list[str]:
-        """The media this model reads, in the order of `encoders`."""
-        return list(self.encoders)
 
 
 @dataclass

@@ -160,12 +160,6 @@ class MultimodalLM(nn.Module):
             raise UserError(f"this model has no {modality} encoder; it takes {reads}")
         return self.connectors[modality](self.encoders[modality](inputs))
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, S, S] in [0, 1] -> LLM tokens [N, K, D_llm]."""
-        if "image" not in self.encoders:
-            raise UserError("this model has no image encoder; it takes text only")
-        return self.encode("image", pixel_values)
-
     def embed(self, input_ids: torch.Tensor, media: dict | torch.Tensor | None = None,
               media_tokens: dict | torch.Tensor | None = None,
               media_features: dict | torch.Tensor | None = None) -> torch.Tensor:

@@ -105,6 +105,11 @@ def part_groups(model: nn.Module, stage: StageConfig) -> Iterator[tuple[str, lis
         yield part, params
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's parameters live (the CPU for one without any)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
 def encoder_is_frozen(encoder: nn.Module | None) -> bool:
     """True when `encoder` exists and none of its weights train (set_trainable ran): its
     outputs can be cached for the stage."""

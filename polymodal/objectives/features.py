@@ -7,6 +7,8 @@ from collections.abc import Callable, Hashable
 import torch
 from torch import nn
 
+from polymodal.objectives.base import module_device
+
 
 class FeatureCache:
     """Each medium's encoder outputs, computed once, keyed by (modality, item).
@@ -35,8 +37,7 @@ class FeatureCache:
         if missing:
             was_training = encoder.training
             encoder.eval()
-            device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
-            encoded = encoder(load(missing).to(device))
+            encoded = encoder(load(missing).to(module_device(encoder)))
             encoder.train(was_training)
             self.features.update(((modality, item), features) for item, features in zip(missing, encoded))
         return torch.stack([self.features[modality, item] for item in items])

@@ -139,11 +139,6 @@ class Processor:
             given["image"] = list(images) + given.get("image", [])
         return given
 
-    def split_images(self, messages: list[dict], images: list) -> tuple[list[dict], list, list]:
-        """`split_media` for images alone: (messages, images, literals)."""
-        messages, found, literals = self.split_media(messages, {"image": list(images)})
-        return messages, found.get("image", []), literals
-
     def split_media(self, messages: list[dict], media: dict[str, list]
                     ) -> tuple[list[dict], dict[str, list], list]:
         """Messages with string content, each modality's items in reading order, and the literal texts.

@@ -30,11 +30,6 @@ def default_device(local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else CPU
 
 
-def module_device(module: torch.nn.Module) -> torch.device:
-    """Where a module's parameters live (the CPU for one without any)."""
-    return next((p.device for p in module.parameters()), CPU)
-
-
 @dataclass(frozen=True)
 class World:
     rank: int = 0

@@ -12,6 +12,7 @@ import torch
 
 from polymodal.config import ValidationConfig
 from polymodal.errors import UserError
+from polymodal.objectives.base import module_device
 from polymodal.objectives.lm import LanguageModeling
 from polymodal.train.mixture import encode_dataset
 
@@ -60,7 +61,7 @@ class Validator:
         """Mean next-token loss over every label token of the held-out examples."""
         total, tokens = 0.0, 0
         size = self.config.batch_size
-        device = next(self.objective.module.parameters()).device
+        device = module_device(self.objective.module)
         for start in range(0, len(self.examples), size):
             batch = self.objective.batch(self.examples[start : start + size]).to(device)
             batch_total, batch_tokens = self.objective.summed_loss(batch)
