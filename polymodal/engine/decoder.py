@@ -93,8 +93,8 @@ class TokenLayout:
         if self.shared_slots is None:
             cache.write(layer, self.token_rows, self.token_slots, keys, values)
         else:
-            cache.write_block(layer, self.rows, self.shared_slots, self.to_grid(keys).transpose(1, 2),
-                              self.to_grid(values).transpose(1, 2))
+            cache.write(layer, self.rows, self.shared_slots, self.to_grid(keys).transpose(1, 2),
+                        self.to_grid(values).transpose(1, 2))
 
     def to_grid(self, packed: torch.Tensor) -> torch.Tensor:
         """[N, ...] -> [B, T, ...], zeros at padding."""

@@ -40,16 +40,12 @@ class KVCache:
         """(rows, slots per row) allocated."""
         return tuple(self.key_mask.shape)
 
-    def write(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor,
+    def write(self, layer: int, rows: torch.Tensor | slice, slots: torch.Tensor | slice, keys: torch.Tensor,
               values: torch.Tensor) -> None:
-        """Store token i's keys[i] and values[i] [N, H_kv, head_dim] at (rows[i], slots[i]) [N]."""
-        self.keys[layer][rows, :, slots] = keys
-        self.values[layer][rows, :, slots] = values
-
-    def write_block(self, layer: int, rows: slice, slots: slice, keys: torch.Tensor,
-                    values: torch.Tensor) -> None:
-        """Store keys and values [B, H_kv, T, head_dim] at `rows` x `slots` (every row's tokens
-        at the same slots): one strided copy, cheaper than `write`'s scatter."""
+        """Store keys and values in `layer`. Index tensors rows, slots [N]: token i's keys[i]
+        and values[i] [N, H_kv, head_dim] at (rows[i], slots[i]) (a scatter). Slices: keys
+        and values [B, H_kv, T, head_dim] at `rows` x `slots`, every row's tokens at the same
+        slots (one strided copy, cheaper than the scatter)."""
         self.keys[layer][rows, :, slots] = keys
         self.values[layer][rows, :, slots] = values
 
