@@ -28,7 +28,6 @@ from polymodal.saved import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     is_model_directory,
-    read_model_record,
     saved_model_kind,
 )
 
@@ -74,9 +73,9 @@ def load_any(source: str, overrides: list[str] = ()):
     Raises:
         UserError: overrides for anything but a recipe, or what loading or building raises.
     """
-    if Path(source, CONFIG_FILE).is_file() and Path(source, WEIGHTS_FILE).is_file():
-        read_model_record(Path(source))  # a damaged config.json: one line naming it
-    if is_model_directory(source):
+    # A polymodal config.json, or any config.json beside model.safetensors (a damaged one:
+    # load_model's first read names what is wrong), is a saved model.
+    if Path(source, CONFIG_FILE).is_file() and (Path(source, WEIGHTS_FILE).is_file() or is_model_directory(source)):
         if overrides:
             raise UserError("--set applies to recipes only; a saved model is used as it was trained")
         return load_model(source)
