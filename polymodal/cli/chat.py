@@ -56,15 +56,15 @@ def run(args: argparse.Namespace) -> int:
 class ChatSession:
     """A conversation: history, pending images, and streaming the answers to stdout."""
 
-    def __init__(self, generator, params, system: str | None):
-        self.generator = generator
+    def __init__(self, engine, params, system: str | None):
+        self.engine = engine
         self.params = params
         self.system = system
         self.messages: list[dict] = []
         self.images: list = []
         self.audio: list = []  # clips of earlier messages, in placeholder order
-        self.token = generator.model.llm.image_token
-        self.audio_token = generator.model.config.llm.placeholder("audio")
+        self.token = engine.model.llm.image_token
+        self.audio_token = engine.model.config.llm.placeholder("audio")
 
     def ask(self, text: str, images: list, audio: list = ()) -> str:
         # the media sent with this message go in it (the conversation's earlier ones are
@@ -75,9 +75,9 @@ class ChatSession:
         if self.system:
             messages.insert(0, {"role": "system", "content": self.system})
         prompt = {"messages": messages, "images": [*self.images, *images], "media": {"audio": [*self.audio, *audio]}}
-        encoded = self.generator.encode(prompt)  # placeholders and length checked before streaming
+        encoded = self.engine.encode(prompt)  # placeholders and length checked before streaming
         pieces = []
-        for piece in self.generator.stream(encoded, self.params):
+        for piece in self.engine.stream(encoded, self.params):
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

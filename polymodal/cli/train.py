@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             name = stopped[0] if stopped else "SIGINT"
             print(stopped_line(args, run_dir, name), file=sys.stderr)
             return 128 + int(getattr(signal, name))
-        except NonFiniteLoss as error:  # training diverged: not a typo of the user's (exit 2)
+        except NonFiniteLoss as error:  # training diverged: not a typo of the user's, so 1, not 2
             print(f"polymodal: error: {error} (the training diverged: lower the stage's lr, keep clip "
                   "on, or check its data)", file=sys.stderr)
             return 1

@@ -64,7 +64,8 @@ class Engine:
         self._merged = False  # inside lora_merged()
 
     def encode(self, prompt: dict) -> dict:
-        """{"messages": [...], "images": [...]} -> ids and pixels; already-encoded prompts pass."""
+        """{"messages": [...], "images": [...], "media": {modality: [...]}} -> ids and each
+        modality's encoder inputs (`Processor.encode`); already-encoded prompts pass."""
         if "input_ids" in prompt:
             return prompt
         return self.model.processor.encode(prompt["messages"], prompt.get("images", ()), media=prompt.get("media"))

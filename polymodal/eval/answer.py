@@ -1,7 +1,7 @@
 """Answering a task's items: batched greedy generation, each image decoded and encoded once.
 
 Items are taken in groups by image, so a batch holds all the questions about a few
-images; the generator then runs the shared prefix (system prompt + image tokens) once
+images; the engine then runs the shared prefix (system prompt + image tokens) once
 per image and only each question's own tokens per row (`engine.generate.shared_prefixes`).
 """
 
@@ -27,15 +27,15 @@ def answer_items(model, items: list[Item], batch_size: int = 32, max_new_tokens:
                  desc: str = "answering", system: str | None = None) -> list[str]:
     """The model's greedy answer to every item, in item order; `system`: a system message
     before each question."""
-    generator = Engine(model)
+    engine = Engine(model)
     params = SamplingParams(max_new_tokens=max_new_tokens)
     answers: list[str] = [""] * len(items)
-    with generator.lora_merged():
+    with engine.lora_merged():
         for chunk, prompts in batches(model, items, batch_size, desc):
             if system is not None:
                 for prompt in prompts:
                     prompt["messages"].insert(0, {"role": "system", "content": system})
-            for index, completion in zip(chunk, generator.generate(prompts, params)):
+            for index, completion in zip(chunk, engine.generate(prompts, params)):
                 answers[index] = completion.text
     return answers
 
@@ -43,11 +43,11 @@ def answer_items(model, items: list[Item], batch_size: int = 32, max_new_tokens:
 def answer_logits(model, items: list[Item], token_ids: list[int], batch_size: int = 32,
                   desc: str = "scoring") -> torch.Tensor:
     """[len(items), len(token_ids)]: the logit of each given first answer token, per item."""
-    generator = Engine(model)
+    engine = Engine(model)
     scores = torch.zeros(len(items), len(token_ids))
-    with generator.lora_merged():
+    with engine.lora_merged():
         for chunk, prompts in batches(model, items, batch_size, desc):
-            scores[chunk] = generator.first_token_logits(prompts)[:, token_ids]
+            scores[chunk] = engine.first_token_logits(prompts)[:, token_ids]
     return scores
 
 
@@ -76,7 +76,7 @@ def batches(model, items: list[Item], batch_size: int, desc: str) -> Iterator[tu
 
 def _prompt(model, item: Item, pixels: dict) -> dict:
     """The item's prompt with its images as cached pixel tensors (the same object for every
-    question about one image, which is how the generator sees that they share it)."""
+    question about one image, which is how the engine sees that they share it)."""
     images = []
     for image in item.images:
         key = media_key(image)

@@ -89,8 +89,8 @@ class LanguageModeling:
         return lm_example(self.module, sample, self.stage.max_length, memo)
 
     def batch(self, examples: list[dict]) -> Batch:
-        """Examples -> a `Batch`: rows of shared prefixes when the stage says so, images
-        loaded, or a frozen image encoder's features from the cache."""
+        """Examples -> a `Batch`: rows of shared prefixes when the stage says so, each
+        modality's media loaded, or a frozen encoder's features from the cache."""
         module = self.module
         if self.stage.share_prefix:
             others = [token for modality, token in module.placeholder_ids.items() if modality != "image"]

@@ -10,7 +10,7 @@ RUN_DIR/
   loss.png           loss curves, one per stage
   tensorboard/       the same curves as TensorBoard events: loss per stage, learning rates, validation
   summary.json       train_seconds (total and per stage), samples, tokens, final loss
-  model/             the final model (MultimodalLM.from_pretrained reads it)
+  model/             the final model (build.load_model reads it)
   .lock              held by the one `train` writing here (see polymodal/locks.py)
 """
 
