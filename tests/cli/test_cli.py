@@ -94,7 +94,7 @@ def test_chat_repl(capsys, monkeypatch):
     (["chat", RECIPE, "--image", f"{DATA}/not_an_image.png", "hi"], "not an image:"),
     (["chat", RECIPE, "--image", f"{DATA}/red_circle.png", "<image><image>hi"],
      r"1 image(s) given but 2 <image> placeholder(s)"),
-    (["chat", "tiny:llama", "word " * 400], "prompt is"),
+    (["chat", "tiny:llama", "word " * 400], "leaves no room for an answer"),
     (["chat", "tiny:llama", "--max-new-tokens", "500", "hi"], "exceeds the context of 512 tokens"),
     (["chat", "tiny:llama", "--temperature", "-1", "hi"], "temperature must be a number of at least 0"),
     (["chat", "tiny:llama", "--temperature", "nan", "hi"], "temperature must be a number of at least 0"),
