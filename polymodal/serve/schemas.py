@@ -43,26 +43,22 @@ class InputAudio(BaseModel):
     format: str  # "wav" (OpenAI also names "mp3", refused here: 415)
 
 
+# What each media part's object looks like, for the error that refuses another type.
+MEDIA_PART_SHAPES = {"image_url": '{"url": "data:image/png;base64,..."}',
+                     "input_audio": '{"data": BASE64, "format": "wav"}'}
+
+
 class ContentPart(BaseModel):
     type: Literal["text", "image_url", "input_audio"]
     text: str | None = None
     image_url: ImageURL | None = None
     input_audio: InputAudio | None = None
 
-    @field_validator("input_audio", mode="before")
+    @field_validator("image_url", "input_audio", mode="before")
     @classmethod
-    def _an_audio_object(cls, value):
+    def _an_object(cls, value, info):
         if value is not None and not isinstance(value, dict):
-            raise ValueError('expected an object {"data": BASE64, "format": "wav"}, '
-                             f"got {_kind(value)}")
-        return value
-
-    @field_validator("image_url", mode="before")
-    @classmethod
-    def _an_object(cls, value):
-        if value is not None and not isinstance(value, dict):
-            raise ValueError('expected an object {"url": "data:image/png;base64,..."}, '
-                             f"got {_kind(value)}")
+            raise ValueError(f"expected an object {MEDIA_PART_SHAPES[info.field_name]}, got {_kind(value)}")
         return value
 
 
