@@ -84,3 +84,24 @@ def ddp_and_single_losses(recipe: dict, tmp_path) -> tuple[list[float], list[flo
         return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     return losses("ddp"), losses("single")
+
+
+def interrupted_run(monkeypatch, config, run, at_call: int, module_class=None) -> None:
+    """Train `config` into `run`, stopped (as by Ctrl-C) at the `at_call`-th call of
+    `module_class.forward` (default: MultimodalLM's); the forward is put back after."""
+    from polymodal.model import MultimodalLM
+    from polymodal.train.run import train
+
+    module_class = module_class or MultimodalLM
+    forward, calls = module_class.forward, []
+
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return forward(self, batch)
+
+    monkeypatch.setattr(module_class, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run)
+    monkeypatch.setattr(module_class, "forward", forward)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ddp_and_single_losses
+from conftest import ddp_and_single_losses, interrupted_run
 from polymodal.config import RecipeConfig, from_dict
 from polymodal.contrastive.losses import clip_loss, siglip_loss
 from polymodal.contrastive.model import DualEncoder
@@ -160,18 +160,8 @@ def test_recipe_with_a_contrastive_stage_then_an_lm_stage_resumes_identically(tm
     rows = [json.loads(r) for r in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert "pairs_per_second" in rows[0] and "tokens_per_second" in rows[-1]
 
-    forward, calls = DualEncoder.forward, []
-
-    def interrupted(self, batch):
-        calls.append(1)
-        if len(calls) == 3:  # contrastive step 3: after the checkpoint at its step 2
-            raise KeyboardInterrupt
-        return forward(self, batch)
-
-    monkeypatch.setattr(DualEncoder, "forward", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "resumed")
-    monkeypatch.setattr(DualEncoder, "forward", forward)
+    # the 3rd forward: contrastive step 3, after the checkpoint at its step 2
+    interrupted_run(monkeypatch, config, tmp_path / "resumed", at_call=3, module_class=DualEncoder)
     train(config, tmp_path / "resumed", resume=True)
     from safetensors.torch import load_file
     straight = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_train import MODEL, recipe, synthetic_dataset, two_stage_recipe
 
+from conftest import interrupted_run
 from polymodal.config import RecipeConfig, from_dict
 from polymodal.errors import UserError
 from polymodal.train.run import train
@@ -244,31 +245,13 @@ def test_each_bad_sample_is_listed_once_over_stages_and_resumes(tmp_path, monkey
     for stage in config.stages:
         stage.max_bad_fraction = 0.2
     # stopped in the second stage, after its first checkpoint
-    interrupted_run(tmp_path, monkeypatch, config, tmp_path / "run", at_call=9)
+    interrupted_run(monkeypatch, config, tmp_path / "run", at_call=9)
     train(config, tmp_path / "run", resume=True)
     rows = [json.loads(line) for line in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
     assert [(r["dataset"], r["id"]) for r in rows] == [(str(path), "3")]
 
 
 # ---------------------------------------------------------------- 3: resume reads the same data
-
-
-def interrupted_run(tmp_path, monkeypatch, config, run, at_call):
-    """Train `config` into `run`, stopped (as by Ctrl-C) at the `at_call`-th forward."""
-    from polymodal.model import MultimodalLM
-
-    forward, calls = MultimodalLM.forward, []
-
-    def interrupted(self, batch):
-        calls.append(1)
-        if len(calls) == at_call:
-            raise KeyboardInterrupt
-        return forward(self, batch)
-
-    monkeypatch.setattr(MultimodalLM, "forward", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, run)
-    monkeypatch.setattr(MultimodalLM, "forward", forward)
 
 
 def one_stage_with_checkpoints(path):
@@ -284,7 +267,7 @@ def test_resume_on_changed_data_is_refused_naming_the_file(tmp_path, monkeypatch
 
     path = synthetic_dataset(tmp_path)
     config = one_stage_with_checkpoints(path)
-    interrupted_run(tmp_path, monkeypatch, config, tmp_path / "run", at_call=4)  # after step 2's checkpoint
+    interrupted_run(monkeypatch, config, tmp_path / "run", at_call=4)  # after step 2's checkpoint
     if change == "image":
         Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / "5.png")  # same name, other pixels
         changed = str(tmp_path / "5.png")
@@ -300,7 +283,7 @@ def test_resume_on_changed_data_is_refused_naming_the_file(tmp_path, monkeypatch
 def test_resume_on_the_same_data_written_again_continues(tmp_path, monkeypatch):
     path = synthetic_dataset(tmp_path)
     config = one_stage_with_checkpoints(path)
-    interrupted_run(tmp_path, monkeypatch, config, tmp_path / "run", at_call=4)
+    interrupted_run(monkeypatch, config, tmp_path / "run", at_call=4)
     path.write_text(json.dumps(json.loads(path.read_text()), indent=2))  # other bytes, same records
     train(config, tmp_path / "run", resume=True)
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -328,7 +311,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_for_the_one_before(tmp_path, m
 
     path = synthetic_dataset(tmp_path)
     config = one_stage_with_checkpoints(path)
-    interrupted_run(tmp_path, monkeypatch, config, tmp_path / "run", at_call=6)  # checkpoints 2 and 4
+    interrupted_run(monkeypatch, config, tmp_path / "run", at_call=6)  # checkpoints 2 and 4
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000002", "step-0000004"]
     file = damage(checkpoints / "step-0000004", how)
@@ -347,7 +330,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_for_the_one_before(tmp_path, m
 def test_resume_with_every_checkpoint_damaged_says_why_for_each(tmp_path, monkeypatch):
     path = synthetic_dataset(tmp_path)
     config = one_stage_with_checkpoints(path)
-    interrupted_run(tmp_path, monkeypatch, config, tmp_path / "run", at_call=6)
+    interrupted_run(monkeypatch, config, tmp_path / "run", at_call=6)
     for name in ("step-0000002", "step-0000004"):
         damage(tmp_path / "run" / "checkpoints" / name, "meta cut short")
     with pytest.raises(UserError, match=r"no usable checkpoint in .*: skipped checkpoint step-0000004 "
@@ -474,7 +457,7 @@ def test_temp_files_of_a_killed_writer_are_removed_by_the_next_run(tmp_path, mon
     path = synthetic_dataset(tmp_path)
     config = one_stage_with_checkpoints(path)
     run = tmp_path / "run"
-    interrupted_run(tmp_path, monkeypatch, config, run, at_call=4)
+    interrupted_run(monkeypatch, config, run, at_call=4)
     # what `kill -9` leaves: a checkpoint folder and atomic writes that never got renamed
     (run / "checkpoints" / ".tmp-k9x").mkdir()
     (run / "checkpoints" / ".tmp-k9x" / "weights.safetensors").write_bytes(b"partial")

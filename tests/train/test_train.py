@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ddp_and_single_losses
+from conftest import ddp_and_single_losses, interrupted_run
 from polymodal.config import RecipeConfig, from_dict
 from polymodal.engine.generate import Engine
 from polymodal.engine.sampling import SamplingParams
@@ -227,18 +227,8 @@ def test_resume_after_an_interruption_gives_identical_weights(tmp_path, monkeypa
     config = two_stage_recipe(path)
     train(config, tmp_path / "straight")
 
-    forward, calls = MultimodalLM.forward, []
-
-    def interrupted(self, batch):
-        calls.append(1)
-        if len(calls) == 9:  # stage 2, step 3: after the checkpoint at its step 2
-            raise KeyboardInterrupt
-        return forward(self, batch)
-
-    monkeypatch.setattr(MultimodalLM, "forward", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "resumed")
-    monkeypatch.setattr(MultimodalLM, "forward", forward)
+    # the 9th forward: stage 2, step 3, after the checkpoint at its step 2
+    interrupted_run(monkeypatch, config, tmp_path / "resumed", at_call=9)
     checkpoints = tmp_path / "resumed" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000006", "step-0000008"]  # keep 2
     # Checkpoints hold what stages so far trained; the rest is rebuilt from its source and seed.
