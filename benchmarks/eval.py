@@ -41,7 +41,7 @@ def theirs(model, items) -> tuple[float, list[str]]:
     for item in items:
         encoded = model.processor.encode(item.prompt(model.image_placeholder)["messages"], item.images)  # loads it
         ids = torch.tensor([encoded["input_ids"]])
-        embeds = model.embed(ids, encoded["pixel_values"])  # encodes it: [1, T, D]
+        embeds = model.embed(ids, encoded["media"])  # encodes it: [1, T, D]
         out = model.llm.model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
                                        max_new_tokens=8, do_sample=False, eos_token_id=stop,
                                        pad_token_id=model.pad_id)

@@ -160,26 +160,22 @@ class MultimodalLM(nn.Module):
             raise UserError(f"this model has no {modality} encoder; it takes {reads}")
         return self.connectors[modality](self.encoders[modality](inputs))
 
-    def embed(self, input_ids: torch.Tensor, media: dict | torch.Tensor | None = None,
-              media_tokens: dict | torch.Tensor | None = None,
-              media_features: dict | torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, media: dict | None = None,
+              media_features: dict | None = None) -> torch.Tensor:
         """Token ids [B, T] (+ media) -> input embeddings [B, T, D], each medium's tokens fused in.
 
-        Each argument maps modality -> that modality's items in placeholder order (a bare
-        tensor is the image modality's): `media` the encoder inputs (pixels [N, 3, S, S]),
-        `media_features` the encoder's outputs [N, S_enc, D_enc] (a frozen encoder's
-        cache), `media_tokens` finished LLM tokens [N, K, D]; the first given of tokens,
-        features and inputs is used. Raises RuntimeError when a modality's placeholders and
+        Each argument maps modality -> that modality's items in placeholder order: `media`
+        the encoder inputs (pixels [N, 3, S, S]), `media_features` the encoder's outputs
+        [N, S_enc, D_enc] (a frozen encoder's cache), used instead of the inputs when given. Raises RuntimeError when a modality's placeholders and
         items differ in number (the processor checks them first).
         """
-        media, media_tokens, media_features = (_by_modality(media), _by_modality(media_tokens),
-                                               _by_modality(media_features))
+        media, media_features = media or {}, media_features or {}
         embeds = self.llm.embed(input_ids)
         for modality, token_id in self.placeholder_ids.items():
-            tokens = media_tokens.get(modality)
-            if tokens is None and media_features.get(modality) is not None:
+            tokens = None
+            if media_features.get(modality) is not None:
                 tokens = self.connectors[modality](media_features[modality])
-            if tokens is None and media.get(modality) is not None:
+            elif media.get(modality) is not None:
                 tokens = self.encode(modality, media[modality])
             embeds = self.fusion(embeds, input_ids == token_id, tokens, modality)
         return embeds
@@ -225,12 +221,6 @@ class MultimodalLM(nn.Module):
         load_saved_weights(model, directory)
         return model.eval()
 
-
-def _by_modality(value: dict | torch.Tensor | None) -> dict:
-    """{} for None, {"image": tensor} for a bare tensor (callers from before modalities)."""
-    if value is None:
-        return {}
-    return value if isinstance(value, dict) else {"image": value}
 
 
 def _rename_old_weights(state_dict: dict, prefix: str, *args) -> None:
