@@ -26,8 +26,8 @@ from polymodal.data.sample import Item
 from polymodal.errors import UserError
 from polymodal.registry import DATASET_FORMATS, EVAL_TASKS
 
-__all__ = ["Item", "Task", "TaskOptions", "get_task", "register_task", "seeded_sample", "task_dataset",
-           "task_file", "task_names"]
+__all__ = ["Item", "Task", "TaskOptions", "get_task", "named_dataset", "register_task", "seeded_sample",
+           "task_dataset", "task_file", "task_names"]
 
 
 @dataclass
@@ -108,9 +108,9 @@ def task_names() -> list[str]:
 
 
 def task_file(options: TaskOptions) -> Path | None:
-    """The task file `--data` names, or None when it names none (or a dataset's folder).
-    Raises DataError when `--data` names nothing that exists."""
-    if not options.data:
+    """The task file `--data` names, or None when it names none (or a dataset's folder, or a
+    set by name: `aeon:NAME`). Raises DataError when `--data` names nothing that exists."""
+    if not options.data or named_dataset(options.data):
         return None
     path = Path(options.data)
     if not path.exists():
@@ -120,13 +120,27 @@ def task_file(options: TaskOptions) -> Path | None:
 
 def task_dataset(options: TaskOptions) -> EvaluationData:
     """The dataset a task reads without a task file: `options.dataset` at `options.split`, or
-    at the folder `--data` names. Raises UserError for a format that lends no questions."""
-    check_data_folder(options)
-    entry = DATASET_FORMATS.get(options.dataset)
+    at the folder (or dataset file) `--data` names, or the set `--data FORMAT:NAME` names
+    (`aeon:BasicMotions`: the format, then the name it is given as its source). Raises
+    UserError for a format that lends no questions."""
+    named = named_dataset(options.data)
+    dataset, source = named if named else (options.dataset, options.data)
+    if not named:
+        check_data_folder(options)
+    entry = DATASET_FORMATS.get(dataset)
     if entry.config is None or not issubclass(entry.config, EvaluationData):
-        raise UserError(f"dataset format {options.dataset} lends no questions to evaluation tasks; "
+        raise UserError(f"dataset format {dataset} lends no questions to evaluation tasks; "
                         f"give a task file (--data FILE.jsonl)")
-    return entry.config.for_evaluation(options.split, options.data)
+    return entry.config.for_evaluation(options.split, source)
+
+
+def named_dataset(data: str | None) -> tuple[str, str] | None:
+    """(format, name) when `--data` is `FORMAT:NAME` for a registered dataset format (and not
+    a path that exists): `aeon:BasicMotions`; None otherwise."""
+    if not data or ":" not in data or Path(data).exists():
+        return None
+    dataset, _, name = data.partition(":")
+    return (dataset, name) if dataset in DATASET_FORMATS else None
 
 
 def check_data_folder(options: TaskOptions, layout: str | None = None) -> None:
