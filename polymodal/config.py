@@ -79,6 +79,10 @@ class LLMConfig:
     # SmolLM2's template otherwise adds its ~20-token default to every sequence.
     system_prompt: str | None = None
     max_length: int | None = None  # context length; defaults to the LLM's own
+    # "random": the source's architecture and tokenizer, its weights re-drawn by the model's
+    # own initialiser (seeded by init_seed): the control that asks whether pretraining helps.
+    init: Literal["pretrained", "random"] = "pretrained"
+    init_seed: int = 0
 
     def __post_init__(self):
         if self.max_length is not None and self.max_length < 1:

@@ -28,6 +28,8 @@ class LanguageModel(nn.Module):
     def __init__(self, config: LLMConfig, loader, tokenizer=None):
         super().__init__()
         model, loaded_tokenizer = loader.causal_lm("llm", config.source, DTYPES[config.dtype])
+        if config.init == "random" and not loader.from_saved:  # a saved model's weights load over
+            reinitialise_weights(model, config.init_seed)
         self.tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -84,6 +86,19 @@ class LanguageModel(nn.Module):
         if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
             ids.add(end_of_turn)
         return ids
+
+
+def reinitialise_weights(model: nn.Module, seed: int) -> None:
+    """Re-draw every weight of a transformers model with its own `_init_weights` (normal
+    with the config's initializer_range, norms at one, biases zero), from `seed`, leaving
+    the global random generator as it was. The control of "are language models actually
+    useful" studies (Tan et al., NeurIPS 2024): same architecture and tokenizer, no
+    pretraining."""
+    for item in (*model.modules(), *model.parameters(), *model.buffers()):
+        item._is_hf_initialized = False  # transformers skips what it marked as loaded
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.init_weights()
 
 
 def add_placeholder_token(tokenizer, model, token: str) -> int:
