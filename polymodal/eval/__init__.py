@@ -11,6 +11,7 @@ from polymodal.eval import (  # noqa: F401  (each registers its task)
     multiple_choice,
     pope,
     retrieval,
+    series_classification,
     vqa,
     zeroshot,
 )
