@@ -76,6 +76,10 @@ class MultimodalLM(nn.Module):
         self.placeholder_ids = {"image": self.llm.image_token_id} | {
             modality: add_placeholder_token(self.llm.tokenizer, self.llm.model, config.llm.placeholder(modality))
             for modality in self.encoders if modality != "image"}
+        for connector in self.connectors.values():  # Time-LLM's reads the word embeddings, once resized
+            if hasattr(connector, "bind_word_embeddings"):
+                connector.bind_word_embeddings(self.llm.model.get_input_embeddings().weight,
+                                               self.llm.tokenizer.vocab_size)
         self.fusion = build_fusion(config.fusion)
         self.architectures = loader.architectures  # what save_pretrained records per part
         self.processor = Processor(self.llm, {
