@@ -19,6 +19,7 @@ from polymodal.data.sample import Sample
 from polymodal.errors import UserError
 from polymodal.processing.audio import AUDIO_SUFFIXES, read_wav
 from polymodal.processing.images import open_image
+from polymodal.processing.series import SERIES_SUFFIXES, read_series
 
 
 def sample_problem(sample: Sample, placeholder: str, verdicts: dict[str, str | None]) -> str | None:
@@ -50,7 +51,7 @@ _MEDIA_VERDICTS: dict[tuple[str, int, int], str | None] = {}
 
 
 def media_problem(path: str) -> str | None:
-    """Why the image or audio file at `path` cannot be used, or None."""
+    """Why the image, audio or series file at `path` cannot be used, or None."""
     try:
         status = os.stat(path)
     except OSError:
@@ -61,6 +62,8 @@ def media_problem(path: str) -> str | None:
     try:
         if Path(path).suffix.lower() in AUDIO_SUFFIXES:
             read_wav(path)
+        elif Path(path).suffix.lower() in SERIES_SUFFIXES:
+            read_series(path)
         else:
             open_image(path)
         verdict = None
