@@ -2,11 +2,11 @@
 same `Sample` (a conversation and its media), checked up front (validate.py).
 
 Formats: `llava` (llava.py), `captions` (captions.py), `replay` (replay.py), easy-VQA's
-(easy_vqa.py: its one home). Importing this package registers them all (registry.discover
+(easy_vqa.py: its one home), time series (`series`: series.py; `aeon`: aeon.py). Importing this package registers them all (registry.discover
 imports it by name).
 """
 
-from polymodal.data import captions, easy_vqa, easy_vqa_spoken, llava, replay  # noqa: F401  (they register their formats)
+from polymodal.data import aeon, captions, easy_vqa, easy_vqa_spoken, llava, replay, series  # noqa: F401  (they register their formats)
 from polymodal.data.captions import read_captions
 from polymodal.data.easy_vqa import read_easy_vqa
 from polymodal.data.llava import read_llava_json

@@ -32,6 +32,7 @@ from polymodal.objectives import Objective, objective_for
 from polymodal.safe_files import atomic_write
 from polymodal.train import checkpoint, distributed, replaced
 from polymodal.train.distributed import World
+from polymodal.train.fit_sizes import fit_encoder_sizes
 from polymodal.train.loop import train_stage
 from polymodal.train.mixture import Mixture, encode_dataset, read_dataset
 from polymodal.train.plots import plot_losses
@@ -192,6 +193,7 @@ def _train(recipe: RecipeConfig, run_dir: Path, model, resume: bool, overwrite: 
     resolve_epochs(recipe)
     run = Run(recipe, run_dir, resume, world)
     if model is None:
+        fit_encoder_sizes(recipe)  # series encoders' channels/length at 0: from the data
         torch.manual_seed(recipe.stages[0].seed)  # parts built from scratch start the same every run
         model = build_model(recipe)
     model.to(world.device)
