@@ -1,1 +1,10 @@
-"""Stock checkpoints out and in: export to transformers (LLaVA, SmolVLM/Idefics3) and GGUF, import llava-hf and SmolVLM directories."""
+"""Stock checkpoints out and in: export to transformers (LLaVA, SmolVLM/Idefics3) and GGUF, import llava-hf and SmolVLM directories.
+
+Importing this package registers every export format (common.EXPORT_FORMATS); each format's
+module holds its key table for both directions (llava.py, idefics3.py, gguf.py).
+"""
+
+from polymodal.interop import llava  # noqa: F401  (registers --format llava)
+from polymodal.interop.common import EXPORT_FORMATS, export_model, refuse
+
+__all__ = ["EXPORT_FORMATS", "export_model", "refuse"]

