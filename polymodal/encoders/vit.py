@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 from polymodal.config import EncoderConfig
 from polymodal.encoders.base import Encoder, PixelNormalize
@@ -23,11 +26,23 @@ class VitEncoderConfig(EncoderConfig):
     depth: int = 4
     heads: int = 3
     mlp_ratio: float = 4.0
+    # SigLIP/Idefics3's towers use the tanh approximation ("gelu_pytorch_tanh") and eps 1e-6;
+    # the defaults are PyTorch's, which the models trained before these options used.
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"
+    layer_norm_eps: float = 1e-5
+
+
+# "gelu" stays the string PyTorch's fast path recognises; the tanh form is GELU's
+# approximation (Hendrycks & Gimpel 2016), transformers' "gelu_pytorch_tanh".
+_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": partial(functional.gelu, approximate="tanh")}
 
 
 @register_encoder("vit", config=VitEncoderConfig)
 class VitEncoder(Encoder):
-    """A ViT from scratch: patch embedding, learned positions, pre-norm transformer blocks."""
+    """A ViT from scratch: patch embedding, learned positions, pre-norm transformer blocks,
+    a final LayerNorm. The layout of SigLIP's vision tower as Idefics3/SmolVLM use it (Zhai et
+    al. 2023; transformers' `Idefics3VisionTransformer`): the linear patch embedding is its
+    Conv2d, `in_proj` its q/k/v, the final norm its post-layernorm (polymodal.interop.idefics3)."""
 
     def __init__(self, config: VitEncoderConfig, loader=None, key: str = "encoder"):
         super().__init__()
@@ -41,10 +56,11 @@ class VitEncoder(Encoder):
         self.position = nn.Parameter(torch.randn(1, self.num_tokens, config.width) * 0.02)
         block = nn.TransformerEncoderLayer(
             config.width, config.heads, int(config.width * config.mlp_ratio),
-            dropout=0.0, activation="gelu", batch_first=True, norm_first=True,
+            dropout=0.0, activation=_ACTIVATIONS[config.activation], batch_first=True, norm_first=True,
+            layer_norm_eps=config.layer_norm_eps,
         )
         self.blocks = nn.TransformerEncoder(block, config.depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(config.width)
+        self.norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> [B, (H/p)*(W/p), width]."""
