@@ -96,6 +96,24 @@ class LLMConfig:
 
 
 @dataclass
+class ForecastHeadConfig:
+    """A regression head on the LLM's last hidden states at one modality's tokens: Time-LLM's
+    output projection (Jin et al., ICLR 2024), flattened tokens -> linear -> `horizon` future
+    values per channel of the series, in the encoder's RevIN-normalised space (denormalised
+    with the input's statistics). Trained by `objective: forecast` (part `forecast_head`)."""
+
+    horizon: int  # future steps predicted per channel
+    modality: str = "series"  # whose tokens the head reads (one item of it per sample)
+    dropout: float = 0.0  # on the flattened hidden states, while training
+
+    def __post_init__(self):
+        if self.horizon < 1:
+            raise ConfigError(f"horizon: must be at least 1, got {self.horizon}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
 class ModelConfig:
     """A multimodal LM: per modality an encoder and a connector, a fusion, and the LLM.
 
@@ -118,6 +136,7 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     kind: str = "multimodal-lm"  # a registered model kind (registry.MODEL_KINDS)
     contrastive: ContrastiveConfig | None = None
+    forecast_head: ForecastHeadConfig | None = None  # a series' future values from the LLM's hidden states
 
     def __post_init__(self):
         if self.kind == "dual-encoder":
@@ -142,6 +161,9 @@ class ModelConfig:
                 raise ConfigError(f"{missing}.{modality}: required when the other part of "
                                   f"{modality} is set")
         self._check_modalities()
+        if self.forecast_head is not None and self.forecast_head.modality not in self.encoders:
+            raise ConfigError(f"forecast_head.modality: the model has no {self.forecast_head.modality} "
+                              f"encoder (it reads {', '.join(self.encoders) or 'text only'})")
 
     def _check_modalities(self) -> None:
         """Each encoder sits under the modality it reads: a Whisper under `image` is a typo."""

@@ -14,6 +14,7 @@ from polymodal.connectors import build_connector
 from polymodal.encoders import build_encoder
 from polymodal.errors import UserError
 from polymodal.fusion import build_fusion
+from polymodal.heads import ForecastHead
 from polymodal.llm import LanguageModel, add_placeholder_token
 from polymodal.processing import Processor
 from polymodal.processing.batch import IGNORE, Batch
@@ -81,6 +82,9 @@ class MultimodalLM(nn.Module):
                 connector.bind_word_embeddings(self.llm.model.get_input_embeddings().weight,
                                                self.llm.tokenizer.vocab_size)
         self.fusion = build_fusion(config.fusion)
+        self.forecast_head = None if config.forecast_head is None else ForecastHead(
+            config.forecast_head, self.connectors[config.forecast_head.modality].num_tokens, self.llm.hidden_size,
+            self.encoders[config.forecast_head.modality].channels)
         self.architectures = loader.architectures  # what save_pretrained records per part
         self.processor = Processor(self.llm, {
             modality: MediaKind(modality, config.llm.placeholder(modality), self.placeholder_ids[modality],
@@ -128,19 +132,23 @@ class MultimodalLM(nn.Module):
         for modality in self.encoders:
             parts[f"encoder.{modality}"] = self.encoders[modality]
             parts[f"connector.{modality}"] = self.connectors[modality]
+        if self.forecast_head is not None:
+            parts["forecast_head"] = self.forecast_head
         return parts
 
     def set_trainable(self, parts: list[str]) -> None:
         """Train exactly these parts and freeze the rest; the one place freezing happens.
 
         Parts: `encoder` and `connector` (all modalities), `encoder.image`,
-        `connector.audio`, ... (one modality), `llm` (all of it), `llm.lora` (the adapters).
+        `connector.audio`, ... (one modality), `llm` (all of it), `llm.lora` (the adapters),
+        `forecast_head` (when the model has one).
 
         Raises:
             UserError: an unknown part, or `llm.lora` without adapters configured.
         """
         modules = self.part_modules()
-        known = ["encoder", "connector", *(name for name in modules if "." in name), "llm", "llm.lora"]
+        known = ["encoder", "connector", *(name for name in modules if "." in name), "llm", "llm.lora",
+                 *(["forecast_head"] if "forecast_head" in modules else [])]
         unknown = [part for part in parts if part not in known]
         if unknown:
             raise UserError(f"unknown trainable part {unknown[0]!r}; known: {', '.join(known)}")
@@ -188,15 +196,26 @@ class MultimodalLM(nn.Module):
         """Fuse the batch's media into its text, run the decoder, and compute logits only at
         the positions that predict a label (`LabelLogits`); the loss is the objective's
         (`objectives.losses`)."""
-        embeds = self.embed(batch.input_ids, batch.media, media_features=batch.media_features)
-        hidden = self.llm.decoder(
-            inputs_embeds=embeds, attention_mask=batch.decoder_attention_mask(),
-            position_ids=batch.position_ids, use_cache=False,
-        ).last_hidden_state  # [B, T, D]
+        hidden = self.hidden_states(batch)  # [B, T, D]
         targets = batch.labels[:, 1:]  # token t+1 is predicted at position t
         keep = targets != IGNORE  # [B, T-1]
         logits = self.llm.lm_head(hidden[:, :-1][keep])  # [N_labels, V], nothing else
         return LabelLogits(logits=logits, targets=targets[keep], label_mask=keep)
+
+    def hidden_states(self, batch: Batch) -> torch.Tensor:
+        """The decoder's last hidden states [B, T, D] of the batch, its media fused in."""
+        embeds = self.embed(batch.input_ids, batch.media, media_features=batch.media_features)
+        return self.llm.decoder(inputs_embeds=embeds, attention_mask=batch.decoder_attention_mask(),
+                                position_ids=batch.position_ids, use_cache=False).last_hidden_state
+
+    def forecast(self, batch: Batch) -> torch.Tensor:
+        """The forecast head's values [B, C, H] for a batch of one series per row, in the
+        series encoder's normalised space (its `denormalize` maps them back with each input's
+        statistics). RuntimeError for a model without a head (`forecast_head` is None)."""
+        if self.forecast_head is None:
+            raise RuntimeError("this model has no forecast head")
+        token_id = self.placeholder_ids[self.forecast_head.config.modality]
+        return self.forecast_head(self.hidden_states(batch), batch.input_ids == token_id)
 
     # ------------------------------------------------------------ training data
 
