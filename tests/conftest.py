@@ -41,6 +41,19 @@ def tiny_llava():
     return tiny_model({"kind": "hf", "source": "tiny:clip"}, {"kind": "mlp", "depth": 2})
 
 
+def tiny_series_model(channels: int = 3, length: int = 32, kind: str = "patchtst"):
+    """tiny:llama with a series encoder (`kind`) and an MLP connector, for series of at most
+    `channels` x `length` (issue 19's `series` modality)."""
+    from polymodal.config import ModelConfig, from_dict
+    from polymodal.model import MultimodalLM
+
+    torch.manual_seed(0)
+    config = from_dict(ModelConfig, {"llm": {"source": "tiny:llama"},
+                                     "encoders": {"series": {"kind": kind, "channels": channels, "length": length}},
+                                     "connectors": {"series": {"kind": "mlp"}}})
+    return MultimodalLM(config).eval()
+
+
 def needs_package(name: str):
     return pytest.mark.skipif(importlib.util.find_spec(name) is None,
                               reason=f"package {name} is not installed (pip install --no-deps)")

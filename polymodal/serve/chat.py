@@ -16,7 +16,7 @@ from polymodal.engine.batching import BatchingEngine, QueueFull
 from polymodal.engine.sampling import SamplingParams, choice_seed
 from polymodal.errors import UserError, check_context_length
 from polymodal.serve.errors import APIError, api_error, request_field
-from polymodal.serve.media import MediaLimits, decode_audio, decode_image
+from polymodal.serve.media import MediaLimits, decode_audio, decode_image, decode_series
 from polymodal.serve.schemas import ChatRequest
 
 # Tokenizers and image processors are shared by all requests; encoding runs in the thread
@@ -67,12 +67,13 @@ def _params(engine: BatchingEngine, body: ChatRequest, prompt_tokens: int, index
 
 def to_prompt(body: ChatRequest, model, limits: MediaLimits) -> dict:
     """OpenAI messages -> {"messages": [...]} whose content is a list of parts: text, decoded
-    images (PIL) and clips (WAV bytes, from `input_audio` parts), as `processing.processor`
-    reads them: media come from media parts alone, and `<image>` typed in a text part is
-    text. Decodes media: slow, so callers on the event loop run it in a thread."""
-    messages, counts = [], {"image": 0, "audio": 0}
+    images (PIL), clips (WAV bytes, from `input_audio` parts) and series (the encoder's
+    input, from `input_series` parts), as `processing.processor` reads them: media come
+    from media parts alone, and `<image>` typed in a text part is text. Decodes media: slow,
+    so callers on the event loop run it in a thread."""
+    messages, counts = [], {"image": 0, "audio": 0, "series": 0}
     for m, message in enumerate(body.messages):
-        parts = [media_part(part, f"messages[{m}].content[{p}]", limits, counts)
+        parts = [media_part(part, f"messages[{m}].content[{p}]", limits, counts, model)
                  for p, part in enumerate(message.content or [])]
         role = "system" if message.role == "developer" else message.role
         messages.append({"role": role, "content": parts})
@@ -83,10 +84,12 @@ def to_prompt(body: ChatRequest, model, limits: MediaLimits) -> dict:
     return {"messages": messages}
 
 
-def media_part(part, param: str, limits: MediaLimits, counts: dict[str, int]) -> dict:
+def media_part(part, param: str, limits: MediaLimits, counts: dict[str, int], model=None) -> dict:
     """One OpenAI content part -> the processor's part; counts media against the limits."""
     if part.type == "text":
         return {"type": "text", "text": part.text or ""}
+    if part.type == "input_series":
+        return series_part(part, param, limits, counts, model)
     if part.type == "input_audio":
         if part.input_audio is None:
             raise APIError(400, 'an input_audio part needs "input_audio": {"data": ..., "format": "wav"}',
@@ -104,6 +107,29 @@ def media_part(part, param: str, limits: MediaLimits, counts: dict[str, int]) ->
                        param=param, code="too_many_images")
     counts["image"] += 1
     return {"type": "image", "image": decode_image(part.image_url.url, limits, f"{param}.image_url.url")}
+
+
+def series_part(part, param: str, limits: MediaLimits, counts: dict[str, int], model) -> dict:
+    """An `input_series` part -> the processor's part holding the encoder's input
+    [channels, length] (NaN padding, `processing.series.pad_series`), made from the JSON
+    array in memory (no file). A series longer or wider than the encoder takes is a 400
+    naming the part's data, as is one over the server's limits."""
+    if part.input_series is None:
+        raise APIError(400, 'an input_series part needs "input_series": {"data": [[...], ...]}',
+                       param=f"{param}.input_series")
+    media = model.processor.media if model is not None else {}
+    if "series" not in media:
+        raise APIError(400, "this model takes no series; remove the input_series parts", param="messages")
+    if counts["series"] >= limits.max_series:
+        raise APIError(400, f"too many series: at most {limits.max_series} per request",
+                       param=param, code="too_many_series")
+    counts["series"] += 1
+    where = f"{param}.input_series.data"
+    values = decode_series(part.input_series.data, limits, where)  # [T, C]
+    try:
+        return {"type": "series", "series": media["series"].load(values)}
+    except UserError as error:  # longer or wider than the encoder takes
+        raise APIError(400, str(error), param=where) from None
 
 
 async def next_event(request, http: Request | None):

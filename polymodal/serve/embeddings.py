@@ -32,8 +32,8 @@ def embed(model, model_name: str, body: EmbeddingRequest, limits: MediaLimits) -
     vectors, tokens = [], 0
     with torch.inference_mode():
         for index, part in enumerate(body.input):
-            if part.type == "input_audio":
-                raise APIError(400, "embeddings take text and images; input_audio is for chat",
+            if part.type in ("input_audio", "input_series"):
+                raise APIError(400, f"embeddings take text and images; {part.type} is for chat",
                                param=f"input[{index}]")
             if part.type == "image_url":
                 if part.image_url is None:

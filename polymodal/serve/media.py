@@ -1,5 +1,7 @@
 """Media in requests. Audio: `input_audio` parts ({"data": BASE64, "format": "wav"}, as
-OpenAI's), checked by `decode_audio` with the limits and errors of images. Images: `data:` URIs by default; remote http(s) URLs only for allowlisted
+OpenAI's), checked by `decode_audio` with the limits and errors of images. Series:
+`input_series` parts ({"data": [T] or [T][C] numbers, time first as in a CSV}), checked by
+`decode_series` (steps, channels, finite numbers, rows of one length). Images: `data:` URIs by default; remote http(s) URLs only for allowlisted
 hosts and ports (`host` allows 80 and 443, `host:port` one port), with a byte cap, a
 timeout, every redirect re-checked, the connection made to the address that was checked
 (no second DNS lookup to rebind), and never to loopback, private or link-local addresses
@@ -14,6 +16,7 @@ import base64
 import binascii
 import http.client
 import ipaddress
+import math
 import re
 import socket
 import ssl
@@ -21,6 +24,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image
 
 from polymodal.errors import UserError
@@ -40,6 +44,11 @@ class MediaLimits:
     max_images: int = 4
     max_audio_bytes: int = 10 * 1024 * 1024
     max_audio: int = 4  # clips per request
+    # Series: steps and channels of one (the encoder's own length and channels may be less),
+    # and series per request.
+    max_series_steps: int = 4096
+    max_series_channels: int = 64
+    max_series: int = 4
     # Remote image hosts: "host" (ports 80 and 443) or "host:port"; empty: none.
     allowed_hosts: set[str] = field(default_factory=set)
     fetch_timeout: float = 5.0
@@ -80,6 +89,60 @@ def decode_audio(data: str, audio_format: str, limits: MediaLimits, param: str) 
     except UserError as error:
         raise APIError(400, str(error), param=f"{param}.data") from None
     return wav
+
+
+def decode_series(data: list, limits: MediaLimits, param: str) -> np.ndarray:
+    """An `input_series` part's `data` -> float64 [T, C]: [T] numbers (one channel) or [T][C]
+    (time first, as in a CSV). An APIError (400) naming `param` otherwise: empty, more than
+    `limits.max_series_steps` steps or `max_series_channels` channels, rows of different
+    lengths, a number beside a row, or a value that is not a finite number (null, a string,
+    a boolean, NaN or Infinity: Python's JSON reader takes those two literals)."""
+    if not data:
+        raise APIError(400, "input_series.data is empty; send [T] or [T][C] numbers", param=param)
+    if len(data) > limits.max_series_steps:
+        raise APIError(400, f"series of {len(data)} steps is over this server's limit of "
+                            f"{limits.max_series_steps}", param=param, code="series_too_long")
+    rows = isinstance(data[0], list)
+    width = len(data[0]) if rows else 1
+    if not width:
+        raise APIError(400, "step 0 is an empty row; send [T] or [T][C] numbers", param=param)
+    if width > limits.max_series_channels:
+        raise APIError(400, f"series of {width} channels is over this server's limit of "
+                            f"{limits.max_series_channels}", param=param, code="too_many_channels")
+    for step, row in enumerate(data):
+        if isinstance(row, list) != rows:
+            first = f"a row of {width} values" if rows else "a number"
+            raise APIError(400, f"step {step} is {_json_kind(row)} but step 0 is {first}; send [T] "
+                                f"or [T][C] numbers", param=param)
+        values = row if rows else [row]
+        if len(values) != width:
+            raise APIError(400, f"step {step} has {len(values)} values, step 0 has {width}; every "
+                                f"step needs one value per channel", param=param)
+        for channel, value in enumerate(values):
+            if not _finite_number(value):
+                raise APIError(400, f"step {step} of channel {channel} is {_json_kind(value)}; every "
+                                    f"value must be a finite number", param=param)
+    return np.asarray(data, dtype=np.float64).reshape(len(data), width)
+
+
+def _finite_number(value) -> bool:
+    """A JSON number that float64 holds finitely (not a boolean, NaN, Infinity or 1e999)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float64
+        return False
+
+
+def _json_kind(value) -> str:
+    """How a JSON value is named in a message."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and not _finite_number(value):
+        return "NaN" if isinstance(value, float) and math.isnan(value) else "infinite (or beyond float64)"
+    if value is None:
+        return "null"
+    kinds = {bool: "a boolean", str: "a string", list: "a list", dict: "an object"}
+    return kinds.get(type(value), "a number")
 
 
 def _data_uri_bytes(url: str, limits: MediaLimits, param: str) -> bytes:

@@ -43,18 +43,26 @@ class InputAudio(BaseModel):
     format: str  # "wav" (OpenAI also names "mp3", refused here: 415)
 
 
+class InputSeries(BaseModel):
+    # [T] or [T][C] numbers, time first as in a CSV; checked by serve.media.decode_series
+    # (not here, so that each refusal names the part and the step).
+    data: list
+
+
 # What each media part's object looks like, for the error that refuses another type.
 MEDIA_PART_SHAPES = {"image_url": '{"url": "data:image/png;base64,..."}',
-                     "input_audio": '{"data": BASE64, "format": "wav"}'}
+                     "input_audio": '{"data": BASE64, "format": "wav"}',
+                     "input_series": '{"data": [[...], ...]}'}
 
 
 class ContentPart(BaseModel):
-    type: Literal["text", "image_url", "input_audio"]
+    type: Literal["text", "image_url", "input_audio", "input_series"]
     text: str | None = None
     image_url: ImageURL | None = None
     input_audio: InputAudio | None = None
+    input_series: InputSeries | None = None
 
-    @field_validator("image_url", "input_audio", mode="before")
+    @field_validator("image_url", "input_audio", "input_series", mode="before")
     @classmethod
     def _an_object(cls, value, info):
         if value is not None and not isinstance(value, dict):
