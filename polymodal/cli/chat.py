@@ -1,4 +1,4 @@
-"""`polymodal chat`: answer one prompt, or a REPL with /image, /audio, /reset and /quit. Tokens stream."""
+"""`polymodal chat`: answer one prompt, or a REPL with /image, /audio, /series, /reset and /quit. Tokens stream."""
 
 from __future__ import annotations
 
@@ -8,21 +8,24 @@ import sys
 from polymodal.errors import UserError
 from polymodal.processing.processor import with_placeholders
 
-HELP = "commands: /image PATH, /audio PATH (attach to the next message), /reset, /help, /quit"
+HELP = "commands: /image PATH, /audio PATH, /series PATH (attach to the next message), /reset, /help, /quit"
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
-        "chat", help="chat with a model (text, images, audio)",
+        "chat", help="chat with a model (text, images, audio, series)",
         description="MODEL is a saved model directory, a recipe YAML (built as configured) or an "
                     "LLM source (text only). With PROMPT it answers once; without, a REPL.")
     parser.add_argument("model")
     parser.add_argument("prompt", nargs="?", default=None,
                         help="answer this once and exit ('' with media alone, e.g. a spoken question); "
-                             "'<image>' and '<audio>' mark where media go")
+                             "'<image>', '<audio>' and '<series>' mark where media go")
     parser.add_argument("--image", action="append", default=[], metavar="PATH", help="attach an image (repeatable)")
     parser.add_argument("--audio", action="append", default=[], metavar="PATH",
                         help="attach a WAV clip (repeatable), for a model with an audio encoder")
+    parser.add_argument("--series", action="append", default=[], metavar="PATH",
+                        help="attach a time series, .csv or .npy, time first (repeatable), for a model "
+                             "with a series encoder")
     parser.add_argument("--system", help="a system message")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
@@ -40,17 +43,20 @@ def run(args: argparse.Namespace) -> int:
     from polymodal.engine.sampling import SamplingParams
     from polymodal.processing.audio import read_wav
     from polymodal.processing.images import open_image
+    from polymodal.processing.series import read_series
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
     images = [open_image(path) for path in args.image]  # fail on a bad path before a slow load
     for path in args.audio:
         read_wav(path)
+    for path in args.series:
+        read_series(path)
     session = ChatSession(Engine(load_for_command(args.model, args.set)), params, args.system)
     if args.prompt is not None:
-        session.ask(args.prompt, images, args.audio)
+        session.ask(args.prompt, images, args.audio, args.series)
         return 0
-    return session.repl(images, args.audio)
+    return session.repl(images, args.audio, args.series)
 
 
 class ChatSession:
@@ -63,18 +69,22 @@ class ChatSession:
         self.messages: list[dict] = []
         self.images: list = []
         self.audio: list = []  # clips of earlier messages, in placeholder order
+        self.series: list = []  # series files of earlier messages, in placeholder order
         self.token = engine.model.llm.image_token
         self.audio_token = engine.model.config.llm.placeholder("audio")
+        self.series_token = engine.model.config.llm.placeholder("series")
 
-    def ask(self, text: str, images: list, audio: list = ()) -> str:
+    def ask(self, text: str, images: list, audio: list = (), series: list = ()) -> str:
         # the media sent with this message go in it (the conversation's earlier ones are
-        # placed): images first, then clips, then the text, unless the text marks them
+        # placed): images first, then clips, then series, then the text, unless the text marks them
+        text = with_placeholders(text, len(series), self.series_token, alone=True)
         spoken = with_placeholders(text, len(audio), self.audio_token, alone=True)  # a clip may be the question
         content = with_placeholders(spoken, len(images), self.token)
         messages = [*self.messages, {"role": "user", "content": content}]
         if self.system:
             messages.insert(0, {"role": "system", "content": self.system})
-        prompt = {"messages": messages, "images": [*self.images, *images], "media": {"audio": [*self.audio, *audio]}}
+        prompt = {"messages": messages, "images": [*self.images, *images],
+                  "media": {"audio": [*self.audio, *audio], "series": [*self.series, *series]}}
         encoded = self.engine.encode(prompt)  # placeholders and length checked before streaming
         pieces = []
         for piece in self.engine.stream(encoded, self.params):
@@ -84,14 +94,14 @@ class ChatSession:
         sys.stdout.write("\n")
         answer = "".join(pieces)
         self.messages = [*messages[1 if self.system else 0 :], {"role": "assistant", "content": answer}]
-        self.images, self.audio = prompt["images"], prompt["media"]["audio"]
+        self.images, self.audio, self.series = prompt["images"], prompt["media"]["audio"], prompt["media"]["series"]
         return answer
 
-    def repl(self, images: list, audio: list = ()) -> int:
+    def repl(self, images: list, audio: list = (), series: list = ()) -> int:
         from polymodal.processing.audio import read_wav
         from polymodal.processing.images import open_image
 
-        pending, clips = list(images), list(audio)
+        pending, clips, pending_series = list(images), list(audio), list(series)
         print(HELP, file=sys.stderr)
         while True:
             try:
@@ -107,7 +117,8 @@ class ChatSession:
                 print(HELP, file=sys.stderr)
                 continue
             if line == "/reset":
-                self.messages, self.images, self.audio, pending, clips = [], [], [], [], []
+                self.messages, self.images, self.audio, self.series = [], [], [], []
+                pending, clips, pending_series = [], [], []
                 print("(conversation cleared)", file=sys.stderr)
                 continue
             try:
@@ -126,9 +137,24 @@ class ChatSession:
                     clips.append(path)
                     print(f"(audio attached; {len(clips)} pending)", file=sys.stderr)
                     continue
+                if line.startswith("/series"):
+                    pending_series.append(attached_series(line))
+                    print(f"(series attached; {len(pending_series)} pending)", file=sys.stderr)
+                    continue
                 if line.startswith("/"):
                     raise UserError(f"unknown command {line.split()[0]}; {HELP}")
-                self.ask(line, pending, clips)
-                pending, clips = [], []
+                self.ask(line, pending, clips, pending_series)
+                pending, clips, pending_series = [], [], []
             except UserError as error:  # the REPL survives a mistake
                 print(f"error: {error}", file=sys.stderr)
+
+
+def attached_series(line: str) -> str:
+    """`/series PATH` -> PATH, read once so that a bad file is named now, not at the next message."""
+    from polymodal.processing.series import read_series
+
+    path = line.removeprefix("/series").strip()
+    if not path:
+        raise UserError("usage: /series PATH")
+    read_series(path)
+    return path
