@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -156,10 +157,24 @@ def array_problem(series: np.ndarray, max_length: int) -> str | None:
     return None
 
 
+# (path, size, modification time, max_length) -> the verdict: a run reads its datasets
+# several times (epochs, encoder sizes, each stage); each file is read once per version.
+_FILE_PROBLEMS: dict[tuple[str, int, int, int], str | None] = {}
+
+
 def file_problem(path: str, max_length: int) -> str | None:
     """Why the series file at `path` cannot be used (read_series' message, or too long), or None."""
     try:
-        series = read_series(path)
+        status = os.stat(path)
+        key = (path, status.st_size, status.st_mtime_ns, max_length)
+    except OSError:
+        key = None  # read_series names the problem
+    if key in _FILE_PROBLEMS:
+        return _FILE_PROBLEMS[key]
+    try:
+        verdict = array_problem(read_series(path).numpy(), max_length)
     except UserError as error:
-        return str(error)
-    return array_problem(series.numpy(), max_length)
+        verdict = str(error)
+    if key is not None:
+        _FILE_PROBLEMS[key] = verdict
+    return verdict
