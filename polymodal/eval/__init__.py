@@ -8,6 +8,7 @@ from polymodal.eval import (  # noqa: F401  (each registers its task)
     caption,
     easy_vqa,
     easy_vqa_spoken,
+    forecast,
     multiple_choice,
     pope,
     retrieval,
