@@ -4,7 +4,7 @@ Importing this package registers every export format (common.EXPORT_FORMATS); ea
 module holds its key table for both directions (llava.py, idefics3.py, gguf.py).
 """
 
-from polymodal.interop import llava  # noqa: F401  (registers --format llava)
+from polymodal.interop import gguf, idefics3, llava  # noqa: F401  (register --format gguf, smolvlm, llava)
 from polymodal.interop.common import EXPORT_FORMATS, export_model, refuse
 
 __all__ = ["EXPORT_FORMATS", "export_model", "refuse"]
