@@ -55,11 +55,11 @@ def card_facts(source: str, eval_files: list[str], license: str):
     from polymodal.interop.common import CardFacts, read_json
 
     path = Path(source)
-    recipe = None
-    for candidate in (path.parent / "recipe.yaml", path / "recipe.yaml", path):
-        if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
-            recipe = candidate.read_text(encoding="utf-8")
-            break
+    if path.is_dir():  # a run's model/ folder: the run's recipe.yaml is beside it
+        candidates = (path / "recipe.yaml", path.parent / "recipe.yaml")
+    else:
+        candidates = (path,) if path.suffix in (".yaml", ".yml") else ()
+    recipe = next((candidate.read_text(encoding="utf-8") for candidate in candidates if candidate.is_file()), None)
     evaluations = {}
     for name in eval_files:
         results = Path(name) / "results.json" if Path(name).is_dir() else Path(name)

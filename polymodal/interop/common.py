@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import shutil
@@ -85,9 +86,13 @@ def export_model(model: nn.Module, format: str, out: str | os.PathLike, overwrit
         raise UserError(f"unknown export format {format!r}; known: {', '.join(sorted(EXPORT_FORMATS))}")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    write = EXPORT_FORMATS[format].write
+    options = {"dtype": dtype}
+    if facts is not None and "facts" in inspect.signature(write).parameters:
+        options["facts"] = facts  # a writer without `facts` writes its card without them
     out = Path(out)
     with atomic_directory(out, overwrite) as directory:
-        EXPORT_FORMATS[format].write(model, directory, dtype=dtype, facts=facts)
+        write(model, directory, **options)
     return out
 
 
