@@ -15,12 +15,13 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
     """The options every task takes (`eval` and `analyze` share them)."""
     parser.add_argument("model", help="a saved model directory (or a recipe / LLM source)")
     parser.add_argument("--task", required=True,
-                        help="easy-vqa, vqa, pope, caption, multiple-choice; for dual encoders "
+                        help="easy-vqa, vqa, pope, caption, multiple-choice, series-classification; for dual encoders "
                              "zeroshot, retrieval, audio-image (`polymodal info --list` lists them)")
     parser.add_argument("--split", default="test",
                         help="without a task file: the split of the built-in dataset (easy-VQA: train or test)")
     parser.add_argument("--data", metavar="PATH",
-                        help="the task's JSONL file, or a folder in the built-in dataset's layout")
+                        help="the task's JSONL file, or a folder in the built-in dataset's layout, or "
+                             "FORMAT:NAME for a set a dataset format knows by name (aeon:BasicMotions)")
     parser.add_argument("--limit", type=int, help="a fixed, seeded sample of N questions")
     parser.add_argument("--seed", type=int, default=0, help="seed of --limit and of built probes")
     parser.add_argument("--setting", default="all", help="pope: random, popular, adversarial or all")

@@ -96,4 +96,4 @@ class SeriesClassification(Task):
     def pictures(self, results: dict, rows: list[dict], out: Path) -> None:
         labels, counts = confusion(rows)
         plot_confusion(labels, counts, out / "confusion.png",
-                       f"series classification: accuracy {results['accuracy']:.1%}")
+                       f"series classification\naccuracy {results['accuracy']:.1%}")
