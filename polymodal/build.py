@@ -46,18 +46,27 @@ def build_model(config: ModelConfig | RecipeConfig):
     """
     if isinstance(config, RecipeConfig):
         if config.init_from:  # the trained model the recipe's stages start from
+            from polymodal.interop.imports import load_stock, stock_format
+
+            if stock_format(config.init_from):  # a llava-hf or SmolVLM directory, with the recipe's LoRA
+                return load_stock(config.init_from, config.model)
             return load_model(config.init_from)
         config = config.model
     return model_class(config.kind).from_config(config)
 
 
 def load_model(directory: str | os.PathLike):
-    """A saved model directory, rebuilt as the kind its config.json names.
+    """A saved model directory, rebuilt as the kind its config.json names; a llava-hf or
+    SmolVLM/Idefics3 directory, imported (polymodal.interop.imports).
 
     Raises:
         UserError: naming the file, for a missing or damaged file or an unknown kind.
     """
+    from polymodal.interop.imports import load_stock, stock_format
+
     directory = Path(directory)
+    if stock_format(directory):
+        return load_stock(directory)
     kind = saved_model_kind(directory)
     if kind not in MODEL_KINDS:
         raise UserError(f"{directory / CONFIG_FILE}: model.kind {kind!r} is not a known model kind; "
@@ -73,9 +82,12 @@ def load_any(source: str, overrides: list[str] = ()):
     Raises:
         UserError: overrides for anything but a recipe, or what loading or building raises.
     """
-    # A polymodal config.json, or any config.json beside model.safetensors (a damaged one:
-    # load_model's first read names what is wrong), is a saved model.
-    if Path(source, CONFIG_FILE).is_file() and (Path(source, WEIGHTS_FILE).is_file() or is_model_directory(source)):
+    from polymodal.interop.imports import stock_format
+
+    # A polymodal config.json, a llava-hf or SmolVLM one, or any config.json beside
+    # model.safetensors (a damaged one: load_model's first read names what is wrong), is a saved model.
+    if Path(source, CONFIG_FILE).is_file() and (Path(source, WEIGHTS_FILE).is_file() or is_model_directory(source)
+                                                or stock_format(source)):
         if overrides:
             raise UserError("--set applies to recipes only; a saved model is used as it was trained")
         return load_model(source)

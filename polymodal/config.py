@@ -601,15 +601,33 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
 
 
 def saved_model_config(data: dict) -> dict:
-    """The `model` of a recipe that starts from a trained model: that model's own config."""
+    """The `model` of a recipe that starts from a trained model: that model's own config. A
+    stock llava-hf or SmolVLM directory (a model_type in registry.STOCK_MODELS) gives its
+    imported config, with the recipe's `model:` merged over it (LoRA, a system prompt, ...)."""
     import json
 
     folder = Path(str(data["init_from"]))
+    try:
+        record = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        record = None
+    stock = record.get("model_type") if isinstance(record, dict) and record.get("format") != "polymodal" else None
+    if isinstance(stock, str) and stock in registry.STOCK_MODELS:
+        return _merged(registry.STOCK_MODELS.get(stock).builder(folder), data.get("model") or {})
     if "model" in data:
         raise ConfigError(f"model: the model comes from init_from ({folder}); leave model out")
     try:
-        record = json.loads((folder / "config.json").read_text())
         return record["model"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         raise ConfigError(f"init_from: not a trained model directory (no readable config.json "
                           f"with a model): {folder}") from None
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    """`changes` over `base`, mappings merged key by key (ConfigError if `changes` is not one)."""
+    if not isinstance(changes, dict):
+        raise ConfigError(f"model: expected a mapping of changes to the imported model, got {_show(changes)}")
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged

@@ -33,6 +33,7 @@ BUILTIN_PACKAGES = (
     "polymodal.objectives",
     "polymodal.engine",
     "polymodal.eval",
+    "polymodal.interop",
 )
 
 
@@ -91,6 +92,8 @@ OBJECTIVES = Registry("objective")
 DATASET_FORMATS = Registry("dataset format")
 EVAL_TASKS = Registry("task")
 RUNNERS = Registry("runner")
+# config.json model_type of a stock checkpoint polymodal imports -> its config reader
+STOCK_MODELS = Registry("stock checkpoint type")
 
 register_encoder = ENCODERS.register
 register_connector = CONNECTORS.register
@@ -100,6 +103,7 @@ register_objective = OBJECTIVES.register
 register_dataset_format = DATASET_FORMATS.register
 register_task = EVAL_TASKS.register
 register_runner = RUNNERS.register
+register_stock_model = STOCK_MODELS.register
 
 _discovered = False
 

@@ -4,7 +4,8 @@ Importing this package registers every export format (common.EXPORT_FORMATS); ea
 module holds its key table for both directions (llava.py, idefics3.py, gguf.py).
 """
 
-from polymodal.interop import gguf, idefics3, llava  # noqa: F401  (register --format gguf, smolvlm, llava)
+# gguf, idefics3, llava register --format gguf, smolvlm, llava; imports the stock types init_from reads
+from polymodal.interop import gguf, idefics3, imports, llava  # noqa: F401
 from polymodal.interop.common import EXPORT_FORMATS, export_model, refuse
 
 __all__ = ["EXPORT_FORMATS", "export_model", "refuse"]

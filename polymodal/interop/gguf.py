@@ -26,7 +26,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from polymodal.errors import UserError
@@ -38,6 +37,7 @@ from polymodal.interop.common import (
     register_export_format,
     write_model_card,
 )
+from polymodal.interop.ggml_types import FILE_TYPES, add_tensors
 
 # transformers model_type -> GGUF architecture; the ones whose q/k rows llama.cpp permutes.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
@@ -63,10 +63,6 @@ LLM_TENSORS = {
     "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
 }
 _LAYER = re.compile(r"\.(\d+)\.")
-
-# --dtype -> (llama.cpp file type, the type of the matrices)
-FILE_TYPES = {"float32": ("ALL_F32", "F32"), "float16": ("MOSTLY_F16", "F16"),
-              "bfloat16": ("MOSTLY_BF16", "BF16")}
 
 # Keys a copied source header must not pass on: the writer's own, the quantization of the
 # source's tensors (ours are not), and the vocabulary and template rewritten below.
@@ -114,21 +110,6 @@ def llm_tensors(state_dict: dict[str, torch.Tensor], config, matrix_type: str) -
         kind = matrix_type if value.dim() >= 2 else "F32"  # norms and biases stay F32
         tensors[gguf_name(name)] = (value.numpy(), kind)
     return tensors
-
-
-def add_tensors(writer, tensors: dict[str, tuple]) -> None:
-    """Each (array, type name) into the writer: F32 and F16 as numpy arrays, BF16 through gguf's
-    quantizer (numpy has no bfloat16)."""
-    import gguf
-
-    for name, (array, kind) in tensors.items():
-        if kind == "F32":
-            writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
-        elif kind == "F16":
-            writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float16))
-        else:
-            quant = gguf.GGMLQuantizationType[kind]
-            writer.add_tensor(name, gguf.quants.quantize(array, quant), raw_dtype=quant)
 
 
 # ---------------------------------------------------------------- metadata

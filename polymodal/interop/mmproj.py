@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from polymodal.interop.ggml_types import FILE_TYPES, add_tensors
+
 # Vision tower tensor (transformers' CLIP, SigLIP and Idefics3 vision names, relative to
 # `vision_model.`) -> mmproj tensor; `{i}` a block.
 VISION_TENSORS = {
@@ -107,8 +109,6 @@ def write_mmproj(path: Path, tensors: dict[str, torch.Tensor], metadata: dict, m
         matrix_type: F32, F16 or BF16 for the 2-D weights other than the embeddings.
     """
     import gguf
-
-    from polymodal.interop.gguf import FILE_TYPES, add_tensors
 
     keys = gguf.Keys.ClipVision
     writer = gguf.GGUFWriter(path, "clip")
