@@ -56,5 +56,6 @@ json.dump(spec, open(path, "w"), indent=1)
 print(f"polymodal answered {len(texts)} text and {len(asked)} image questions")
 PYTHON
 
+# llama.cpp's mtmd logs every prompt and image slice on stderr, whatever `verbose` says
 "$venv/bin/python" benchmarks/export_llamacpp.py "$out" --questions "$out/polymodal-answers.json" \
-    --out "$out/llamacpp-answers.json"
+    --out "$out/llamacpp-answers.json" 2> "$out/llamacpp.log"
