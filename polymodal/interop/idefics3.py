@@ -28,7 +28,6 @@ How the parts line up (each checked in tests/interop/test_idefics3.py):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from polymodal.interop.common import (
     check_llama_family,
     merged_state_dict,
     model_card,
+    read_json,
     refuse,
     register_export_format,
     write_json,
@@ -52,6 +52,7 @@ from polymodal.interop.common import (
     write_safetensors,
     write_tokenizer,
 )
+from polymodal.interop.llava import generation_config
 
 # The tokens Idefics3's processor writes around an image, and its end of turn.
 IMAGE_TOKEN = "<image>"
@@ -318,11 +319,12 @@ print(processor.decode(answer[0, inputs["input_ids"].shape[1]:], skip_special_to
 
 
 @register_export_format("smolvlm", takes=TAKES)
-def export_smolvlm(model, directory: Path, dtype: str = "float32") -> None:
+def export_smolvlm(model, directory: Path, dtype: str = "float32", facts=None) -> None:
     """Write `model` as an Idefics3 (SmolVLM) checkpoint into the empty `directory`: weights
     (LoRA merged, safetensors, the on-disk keys of `KEY_TABLE`), config.json,
     generation_config.json, the tokenizer with the image and marker tokens, the image
-    processor and processor configs, the chat template and a model card.
+    processor and processor configs, the chat template and a model card (`facts`:
+    common.CardFacts, the recipe and evaluation figures).
 
     Raises:
         UserError: a part Idefics3 cannot hold (`check_smolvlm_exportable`), before anything is written.
@@ -338,13 +340,17 @@ def export_smolvlm(model, directory: Path, dtype: str = "float32") -> None:
     rows = _with_marker_rows(stock, markers, ids, len(tokenizer))
     write_safetensors(cast_floats(stock, dtype), directory / "model.safetensors")
     write_json(directory / "config.json", idefics3_config(model, ids, rows, dtype))
-    stops = sorted(model.llm.stop_token_ids())
-    write_json(directory / "generation_config.json",
-               {"eos_token_id": stops, "pad_token_id": model.llm.tokenizer.pad_token_id})
+    # polymodal's engine never emits a placeholder or a padding row: the marker tokens sit
+    # in polymodal's padding rows, and rows grown for them are padding too
+    generation = generation_config(model)
+    grown = range(model.llm.model.get_input_embeddings().weight.shape[0], rows)
+    generation["suppress_tokens"] = sorted({*generation.get("suppress_tokens", ()), *grown})
+    write_json(directory / "generation_config.json", generation)
     image, processor = processor_records(model)
     write_json(directory / "preprocessor_config.json", image)
     write_json(directory / "processor_config.json", processor)
-    write_model_card(directory, model_card(model, "smolvlm", tags=["idefics3", "smolvlm"], usage=USAGE))
+    write_model_card(directory, model_card(model, "smolvlm", facts=facts, tags=["idefics3", "smolvlm"],
+                                           usage=USAGE))
 
 
 # ---------------------------------------------------------------- import
@@ -364,6 +370,9 @@ def vit_config_from_stock(vision: dict, where: str) -> dict:
         raise UserError(f"{where}: vision_config.hidden_act {activation!r}; vit has "
                         f"{', '.join(_OUR_ACTIVATIONS)}")
     intermediate = vision.get("intermediate_size", 3072)
+    if int(width * (intermediate / width)) != intermediate:  # vit sizes its MLP as int(width * mlp_ratio)
+        raise UserError(f"{where}: vision_config.intermediate_size {intermediate} is no whole multiple "
+                        f"vit can express of hidden_size {width}")
     return {"kind": "vit", "image_size": vision.get("image_size", 224), "patch_size": vision.get("patch_size", 32),
             "width": width, "depth": vision.get("num_hidden_layers", 12), "heads": vision.get("num_attention_heads", 16),
             "mlp_ratio": intermediate / width, "activation": _OUR_ACTIVATIONS[activation],
@@ -381,41 +390,60 @@ def markers_from_embeddings(embeddings: torch.Tensor, tokenizer) -> torch.Tensor
     return torch.stack([embeddings[ids[AROUND_IMAGE]], embeddings[ids[GLOBAL_IMAGE]]])
 
 
-def idefics3_to_polymodal(directory: Path, state: dict[str, torch.Tensor], tokenizer) -> ImportedParts:
-    """An Idefics3/SmolVLM directory's config.json and weights (`state`: the safetensors
-    tensors under their stock keys) as polymodal's parts: a `vit` + `pixel_shuffle` (markers
-    from the embeddings, no bias) + the text model as the LLM part `llm`.
+def idefics3_to_polymodal(directory: str | Path, state: dict[str, torch.Tensor] | None = None,
+                          tokenizer=None) -> ImportedParts:
+    """An Idefics3/SmolVLM directory (safetensors only) as polymodal's parts: a `vit` +
+    `pixel_shuffle` (no bias, markers read from the embedding rows of the marker tokens) +
+    the text model as the LLM part `llm`; the tokenizer is the directory's. `state` (its
+    tensors under their stock keys) and `tokenizer` are read from the directory unless given.
 
     The image is read as one tile at the vision tower's size (what `do_image_splitting:
     false` does); a checkpoint trained on split images reads its global tile only.
 
     Raises:
-        UserError: a config.json that is not Idefics3's, an activation `vit` lacks, a tensor
-            the key table does not name, or marker tokens missing from the tokenizer.
+        UserError: a config.json that is not Idefics3's, an activation `vit` lacks, no
+            safetensors file, a tensor the key table does not name, or marker tokens missing
+            from the tokenizer; each naming the file.
     """
+    from transformers import AutoTokenizer
+
     from polymodal.config import ModelConfig, from_dict
 
-    path = Path(directory) / "config.json"
-    record = json.loads(path.read_text(encoding="utf-8"))
+    directory = Path(directory)
+    path = directory / "config.json"
+    record = read_json(path)
     if record.get("model_type") not in ("idefics3", "smolvlm"):
         raise UserError(f"{path}: model_type {record.get('model_type')!r} is not idefics3 or smolvlm")
-    text = dict(record.get("text_config") or {})
+    text = {key: value for key, value in (record.get("text_config") or {}).items()
+            if key not in ("architectures", "_name_or_path", "quantization_config")}
     text.setdefault("model_type", "llama")
-    tied = record.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-    if "lm_head.weight" not in state and tied:
-        state = {**state, "lm_head.weight": state[EMBED_TOKENS]}
-    text["tie_word_embeddings"] = False  # written separately: the marker rows are the connector's
+    stock = dict(state) if state is not None else _stock_weights(directory)
+    if "lm_head.weight" not in stock:  # tied: the head is the input embeddings
+        stock["lm_head.weight"] = stock[EMBED_TOKENS]
+    text["tie_word_embeddings"] = False  # written apart: the marker rows are the connector's
+    text["vocab_size"] = stock[EMBED_TOKENS].shape[0]
     try:
-        ours = from_stock_names(state)
+        ours = from_stock_names(stock)
     except KeyError as error:
-        raise UserError(f"{directory}: {error.args[0]} (not an Idefics3 vision tower, connector or text model)") from None
-    ours[MARKERS] = markers_from_embeddings(state[EMBED_TOKENS], tokenizer)
+        raise UserError(f"{directory}: {error.args[0]} (not an Idefics3 vision tower, connector or "
+                        "text model)") from None
+    tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(directory)
+    ours[MARKERS] = markers_from_embeddings(stock[EMBED_TOKENS], tokenizer)
     dtype = text.get("dtype") or record.get("dtype") or "float32"
     config = from_dict(ModelConfig, {
-        "encoder": vit_config_from_stock(record.get("vision_config") or {}, str(path)),
-        "connector": {"kind": "pixel_shuffle", "factor": record.get("scale_factor", 2), "depth": 1,
-                      "bias": False, "markers": True},
+        "encoders": {"image": vit_config_from_stock(record.get("vision_config") or {}, str(path))},
+        "connectors": {"image": {"kind": "pixel_shuffle", "factor": record.get("scale_factor", 2), "depth": 1,
+                                 "bias": False, "markers": True}},
         "llm": {"source": str(directory), "dtype": dtype if dtype in DTYPES else "float32",
-                "image_token": IMAGE_TOKEN}})
-    return ImportedParts(config=config, architectures={"llm": {"config": text}}, state_dict=ours,
-                         tokenizer_directory=Path(directory))
+                "image_token": IMAGE_TOKEN}}, "model")
+    return ImportedParts(config, {"llm": {"config": text}}, ours, directory)
+
+
+def _stock_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every safetensors file's tensors under their stock names."""
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{directory}: no .safetensors weights (polymodal reads only safetensors)")
+    return {name: tensor for path in files for name, tensor in load_file(str(path)).items()}
