@@ -146,3 +146,42 @@ def test_a_model_with_a_head_saves_and_loads_it(tmp_path):
     assert loaded.config.forecast_head.horizon == 3
     assert torch.equal(loaded.forecast_head.linear.weight, model.forecast_head.linear.weight)
     assert loaded.forecast_head.linear.weight.shape == (2 * 3, model.connectors["series"].num_tokens * 64)
+
+
+def test_a_recipe_trains_a_head_end_to_end_and_eval_uses_it(tmp_path):
+    """A series manifest of sines -> `train` (sizes from the data, objective forecast) -> the
+    saved model's head answers the forecast task, better than its fresh zero head."""
+    import json
+
+    from polymodal.build import load_any
+    from polymodal.config import RecipeConfig
+    from polymodal.eval.run import evaluate
+    from polymodal.eval.tasks import TaskOptions
+    from polymodal.train.run import train
+
+    lines = []
+    for sample in sines(tmp_path, 24):
+        future = [float(value) for value in sample.messages[1]["content"].split()]
+        lines.append(json.dumps({"series": sample.media["series"][0], "future": future}))
+    (tmp_path / "sines.jsonl").write_text("\n".join(lines[:16]) + "\n")
+    (tmp_path / "test.jsonl").write_text("\n".join(lines[16:]) + "\n")
+    parts = ["encoder", "connector", "forecast_head"]
+    recipe = from_dict(RecipeConfig, {
+        "name": "sines", "model": {
+            "llm": {"source": "tiny:llama"}, "forecast_head": {"horizon": HORIZON},
+            "encoders": {"series": {"kind": "patchtst", "channels": 0, "length": 0}},
+            "connectors": {"series": {"kind": "mlp"}}},
+        "stages": [{"name": "forecast", "objective": "forecast", "train": parts, "lr": dict.fromkeys(parts, 3e-3),
+                    "steps": 30, "batch_size": 8, "data": [{"format": "series", "path": str(tmp_path / "sines.jsonl")}]}]})
+    summary = train(recipe, tmp_path / "run")
+    assert summary["stages"]["forecast"]["series"] == 30 * 8
+    model = load_any(str(tmp_path / "run" / "model"))
+    assert (model.config.encoders["series"].channels, model.config.encoders["series"].length) == (1, LENGTH)
+    options = TaskOptions(data=str(tmp_path / "test.jsonl"))
+    trained, _ = evaluate(model, "forecast", options)
+    with torch.no_grad():
+        model.forecast_head.linear.weight.zero_()
+        model.forecast_head.linear.bias.zero_()
+    fresh, _ = evaluate(model, "forecast", options)  # the context's mean
+    assert trained["method"] == "head" and trained["windows"] == 8
+    assert trained["mase"] < 0.5 * fresh["mase"]  # measured: 0.15 vs 1.32
