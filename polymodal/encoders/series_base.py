@@ -69,7 +69,7 @@ class RevIN(nn.Module):
     def normalize(self, series: torch.Tensor, statistics: SeriesStatistics | None = None) -> torch.Tensor:
         """[B, C, L] -> normalised [B, C, L] with 0 wherever the input is NaN. `statistics`
         defaults to the series' own (a future window is normalised with its context's)."""
-        statistics = statistics or self.statistics(series)
+        statistics = self.statistics(series) if statistics is None else statistics
         observed = ~torch.isnan(series)
         normalized = (torch.nan_to_num(series, nan=0.0) - statistics.mean) / statistics.std
         if self.weight is not None:
