@@ -33,6 +33,18 @@ class Encoder(nn.Module):
 
         return load_image(path, self.image_size)
 
+    @classmethod
+    def sizes_from_data(cls, config: EncoderConfig) -> bool:
+        """Whether `config` leaves sizes to the training data (a series encoder's `channels`
+        or `length` at 0); training then calls `fit_to_data` before building the model."""
+        return False
+
+    @classmethod
+    def fit_to_data(cls, config: EncoderConfig, media: list) -> EncoderConfig:
+        """`config` with the sizes it leaves to the data filled from `media` (the stages'
+        usable items of this modality); a kind with no such sizes returns it unchanged."""
+        return config
+
     @property
     def grid(self) -> tuple[int, int] | None:
         side = math.isqrt(self.num_tokens)

@@ -119,6 +119,10 @@ class SeriesEncoder(Encoder):
         return pad_series(read_series(path), self.channels, self.length, source=source)
 
     @classmethod
+    def sizes_from_data(cls, config: SeriesEncoderConfig) -> bool:
+        return config.channels == 0 or config.length == 0
+
+    @classmethod
     def fit_to_data(cls, config: SeriesEncoderConfig, series_list) -> SeriesEncoderConfig:
         """Fill `channels` and `length` that are 0 with the largest channel count and step
         count among `series_list` (files, arrays, or [C, T] tensors); sizes already set are

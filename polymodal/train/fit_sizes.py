@@ -11,23 +11,17 @@ the numbers.
 
 from __future__ import annotations
 
-from polymodal.config import EncoderConfig, RecipeConfig
+from polymodal.config import RecipeConfig
 from polymodal.data.datasets import read_dataset
+from polymodal.encoders.base import Encoder
 from polymodal.errors import ConfigError, UserError
 from polymodal.processing.series import read_series
 from polymodal.registry import ENCODERS
 
-SIZE_FIELDS = ("channels", "length")  # 0: from the training data
-
-
-def needs_fitting(config: EncoderConfig) -> bool:
-    """Whether an encoder config still has a size to take from the data (a field at 0)."""
-    return any(getattr(config, name, None) == 0 for name in SIZE_FIELDS)
-
 
 def fit_encoder_sizes(recipe: RecipeConfig) -> None:
     """Fill, in `recipe.model.encoders`, the sizes left at 0 by each encoder whose kind
-    defines `fit_to_data(config, series_list) -> config` (series_list: every usable series
+    says so (`Encoder.sizes_from_data`) through its `fit_to_data(config, series_list) -> config` (series_list: every usable series
     of that modality in the recipe's stages, each a float32 tensor [C, T]); the config it
     returns (or the one it changed in place, when it returns None) replaces the old one.
 
@@ -36,15 +30,16 @@ def fit_encoder_sizes(recipe: RecipeConfig) -> None:
         no usable series of that modality to take it from.
     """
     for modality, config in list(recipe.model.encoders.items()):
-        fit = getattr(ENCODERS.get(config.kind).builder, "fit_to_data", None)
-        if fit is None or not needs_fitting(config):
+        kind = ENCODERS.get(config.kind).builder
+        # a kind registered as a plain function has no sizes to take from the data
+        if not (isinstance(kind, type) and issubclass(kind, Encoder)) or not kind.sizes_from_data(config):
             continue
         series = modality_series(recipe, modality)
         if not series:
             raise ConfigError(f"model.encoders.{modality}: channels and length 0 are taken from the "
                               f"training data, but the recipe's stages hold no usable {modality} "
                               f"samples; set them", field=f"model.encoders.{modality}")
-        fitted = fit(config, series)
+        fitted = kind.fit_to_data(config, series)
         recipe.model.encoders[modality] = config if fitted is None else fitted
 
 

@@ -16,6 +16,7 @@ from polymodal.data.errors import DataError
 from polymodal.data.series import SeriesOptions
 from polymodal.data.series_records import choose_decimals, format_values, parse_values
 from polymodal.data.validate import check_samples
+from polymodal.encoders.base import Encoder
 from polymodal.errors import ConfigError, UserError
 from polymodal.processing.series import pad_series, read_series
 from polymodal.train import fit_sizes
@@ -220,8 +221,12 @@ def test_values_written_and_read_back_with_decimals_per_set():
 # ---------------------------------------------------------------- sizes from the data
 
 
-class FittingEncoder:
+class FittingEncoder(Encoder):
     """Stands in for a series encoder kind: the largest channel count and length."""
+
+    @classmethod
+    def sizes_from_data(cls, config):
+        return config.channels == 0 or config.length == 0
 
     @classmethod
     def fit_to_data(cls, config, series_list):
@@ -249,7 +254,7 @@ def test_the_hook_fills_zero_sizes_from_every_stage_and_skips_bad_samples(tmp_pa
         fit_sizes.fit_encoder_sizes(recipe)
 
 
-def test_the_hook_leaves_encoders_without_fit_to_data_or_zero_sizes_alone():
+def test_the_hook_leaves_encoders_without_sizes_from_data_alone():
     vit = EncoderConfig(kind="vit")
     recipe = SimpleNamespace(model=SimpleNamespace(encoders={"image": vit}), stages=[])
     fit_sizes.fit_encoder_sizes(recipe)
