@@ -113,8 +113,9 @@ class SeriesEncoder(Encoder):
         self.revin = RevIN(config.channels, affine=config.affine)
 
     def load_media(self, path) -> torch.Tensor:
-        """A `.npy` or `.csv` file (or an array) -> [channels, length], NaN-padded.
-        UserError naming the file for an unreadable, NaN-holding or too long series."""
+        """A `.npy` or `.csv` file (or an array) -> [channels, length], NaN-padded; a
+        longer series keeps its last `length` steps (`processing.series.crop_series`).
+        UserError naming the file for an unreadable, NaN-holding or too wide series."""
         source = str(path) if isinstance(path, (str, os.PathLike)) else None
         return pad_series(read_series(path), self.channels, self.length, source=source)
 

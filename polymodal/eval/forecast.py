@@ -28,6 +28,7 @@ from polymodal.data.series_records import parse_values
 from polymodal.errors import UserError
 from polymodal.eval.forecast_metrics import mase, score_forecasts, seasonal_naive, smape
 from polymodal.eval.report import prediction_row
+from polymodal.eval.series_inputs import count_cropped
 from polymodal.eval.tasks import (
     Item,
     Task,
@@ -66,6 +67,11 @@ class Forecast(Task):
         items = self.items(options) if items is None else items
         if not items:
             raise UserError("task forecast: the data holds no windows")
+        results, rows = self.answer(model, options, batch_size, items)
+        return {**results, "cropped": count_cropped(model, items, self.name)}, rows
+
+    def answer(self, model, options: TaskOptions, batch_size: int, items: list[Item]) -> tuple[dict, list[dict]]:
+        """(metrics, rows) by the head or the text route (`options.setting`)."""
         head = getattr(model, "forecast_head", None)
         if options.setting == "head" and head is None:
             raise UserError("--setting head: this model has no forecast head (train one with objective forecast)")

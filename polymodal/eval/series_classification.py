@@ -18,6 +18,7 @@ from polymodal.errors import UserError
 from polymodal.eval.metrics import accuracy_by, confusion, normalize
 from polymodal.eval.plots import plot_confusion
 from polymodal.eval.report import prediction_row
+from polymodal.eval.series_inputs import count_cropped
 from polymodal.eval.tasks import (
     Item,
     Task,
@@ -77,6 +78,14 @@ class SeriesClassification(Task):
                             f"evaluated by --task forecast)")
         self.labels = sorted({item.references[0] for item in items})
         return seeded_sample(items, options.limit, options.seed)
+
+    def run(self, model, options: TaskOptions, batch_size: int,
+            items: list[Item] | None = None) -> tuple[dict, list[dict]]:
+        """As every task's, and `cropped`: how many series were longer than the encoder's
+        length (each kept its last `length` steps; `eval.series_inputs`)."""
+        items = self.items(options) if items is None else items
+        results, rows = super().run(model, options, batch_size, items)
+        return {**results, "cropped": count_cropped(model, items, self.name)}, rows
 
     def score(self, items: list[Item], predictions: list[str]) -> tuple[dict, list[dict]]:
         labels = sorted({*self.labels, *(item.references[0] for item in items)})

@@ -142,11 +142,23 @@ def _checked(array: np.ndarray, name: str) -> np.ndarray:
     return values
 
 
+def crop_series(series: torch.Tensor, length: int) -> torch.Tensor:
+    """A series [C, T] cut to its last `length` steps, [C, min(T, length)].
+
+    A fixed lookback, as PatchTST (Nie et al., ICLR 2023) and Time-LLM (Jin et al., ICLR
+    2024) take one: a longer input keeps its most recent steps, the ones a forecast
+    continues from and a classifier of "what is happening now" reads. The one place a
+    series is cut: eval, chat and serve all load through `pad_series`."""
+    return series[:, -length:] if series.shape[1] > length else series
+
+
 def pad_series(series: torch.Tensor, channels: int, length: int, source: str | None = None) -> torch.Tensor:
     """A series [C, T] as an encoder's input [channels, length], padded with NaN.
 
     Time is padded on the LEFT, so the latest step stays last (forecasting continues from
     it); missing channels are added after the series' own. NaN marks padding, never data.
+    A series longer than `length` keeps its last `length` steps (`crop_series`); absolute
+    limits on a series' size are the reader's (MAX_SERIES_STEPS) and the server's.
 
     Args:
         series: float32 [C, T], finite (as `read_series` gives it).
@@ -154,19 +166,19 @@ def pad_series(series: torch.Tensor, channels: int, length: int, source: str | N
         source: the file's name, put before a message.
 
     Raises:
-        UserError when T > length ("series of 812 steps is longer than the encoder's length
-        512") or C > channels; ConfigError when a size is still 0 ("from the training data").
+        UserError when C > channels ("series of 8 channels has more than the encoder's 6");
+        ConfigError when a size is still 0 ("from the training data").
     """
     prefix = f"{source}: " if source else ""
     if channels < 1 or length < 1:
         raise ConfigError("the series encoder's channels and length are 0 (taken from the training "
                           "data): train the model first, or set model.encoders.series.channels "
                           "and .length")
-    count, steps = series.shape
-    if steps > length:
-        raise UserError(f"{prefix}series of {steps} steps is longer than the encoder's length {length}")
+    count = series.shape[0]
     if count > channels:
         raise UserError(f"{prefix}series of {count} channels has more than the encoder's {channels}")
+    series = crop_series(series, length)
+    steps = series.shape[1]
     padded = torch.full((channels, length), float("nan"), dtype=torch.float32)
     padded[:count, length - steps :] = series
     return padded

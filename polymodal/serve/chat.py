@@ -112,8 +112,9 @@ def media_part(part, param: str, limits: MediaLimits, counts: dict[str, int], mo
 def series_part(part, param: str, limits: MediaLimits, counts: dict[str, int], model) -> dict:
     """An `input_series` part -> the processor's part holding the encoder's input
     [channels, length] (NaN padding, `processing.series.pad_series`), made from the JSON
-    array in memory (no file). A series longer or wider than the encoder takes is a 400
-    naming the part's data, as is one over the server's limits."""
+    array in memory (no file). A series longer than the encoder's length keeps its last
+    `length` steps (`processing.series.crop_series`); one wider than the encoder takes is a
+    400 naming the part's data, as is one over the server's limits."""
     if part.input_series is None:
         raise APIError(400, 'an input_series part needs "input_series": {"data": [[...], ...]}',
                        param=f"{param}.input_series")
@@ -128,7 +129,7 @@ def series_part(part, param: str, limits: MediaLimits, counts: dict[str, int], m
     values = decode_series(part.input_series.data, limits, where)  # [T, C]
     try:
         return {"type": "series", "series": media["series"].load(values)}
-    except UserError as error:  # longer or wider than the encoder takes
+    except UserError as error:  # wider than the encoder takes
         raise APIError(400, str(error), param=where) from None
 
 

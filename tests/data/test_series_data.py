@@ -89,14 +89,15 @@ def test_bad_arrays_and_files_are_user_errors_naming_them(tmp_path):
         read_series(np.array(["a", "b"]))
 
 
-def test_pad_series_pads_on_the_left_with_nan_and_refuses_what_does_not_fit():
+def test_pad_series_pads_on_the_left_with_nan_crops_a_long_one_and_refuses_too_many_channels():
     series = torch.tensor([[1.0, 2.0, 3.0]])
     padded = pad_series(series, channels=2, length=5)
     assert padded.shape == (2, 5)
     assert padded[0, 2:].tolist() == [1, 2, 3]  # the latest step stays last
     assert torch.isnan(padded[0, :2]).all() and torch.isnan(padded[1]).all()
-    with pytest.raises(UserError, match="series of 3 steps is longer than the encoder's length 2"):
-        pad_series(series, 1, 2)
+    assert pad_series(series, 1, 2).tolist() == [[2, 3]]  # the last 2 steps: a fixed lookback
+    with pytest.raises(UserError, match="series of 2 channels has more than the encoder's 1"):
+        pad_series(torch.zeros(2, 3), 1, 5)
     with pytest.raises(UserError, match="channels and length are 0"):
         pad_series(series, 0, 5)
 

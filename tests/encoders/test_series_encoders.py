@@ -167,15 +167,17 @@ def test_sizes_zero_mean_from_the_data(tmp_path):
     assert (kept.channels, kept.length) == (2, 200)
 
 
-def test_load_media_pads_a_file_and_names_a_long_one(tmp_path):
+def test_load_media_pads_a_short_file_and_keeps_the_last_steps_of_a_long_one(tmp_path):
     encoder = build_encoder(encoder_config({"kind": "cnn1d"}, channels=3, length=10), None)
     np.save(tmp_path / "short.npy", np.arange(8, dtype=np.float32).reshape(4, 2))  # 4 steps, 2 channels
     loaded = encoder.load_media(tmp_path / "short.npy")
     assert loaded.shape == (3, 10) and torch.isnan(loaded[:, :6]).all() and torch.isnan(loaded[2]).all()
     assert loaded[:2, 6:].tolist() == [[0, 2, 4, 6], [1, 3, 5, 7]]
-    np.save(tmp_path / "long.npy", np.zeros(11, dtype=np.float32))
-    with pytest.raises(UserError, match=r"long\.npy: series of 11 steps is longer than the encoder's length 10"):
-        encoder.load_media(tmp_path / "long.npy")
+    np.save(tmp_path / "long.npy", np.arange(11, dtype=np.float32))
+    assert encoder.load_media(tmp_path / "long.npy")[0].tolist() == list(range(1, 11))  # its last 10 steps
+    np.save(tmp_path / "wide.npy", np.zeros((4, 5), dtype=np.float32))
+    with pytest.raises(UserError, match=r"wide\.npy: series of 5 channels has more than the encoder's 3"):
+        encoder.load_media(tmp_path / "wide.npy")
 
 
 def test_multimodal_lm_with_a_series_encoder_runs_and_saves(tmp_path):

@@ -118,6 +118,15 @@ def test_a_model_with_a_head_is_scored_by_its_head_and_the_forecasts_are_plotted
         np.testing.assert_allclose(row["forecast"], [[mean] * 4], rtol=1e-5)
     assert (tmp_path / "out" / "forecasts.png").stat().st_size > 1000
     assert (tmp_path / "out" / "predictions.jsonl").read_text().count('"parsed": true') == 3
+    assert results["cropped"] == 0
+
+
+def test_a_context_longer_than_the_encoder_is_forecast_from_its_last_steps(tmp_path):
+    item = windows(tmp_path, 1)[0]
+    np.save(item.media["series"][0], np.arange(30, dtype=np.float32))  # the encoder's length is 24
+    results, rows = evaluate(forecaster(), "forecast", TaskOptions(data="unused"), items=[item])
+    assert results["cropped"] == 1
+    np.testing.assert_allclose(rows[0]["forecast"], [[np.arange(6, 30).mean()] * 4], rtol=1e-5)  # a fresh head: the mean
 
 
 def test_setting_head_needs_a_head_and_text_forces_generation(tmp_path):

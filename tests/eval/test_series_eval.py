@@ -135,3 +135,36 @@ def test_eval_of_aeon_basic_motions_from_the_command_line(capsys, tmp_path, monk
     assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 4
     assert main(["eval", str(tmp_path / "model"), "--task", "series-classification", "--data", "aeon:NoSuchSet"]) == 2
     assert "not bundled" in capsys.readouterr().err
+
+
+def test_a_series_longer_than_the_fitted_length_is_cropped_and_counted(tmp_path, capsys):
+    """JapaneseVowels' case: the length is fitted to the training split (here 24 steps), a
+    test series is longer (30): it is evaluated on its last 24 steps, and counted."""
+    import torch
+
+    from polymodal.config import ModelConfig, from_dict
+    from polymodal.encoders.patchtst import PatchTSTConfig, PatchTSTEncoder
+    from polymodal.eval.run import evaluate
+    from polymodal.model import MultimodalLM
+
+    train = [tmp_path / "train0.npy", tmp_path / "train1.npy"]
+    for path, steps in zip(train, (20, 24)):
+        np.save(path, np.zeros((steps, 2), dtype=np.float32))
+    fitted = PatchTSTEncoder.fit_to_data(PatchTSTConfig(), train)
+    assert (fitted.channels, fitted.length) == (2, 24)
+    torch.manual_seed(0)
+    model = MultimodalLM(from_dict(ModelConfig, {
+        "llm": {"source": "tiny:llama"}, "connectors": {"series": {"kind": "mlp"}},
+        "encoders": {"series": {"kind": "patchtst", "channels": fitted.channels, "length": fitted.length}}})).eval()
+    lines = []
+    for index, steps in enumerate((12, 24, 30)):
+        np.save(tmp_path / f"t{index}.npy", np.sin(np.arange(steps * 2, dtype=np.float32) / 3).reshape(steps, 2))
+        lines.append(json.dumps({"series": f"t{index}.npy", "label": ["walking", "running"][index % 2]}))
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    results, rows = evaluate(model, "series-classification", TaskOptions(data=str(tmp_path / "test.jsonl")),
+                             out=tmp_path / "out")
+    assert results["n"] == 3 and len(rows) == 3 and results["cropped"] == 1
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["cropped"] == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if "cropped" in line]
+    assert said == ["series-classification: 1 of 3 series are longer than the encoder's length 24; "
+                    "each was cropped to its last 24 steps"]

@@ -1,7 +1,8 @@
 """Series as `input_series` content parts ({"data": [T] or [T][C] numbers, time first}):
 answered through the official openai client by a live server as the model answers alone;
-too long, too wide, ragged, non-finite or too many series get a 400 naming the part, and
-the server keeps serving."""
+one longer than the encoder's length is answered as its last `length` steps; over the
+server's limits, too wide, ragged, non-finite or too many series get a 400 naming the
+part, and the server keeps serving."""
 
 import math
 
@@ -115,9 +116,19 @@ def test_a_series_is_answered_as_the_model_answers_it_alone(served):
     assert seen[0] != seen[1] != seen[2]  # each series reaches the model (greedy text alone may not show it)
 
 
+def test_a_series_longer_than_the_encoder_is_answered_as_its_last_length_steps(served):
+    api = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+    data = wave(LENGTH + 9, hertz=2.0)  # under the server's limit of 100 steps, over the encoder's 32
+    answer = api.chat.completions.create(model="tiny", messages=series_message(data), max_tokens=6,
+                                         temperature=0, logprobs=True, top_logprobs=5)
+    assert answer.choices[0].message.content == expected(served.model, data[-LENGTH:])
+    served_top = [entry.logprob for entry in answer.choices[0].logprobs.content[0].top_logprobs]
+    torch.testing.assert_close(torch.tensor(served_top), first_logprobs(served.model, data[-LENGTH:]).topk(5).values,
+                               atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(first_logprobs(served.model, data[:LENGTH]), first_logprobs(served.model, data[-LENGTH:]))
+
+
 REFUSALS = [  # (content, status, param, says): the series part is content[0]
-    (series_message(wave(LENGTH + 1)), "messages[0].content[0].input_series.data",
-     f"series of {LENGTH + 1} steps is longer than the encoder's length {LENGTH}"),
     (series_message(wave(101)), "messages[0].content[0].input_series.data", "over this server's limit of 100"),
     (series_message(wave(10, channels=4)), "messages[0].content[0].input_series.data",
      f"series of 4 channels has more than the encoder's {CHANNELS}"),
