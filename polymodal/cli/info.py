@@ -61,7 +61,8 @@ def _dtype(module) -> str:
 
 
 def parts_table(model) -> str:
-    """One row per part: kind, source, parameters, trainable parameters, tokens per item, dtype."""
+    """One row per part: kind, source, parameters, trainable parameters, tokens per item,
+    dtype; a forecast head's row gives the modality it reads and its horizon."""
     if not hasattr(model, "encoders"):  # a dual encoder: its own parts
         return dual_encoder_table(model)
     config = model.config
@@ -74,6 +75,10 @@ def parts_table(model) -> str:
         rows.append((f"connector.{modality}", config.connectors[modality].kind, "-", *_counts(connector),
                      str(connector.num_tokens), _dtype(connector)))
     rows.append(("fusion", config.fusion.kind, "-", *_counts(model.fusion), "-", "-"))
+    head = model.forecast_head
+    if head is not None:  # Time-LLM's linear head: K tokens of its modality -> C x H values
+        rows.append(("forecast_head", f"linear on {head.config.modality}, horizon {head.horizon}", "-",
+                     *_counts(head), "-", _dtype(head)))
     lora = " + lora" if config.llm.lora else ""
     rows.append(("llm", model.llm.model.config.model_type + lora, config.llm.source,
                  *_counts(model.llm), "-", _dtype(model.llm)))

@@ -140,3 +140,22 @@ def test_setting_head_needs_a_head_and_text_forces_generation(tmp_path):
     assert results["method"] == "text" and len(rows) == 1  # a random tiny LLM: whatever it says is scored
     with pytest.raises(UserError, match="--setting random: task forecast takes all, head, text"):
         Forecast().items(TaskOptions(data="aeon:airline", setting="random"))
+
+
+def test_info_shows_a_forecast_head_with_its_horizon_and_parameters(tmp_path, capsys):
+    from polymodal.cli.info import parts_table
+    from polymodal.cli.main import main
+
+    model = forecaster()
+    head = model.forecast_head
+    expected = head.tokens * model.llm.hidden_size * 1 * 4 + 1 * 4  # K * D * C * H weights + C * H biases
+    assert sum(p.numel() for p in head.parameters()) == expected
+    model.save_pretrained(tmp_path / "model")
+    assert main(["info", str(tmp_path / "model")]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("forecast_head")]
+    assert len(rows) == 1 and rows[0][1:5] == ["linear", "on", "series,", "horizon"] and rows[0][5] == "4"
+    assert rows[0][7] == f"{expected:,}"  # params, after the source column's "-"
+    plain = MultimodalLM(from_dict(ModelConfig, {
+        "llm": {"source": "tiny:llama"}, "encoders": {"series": {"kind": "patchtst", "channels": 1, "length": 24}},
+        "connectors": {"series": {"kind": "mlp"}}}))
+    assert "forecast_head" not in parts_table(plain)
