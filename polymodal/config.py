@@ -114,6 +114,23 @@ class ForecastHeadConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    """Weight-only quantization of the LLM's decoder linear layers (polymodal.quantization):
+    `int8` per output channel (symmetric) or `int4` in groups of `group_size` inputs (a scale
+    and a zero per group); `head` quantizes the LM head too (untied from the embeddings,
+    which stay float for the lookup). Set by `polymodal quantize` / `--quantize`; a model
+    with it is for inference only (training it is refused)."""
+
+    bits: Literal["int8", "int4"] = "int8"
+    group_size: int = 32  # int4: inputs per scale/zero group (32 or 64, ...)
+    head: bool = True
+
+    def __post_init__(self):
+        if self.group_size < 2 or self.group_size & (self.group_size - 1):
+            raise ConfigError(f"group_size: a power of two of at least 2, got {self.group_size}")
+
+
+@dataclass
 class ModelConfig:
     """A multimodal LM: per modality an encoder and a connector, a fusion, and the LLM.
 
@@ -137,6 +154,7 @@ class ModelConfig:
     kind: str = "multimodal-lm"  # a registered model kind (registry.MODEL_KINDS)
     contrastive: ContrastiveConfig | None = None
     forecast_head: ForecastHeadConfig | None = None  # a series' future values from the LLM's hidden states
+    quantization: QuantizationConfig | None = None  # weight-only int8/int4 LLM (inference only)
 
     def __post_init__(self):
         if self.kind == "dual-encoder":
@@ -161,6 +179,9 @@ class ModelConfig:
                 raise ConfigError(f"{missing}.{modality}: required when the other part of "
                                   f"{modality} is set")
         self._check_modalities()
+        if self.quantization is not None and self.llm.lora is not None:
+            raise ConfigError("quantization: a quantized model has no LoRA adapters (quantizing merges "
+                              "them); drop llm.lora")
         if self.forecast_head is not None and self.forecast_head.modality not in self.encoders:
             raise ConfigError(f"forecast_head.modality: the model has no {self.forecast_head.modality} "
                               f"encoder (it reads {', '.join(self.encoders) or 'text only'})")
@@ -388,6 +409,15 @@ class RecipeConfig:
     # Under torchrun: `ddp` (a whole model per process) or `fsdp` (parameters, gradients
     # and optimizer state sharded over the processes; see train/distributed.py).
     parallel: Literal["ddp", "fsdp"] = "ddp"
+
+    def __post_init__(self):
+        quantization = self.model.quantization
+        for index, stage in enumerate(self.stages):
+            trained = [part for part in stage.train if part in ("llm", "llm.lora")]
+            if quantization is not None and trained:
+                raise ConfigError(f"stages[{index}].train: {trained[0]} cannot train on a quantized model "
+                                  f"(model.quantization: {quantization.bits}); train the float model, "
+                                  f"then quantize it")
 
 
 # ---------------------------------------------------------------- parsing

@@ -19,6 +19,7 @@ from polymodal.llm import LanguageModel, add_placeholder_token
 from polymodal.processing import Processor
 from polymodal.processing.batch import IGNORE, Batch
 from polymodal.processing.processor import MediaKind
+from polymodal.quantization import quantize_language_model
 from polymodal.registry import register_model_kind
 from polymodal.safe_files import build_checked
 from polymodal.saved import (
@@ -85,6 +86,8 @@ class MultimodalLM(nn.Module):
         self.forecast_head = None if config.forecast_head is None else ForecastHead(
             config.forecast_head, self.connectors[config.forecast_head.modality].num_tokens, self.llm.hidden_size,
             self.encoders[config.forecast_head.modality].channels)
+        if config.quantization is not None:  # a saved quantized model: its packed weights load over these
+            quantize_language_model(self.llm.model, config.quantization)
         self.architectures = loader.architectures  # what save_pretrained records per part
         self.processor = Processor(self.llm, {
             modality: MediaKind(modality, config.llm.placeholder(modality), self.placeholder_ids[modality],

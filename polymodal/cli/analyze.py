@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if not task.generative:
         raise UserError(f"analyze needs a task a generative model answers, not {task.name}")
     task.items(options)  # bad data fails here, before the model loads
-    model = load_for_command(args.model, args.set)
+    model = load_for_command(args.model, args.set, args.quantize)
     command = "polymodal " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["analyze"] else ""
     results = analyze(model, task, options, args.batch_size, args.emap_size, args.out, command)
     print(json.dumps(results))

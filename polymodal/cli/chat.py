@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from polymodal.cli.loading import add_quantize_option
 from polymodal.errors import UserError
 from polymodal.processing.processor import with_placeholders
 
@@ -34,6 +35,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    add_quantize_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         read_wav(path)
     for path in args.series:
         read_series(path)
-    session = ChatSession(Engine(load_for_command(args.model, args.set)), params, args.system)
+    session = ChatSession(Engine(load_for_command(args.model, args.set, args.quantize)), params, args.system)
     if args.prompt is not None:
         session.ask(args.prompt, images, args.audio, args.series)
         return 0

@@ -8,6 +8,7 @@ import shlex
 import signal
 import sys
 
+from polymodal.cli.loading import add_quantize_option
 from polymodal.errors import UserError
 
 
@@ -35,6 +36,7 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field (when MODEL is a recipe)")
     parser.add_argument("--batch-size", type=int, default=64)
+    add_quantize_option(parser)
     parser.add_argument("--out", metavar="DIR", help="write results.json, predictions.jsonl, report.md and pictures")
 
 
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     task, options = task_options(args)
     items = task.items(options) if task.generative else None  # bad data fails before the model loads
-    model = load_for_command(args.model, args.set)
+    model = load_for_command(args.model, args.set, args.quantize)
     command = "polymodal " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else ""
     with stop_on(signal.SIGTERM) as stopped:
         try:

@@ -7,14 +7,41 @@ import sys
 import time
 from pathlib import Path
 
+QUANTIZE_CHOICES = ("int8", "int4")
 
-def load_for_command(source: str, overrides: list[str] = ()):
-    """`build.load_any(source, overrides)`, saying on stderr what loads and how long it took
-    (a real LLM is slow to load on a CPU), and whether the model is untrained or random.
+
+def add_quantize_option(parser) -> None:
+    """`--quantize int8|int4`: the LLM's decoder quantized after loading (polymodal.quantization)."""
+    parser.add_argument("--quantize", metavar="BITS",
+                        help="run the LLM's weights as int8 (per channel) or int4 (groups of 32)")
+
+
+def quantization_settings(bits: str, group_size: int = 32, option: str = "--quantize"):
+    """The QuantizationConfig for a command line's bits and group size.
 
     Raises:
-        UserError: as `load_any` does, for a source that cannot be loaded.
+        UserError: bits other than int8/int4, or a group size the kernels refuse.
     """
+    from polymodal.config import QuantizationConfig
+    from polymodal.errors import ConfigError, UserError
+
+    if bits not in QUANTIZE_CHOICES:
+        raise UserError(f"{option}: {bits!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+    try:
+        return QuantizationConfig(bits=bits, group_size=group_size)
+    except ConfigError as error:
+        raise UserError(f"--group-size: {str(error).split(': ', 1)[-1]}") from None
+
+
+def load_for_command(source: str, overrides: list[str] = (), quantize: str | None = None):
+    """`build.load_any(source, overrides)`, saying on stderr what loads and how long it took
+    (a real LLM is slow to load on a CPU), and whether the model is untrained or random;
+    with `quantize` ("int8", "int4"), the LLM's decoder quantized (polymodal.quantization).
+
+    Raises:
+        UserError: as `load_any` does, for a source that cannot be loaded; a bad `quantize`.
+    """
+    settings = quantization_settings(quantize) if quantize is not None else None
     from polymodal.build import load_any
     from polymodal.saved import is_model_directory
 
@@ -25,6 +52,12 @@ def load_for_command(source: str, overrides: list[str] = ()):
     note = trained_from_tiny_note(source) if is_model_directory(source) else untrained_note(source, overrides)
     if note:
         print(f"note: {note}", file=sys.stderr)
+    if settings is not None:
+        from polymodal.quantization import quantize_model
+
+        start = time.perf_counter()
+        quantize_model(model, settings)
+        print(f"quantized to {settings.bits} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from polymodal.cli.loading import add_quantize_option
 from polymodal.errors import UserError
 from polymodal.serve.connections import ConnectionLimits
 
@@ -37,6 +38,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=limits.shutdown_timeout, metavar="S",
                         help="seconds a shutdown waits for requests in flight")
     parser.add_argument("--name", help="the model name the API reports (default: the folder name)")
+    add_quantize_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             or args.max_connections < 1:
         raise UserError("--header-timeout, --body-timeout, --keep-alive, --shutdown-timeout and "
                         "--max-connections must be positive")
-    model = load_for_command(args.model)
+    model = load_for_command(args.model, quantize=args.quantize)
     generative = not hasattr(model, "encode_texts")
     engine = BatchingEngine(model, args.max_batch, args.max_queue).start() if generative else None
     limits = MediaLimits(max_image_pixels=args.max_image_pixels, max_images=args.max_images,

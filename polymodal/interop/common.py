@@ -86,6 +86,10 @@ def export_model(model: nn.Module, format: str, out: str | os.PathLike, overwrit
         raise UserError(f"unknown export format {format!r}; known: {', '.join(sorted(EXPORT_FORMATS))}")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    quantization = getattr(getattr(model, "config", None), "quantization", None)
+    if quantization is not None:  # its layers hold codes and scales no stock class reads
+        raise UserError(f"model.quantization: {quantization.bits} weights have no stock format; export "
+                        f"the float model (llama.cpp quantizes a GGUF export itself)")
     write = EXPORT_FORMATS[format].write
     options = {"dtype": dtype}
     if facts is not None and "facts" in inspect.signature(write).parameters:

@@ -1,0 +1,266 @@
+"""Weight-only quantization of a decoder LLM's linear layers: int8 per output channel, int4
+in groups, run by the kernels torch ships for the CPU.
+
+`Int8Linear` and `Int4Linear` replace `nn.Linear` in place (`quantize_language_model`), so
+every loop that calls the model's modules (transformers' forward, the engine's decoder step,
+the server's slots) runs them unchanged. Activations stay float; only the weights, which a
+batch-1 decode streams from memory once per token, shrink 4x (int8) or ~7x (int4).
+
+- int8: w ≈ q * s, q in [-127, 127], s = max|w_row| / 127 per output row (symmetric, from
+  the weights). Kernel: `torch.ops.aten._weight_int8pack_mm(x, q, s)` (x @ (q * s)^T).
+- int4: per row and group of `group_size` inputs, w ≈ q * s + min with q in [0, 15],
+  s = (max - min) / 15 (asymmetric). The kernel (`_weight_int4pack_mm_for_cpu`, torch's
+  "tinygemm" layout from gpt-fast) reads (q - 8) * s + z with z = min + 8 s, so the stored
+  scale/zero table is [K / group, N, 2] of (s, z).
+
+On x86 both kernels are vectorized (AVX-512 or AVX2) for bfloat16 activations only; float32
+ones fall to a scalar loop ~10x slower. So activations enter the matmul in bfloat16 (torch's
+own choice in gpt-fast/torchao for these kernels), accumulate in float32, and come back in
+the caller's dtype; scales are stored in bfloat16, which the kernels read.
+
+The int4 kernel's packed layout depends on the CPU's vector width (64 rows per block with
+AVX-512, 32 with AVX2), so what is saved is the portable form (two codes per byte, low
+nibble first, [N, K/2]) and the kernel's layout is rebuilt whenever weights are loaded.
+
+Example:
+    quantize_language_model(causal_lm, QuantizationConfig(bits="int4", group_size=32))
+    logits = causal_lm(input_ids).logits  # same call, int4 matmuls inside
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from polymodal.config import QuantizationConfig
+from polymodal.errors import UserError
+
+COMPUTE_DTYPE = torch.bfloat16  # what the x86 kernels vectorize (see the module docstring)
+
+# The decoder's linear layers that quantize (Llama family names; Qwen2 and others share them).
+LAYER_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Int8Linear(nn.Module):
+    """`nn.Linear` with int8 weights, one float scale per output channel.
+
+    Buffers: weight int8 [N, K], scales bfloat16 [N], bias [N] or None.
+    forward: x [..., K] float -> [..., N] in x's dtype (the matmul in bfloat16 activations).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=COMPUTE_DTYPE))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+        """Quantize a float weight [N, K] (and keep its bias [N])."""
+        layer = cls(weight.shape[1], weight.shape[0], bias is not None)
+        codes, scales = quantize_int8(weight)
+        layer.weight.copy_(codes)
+        layer.scales.copy_(scales)
+        if bias is not None:
+            layer.bias.copy_(bias.detach().float())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weight [N, K] this layer computes with."""
+        return self.weight.float() * self.scales.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=int8"
+
+
+class Int4Linear(nn.Module):
+    """`nn.Linear` with 4-bit weights, a scale and a zero per group of `group_size` inputs.
+
+    Buffers: codes uint8 [N, K/2] (portable: two 4-bit codes per byte, low nibble first;
+    saved), scales_and_zeros bfloat16 [K/group, N, 2] (saved), bias [N] or None (saved), and
+    packed uint8 (the CPU kernel's own layout, rebuilt from codes; not saved).
+    forward: x [..., K] float -> [..., N] in x's dtype (the matmul in bfloat16 activations).
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("codes", torch.full((out_features, in_features // 2), 0x88, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2,
+                                                             dtype=COMPUTE_DTYPE))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("packed", None, persistent=False)
+        self.repack()
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> Int4Linear:
+        """Quantize a float weight [N, K] in groups of `group_size` inputs (and keep its bias)."""
+        layer = cls(weight.shape[1], weight.shape[0], group_size, bias is not None)
+        codes, scales_and_zeros = quantize_int4(weight, group_size)
+        layer.codes.copy_(pack_nibbles(codes))
+        layer.scales_and_zeros.copy_(scales_and_zeros)
+        if bias is not None:
+            layer.bias.copy_(bias.detach().float())
+        layer.repack()
+        return layer
+
+    def repack(self) -> None:
+        """The kernel's layout of `codes` (for this CPU's vector width)."""
+        codes = unpack_nibbles(self.codes).to(torch.int32)  # [N, K] in 0..15
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.repack()  # codes were copied in place: the kernel's copy follows them
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
+                                                         self.scales_and_zeros).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weight [N, K] this layer computes with: (q - 8) * s + z per group."""
+        codes = unpack_nibbles(self.codes).float().view(self.out_features, -1, self.group_size)
+        scales, zeros = self.scales_and_zeros.float().permute(1, 0, 2).unbind(-1)  # [N, K/group] each
+        return ((codes - 8) * scales[..., None] + zeros[..., None]).view(self.out_features, -1)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits=int4, "
+                f"group_size={self.group_size}")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] float -> (codes int8 [N, K] in [-127, 127], scales bfloat16 [N]), symmetric
+    per output row: w ≈ codes * scales[:, None] (codes made with the scales as stored)."""
+    weight = weight.detach().float()
+    scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(COMPUTE_DTYPE)
+    codes = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] float -> (codes uint8 [N, K] in [0, 15], scales_and_zeros bfloat16
+    [K / group_size, N, 2]): per row and group, asymmetric min/max, w ≈ (q - 8) * s + z.
+    The codes are rounded against the scale and zero as stored in bfloat16."""
+    weight = weight.detach().float()
+    rows, inputs = weight.shape
+    groups = weight.view(rows, inputs // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, K/group]
+    scales = ((high - low) / 15).clamp(min=1e-8).to(COMPUTE_DTYPE).float()
+    zeros = (low + 8 * scales).to(COMPUTE_DTYPE).float()
+    codes = torch.round((groups - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15)
+    table = torch.stack([scales, zeros], dim=-1).permute(1, 0, 2).to(COMPUTE_DTYPE).contiguous()
+    return codes.view(rows, inputs).to(torch.uint8), table  # table: [K/group, N, 2]
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] codes in 0..15 -> [N, K/2]: even inputs in the low nibble."""
+    return codes[:, ::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_nibbles: [N, K/2] -> uint8 [N, K]."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(packed.shape[0], -1)
+
+
+def quantizable(linear: nn.Linear, settings: QuantizationConfig) -> bool:
+    """Whether the CPU kernels take this layer's shape: K a multiple of 16 (their vector
+    loads), and for int4 also of the group size, with N a multiple of 16 (column blocks)."""
+    if linear.in_features % 16:
+        return False
+    if settings.bits == "int8":
+        return True
+    return linear.in_features % settings.group_size == 0 and linear.out_features % 16 == 0
+
+
+def quantized_linear(linear: nn.Linear, settings: QuantizationConfig, weight: torch.Tensor | None = None):
+    """The quantized replacement of `linear` (from `weight` [N, K] when given, e.g. with a
+    LoRA update folded in)."""
+    weight = linear.weight if weight is None else weight
+    if settings.bits == "int8":
+        return Int8Linear.from_float(weight, linear.bias)
+    return Int4Linear.from_float(weight, settings.group_size, linear.bias)
+
+
+def quantize_model(model: nn.Module, settings: QuantizationConfig) -> nn.Module:
+    """A loaded multimodal LM's decoder quantized in place (`quantize_language_model`), its
+    config saying so (`model.quantization`; LoRA merged, so `llm.lora` cleared), so that
+    `save_pretrained` writes a model directory that loads quantized. Returns the model.
+
+    Raises:
+        UserError: a model without a decoder LLM (a dual encoder), or one already quantized
+            otherwise.
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(getattr(model, "llm", None), nn.Module) or not hasattr(config, "quantization"):
+        raise UserError(f"quantization: only a multimodal LM's decoder quantizes; this model is a "
+                        f"{getattr(config, 'kind', type(model).__name__)}")
+    if config.quantization is not None:
+        if config.quantization == settings:
+            return model
+        raise UserError(f"quantization: the model is already quantized ({config.quantization.bits}); "
+                        f"quantize the float model instead")
+    quantize_language_model(model.llm.model, settings)
+    model.config = dataclasses.replace(config, quantization=settings,
+                                       llm=dataclasses.replace(config.llm, lora=None))
+    return model
+
+
+def quantize_language_model(causal_lm: nn.Module, settings: QuantizationConfig) -> int:
+    """Replace the decoder's linear layers (LAYER_NAMES) of a transformers causal LM, in place,
+    by quantized ones made from their current weights; with `settings.head`, the LM head too
+    (untied from the input embeddings, which stay float: a lookup reads one row per token).
+    LoRA adapters (peft) are folded into their base weights first, by peft's own delta.
+
+    Returns the number of layers replaced. Layers whose shape the kernel refuses (int4: see
+    `quantizable`) stay float.
+    """
+    replaced = 0
+    for name, module in list(causal_lm.named_modules()):
+        if name.rsplit(".", 1)[-1] not in LAYER_NAMES:
+            continue
+        linear, weight = _base_linear(module)
+        if linear is None or not quantizable(linear, settings):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(causal_lm.get_submodule(parent_name), child, quantized_linear(linear, settings, weight))
+        replaced += 1
+    head = causal_lm.get_output_embeddings()
+    if settings.head and isinstance(head, nn.Linear) and quantizable(head, settings):
+        causal_lm.config.tie_word_embeddings = False  # never re-tied onto the float embeddings
+        causal_lm.set_output_embeddings(quantized_linear(head, settings))
+        replaced += 1
+    return replaced
+
+
+def _base_linear(module: nn.Module) -> tuple[nn.Linear | None, torch.Tensor | None]:
+    """(the plain linear layer, its weight with any active LoRA adapters folded in)."""
+    if isinstance(module, nn.Linear):
+        return module, module.weight
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return None, None
+    if not isinstance(module, LoraLayer) or not isinstance(module.get_base_layer(), nn.Linear):
+        return None, None
+    base = module.get_base_layer()
+    weight = base.weight.detach()
+    if not module.merged:
+        with torch.no_grad():
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+    return base, weight

@@ -1,0 +1,147 @@
+"""Weight-only quantization (issue 20 §1): int8/int4 layers against float, a quantized model
+through every decode path, save and load, the commands, and the training refusal."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from polymodal.cli.main import main
+from polymodal.config import ModelConfig, QuantizationConfig, from_dict
+from polymodal.engine.generate import Engine
+from polymodal.engine.sampling import SamplingParams
+from polymodal.errors import ConfigError
+from polymodal.model import MultimodalLM
+from polymodal.quantization import (
+    Int4Linear,
+    Int8Linear,
+    pack_nibbles,
+    quantize_model,
+    unpack_nibbles,
+)
+
+INT8, INT4 = QuantizationConfig(bits="int8"), QuantizationConfig(bits="int4", group_size=32)
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((output - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize("bits, bound", [("int8", 0.015), ("int4", 0.12)])
+def test_quantized_layers_are_close_to_float_and_compute_their_own_dequantized_weight(bits, bound):
+    # Gaussian weights: int8's step is max|w|/127 (~3.5 sd/127 at K=192), an error of ~0.8% of
+    # the output's norm; int4's is (max - min)/15 per 32 inputs (~4 sd/15), ~8%. Bounds ~1.5x those.
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(96, 192), torch.randn(96), torch.randn(2, 5, 192)
+    layer = Int8Linear.from_float(weight, bias) if bits == "int8" else Int4Linear.from_float(weight, 32, bias)
+    output = layer(x)
+    assert output.shape == (2, 5, 96)
+    assert relative_error(output, torch.nn.functional.linear(x, weight, bias)) < bound
+    # the kernel computes with the weights the codes and scales say, on bfloat16 activations
+    # (rounded by 2**-9 at most) with a bfloat16 output: ~0.3% of the norm, not the codes' error
+    exact = torch.nn.functional.linear(x.bfloat16().float(), layer.dequantized(), bias)
+    assert relative_error(output, exact) < 0.005
+
+
+def test_int4_codes_are_stored_portably_and_reload_into_the_kernel_layout():
+    codes = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(codes)), codes)
+    torch.manual_seed(1)
+    layer = Int4Linear.from_float(torch.randn(32, 64), 32)
+    assert "packed" not in layer.state_dict()  # the kernel's layout depends on the CPU: never saved
+    fresh = Int4Linear(64, 32, 32)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def quantized_tiny(settings, **llm):
+    model = tiny_model(llm={"source": "tiny:llama", **llm})
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger random weights: answers that differ by step
+        for parameter in model.llm.model.parameters():
+            parameter.normal_(0, 0.3)
+    return quantize_model(model, settings)
+
+
+@pytest.mark.parametrize("settings", [INT8, INT4], ids=["int8", "int4"])
+def test_the_engine_answers_a_quantized_model_as_its_transformers_forward_does(settings):
+    model = quantized_tiny(settings)
+    layers = model.llm.model.model.layers[0]
+    kind = Int8Linear if settings.bits == "int8" else Int4Linear
+    assert isinstance(layers.self_attn.q_proj, kind) and isinstance(layers.mlp.down_proj, kind)
+    assert isinstance(model.llm.lm_head, kind)  # untied from the (float) input embeddings
+    prompt = {"messages": [{"role": "user", "content": "Say something long."}]}
+    engine = Engine(model)
+    answer = engine.generate([prompt], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
+    ids = torch.tensor([engine.encode(prompt)["input_ids"]])
+    with torch.no_grad():  # greedy through transformers' own forward, recomputed every step
+        for _ in range(8):
+            next_id = engine.allowed_logits(model.llm.model(input_ids=ids).logits[:, -1])[0].argmax()
+            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    assert answer == ids[0, -8:].tolist()
+    assert len(set(answer)) > 1  # a real comparison, not one token repeated
+
+
+@pytest.mark.parametrize("settings", [INT8, INT4], ids=["int8", "int4"])
+def test_quantize_merges_lora_and_saving_and_loading_gives_identical_logits(settings, tmp_path):
+    lora = {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    model = tiny_model(llm={"source": "tiny:llama", "lora": lora})
+    for name, parameter in model.llm.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: give the adapters something to add
+            parameter.data.normal_(0, 0.5)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        float_logits = model.llm.model(input_ids=ids).logits
+        quantize_model(model, settings)
+        logits = model.llm.model(input_ids=ids).logits
+    assert model.config.quantization == settings and model.config.llm.lora is None
+    assert relative_error(logits, float_logits) < (0.02 if settings.bits == "int8" else 0.15)  # LoRA kept
+    model.save_pretrained(tmp_path / "model")
+    again = MultimodalLM.from_pretrained(tmp_path / "model")
+    assert again.config.quantization == settings
+    with torch.no_grad():
+        assert torch.equal(again.llm.model(input_ids=ids).logits, logits)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_quantize_command_writes_a_model_and_the_flag_quantizes_on_load(capsys, tmp_path):
+    code, _, err = run(capsys, "quantize", "tiny:llama", str(tmp_path / "int4"), "--bits", "int4")
+    assert code == 0 and f"wrote the int4 model to {tmp_path / 'int4'}" in err
+    files = {path.suffix for path in (tmp_path / "int4").iterdir()}
+    assert ".safetensors" in files and not files & {".bin", ".pt", ".pth", ".pkl"}  # no pickle
+    code, out, _ = run(capsys, "chat", str(tmp_path / "int4"), "--max-new-tokens", "3", "hi")
+    assert code == 0 and out.endswith("\n")
+    code, out, err = run(capsys, "chat", "tiny:llama", "--quantize", "int8", "--max-new-tokens", "3", "hi")
+    assert code == 0 and "quantized to int8 in" in err
+    code, _, err = run(capsys, "export", str(tmp_path / "int4"), str(tmp_path / "gguf"), "--format", "gguf")
+    assert code == 2 and "model.quantization: int4 weights have no stock format" in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "tiny:llama", "OUT", "--bits", "int3"], "--bits: 'int3' is not one of int8, int4"),
+    (["quantize", "tiny:llama", "OUT", "--bits", "int4", "--group-size", "48"], "--group-size: a power of two"),
+    (["chat", "tiny:llama", "--quantize", "fp8", "hi"], "--quantize: 'fp8' is not one of int8, int4"),
+    (["eval", "tiny:llama", "--task", "easy-vqa", "--limit", "2", "--quantize", "8"], "--quantize: '8' is not one of"),
+    (["serve", "tiny:llama", "--quantize", "int2"], "--quantize: 'int2' is not one of"),
+])
+def test_bad_bits_are_one_line_and_exit_2(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err.splitlines()[-1].startswith("polymodal: error: ") and message in err.splitlines()[-1]
+    assert "Traceback" not in err
+
+
+def test_training_a_quantized_model_is_refused_in_one_line(capsys, tmp_path):
+    run(capsys, "quantize", "tiny:llama", str(tmp_path / "int8"))
+    recipe = tmp_path / "tune.yaml"
+    recipe.write_text(f"init_from: {tmp_path / 'int8'}\nstages:\n  - name: tune\n    train: [llm]\n"
+                      f"    lr: {{llm: 1.0e-4}}\n    data: [{{format: easy-vqa, split: train}}]\n")
+    code, _, err = run(capsys, "train", str(recipe), "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert "stages[0].train: llm cannot train on a quantized model (model.quantization: int8)" in err.splitlines()[-1]
+    with pytest.raises(ConfigError, match="a quantized model has no LoRA adapters"):
+        from_dict(ModelConfig, {"llm": {"source": "tiny:llama", "lora": {"r": 2}}, "quantization": {"bits": "int8"}})
