@@ -13,6 +13,7 @@ import gguf
 import pytest
 import torch
 import torch.nn.functional as F
+from export_proofs import with_lora_deltas
 
 from conftest import image, needs_package, tiny_model
 from polymodal.errors import UserError
@@ -24,16 +25,6 @@ LORA = {"lora": {"r": 4, "alpha": 8}}
 CLIP_MLP = ({"kind": "hf", "source": "tiny:clip"}, {"kind": "mlp", "depth": 2})
 SMOLVLM = ({"kind": "vit", "image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2},
            {"kind": "pixel_shuffle", "factor": 2, "depth": 1, "bias": False, "markers": True})
-
-
-def with_lora_deltas(model):
-    """peft starts B at zero: give every adapter a delta, so merging is tested."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return model
 
 
 def read(path):

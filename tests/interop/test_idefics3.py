@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
+import export_proofs
 import pytest
 import torch
 import yaml
-from PIL import Image
-from plain_transformers import run_plain
+from export_proofs import export_all, messages, polymodal_side
 
-from conftest import tiny_model
-from polymodal.cli.main import main
 from polymodal.connectors.pixel_shuffle import space_to_depth
-from polymodal.interop import export_model
 from polymodal.interop import idefics3 as idefics3_module
 from polymodal.interop.common import merged_state_dict
 from polymodal.interop.idefics3 import (
@@ -41,58 +37,16 @@ COMPOSITIONS = {
     "llama_lora": (VIT, SHUFFLE, {"lora": {"r": 4, "alpha": 8}}),
     "qwen2": (VIT, {**SHUFFLE, "factor": 4}, {"source": "tiny:qwen2"}),
 }
-QUESTION = "\nWhat shape is in the image?"
-NEW_TOKENS = 8
 
 
 def build(name: str):
-    encoder, connector, llm = COMPOSITIONS[name]
-    model = tiny_model(encoder, connector, llm)
-    if llm.get("lora"):  # peft starts B at zero: give the adapters a real delta to merge
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for parameter_name, parameter in model.named_parameters():
-                if "lora_B" in parameter_name:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return model
-
-
-def messages(image=None) -> list[dict]:
-    part = {"type": "image"} if image is None else {"type": "image", "image": image}
-    return [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}]
+    return export_proofs.build(*COMPOSITIONS[name])
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Each composition built, exported, and run by plain transformers in one subprocess:
-    name -> (model, export directory, plain-transformers result, image); the image needs
-    resizing (70x45 to the encoder's 32x32)."""
-    work = tmp_path_factory.mktemp("idefics3")
-    image = work / "image.png"
-    Image.fromarray((np.random.default_rng(0).random((45, 70, 3)) * 255).astype(np.uint8)).save(image)
-    models, runs = {}, []
-    for name in COMPOSITIONS:
-        models[name] = build(name)
-        export_model(models[name], "smolvlm", work / name)
-        runs.append({"name": name, "directory": str(work / name), "image": str(image),
-                     "messages": messages(), "max_new_tokens": NEW_TOKENS})
-    results = run_plain("image_text_to_text", runs, work / "plain")
-    return {name: (models[name], work / name, results[name], image) for name in COMPOSITIONS}
-
-
-def polymodal_side(model, image):
-    """(prompt ids, logits [T, V], greedy answer ids) as polymodal computes them."""
-    from polymodal.engine.generate import Engine
-    from polymodal.engine.sampling import SamplingParams
-
-    prompt = model.processor.encode(messages(str(image)))
-    with torch.no_grad():
-        embeds = model.embed(torch.tensor([prompt["input_ids"]]), prompt["media"])
-        hidden = model.llm.decoder(inputs_embeds=embeds).last_hidden_state
-        logits = model.llm.lm_head(hidden)[0]
-    [answer] = Engine(model).generate([{"messages": messages(str(image))}],
-                                      SamplingParams(max_new_tokens=NEW_TOKENS))
-    return prompt["input_ids"], logits, answer.token_ids
+    """name -> (model, export directory, plain-transformers result, image): export_proofs.export_all."""
+    return export_all(COMPOSITIONS, "smolvlm", tmp_path_factory.mktemp("idefics3"))
 
 
 def as_polymodal_ids(ids: list[int], directory, image_token_id: int) -> list[int]:
@@ -221,13 +175,6 @@ def test_files_and_config(exported):
 # ---------------------------------------------------------------- refusals and atomicity
 
 
-def recipe(tmp_path, encoder: dict, connector: dict) -> str:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"name": "r", "model": {"llm": {"source": "tiny:llama"}, "encoder": encoder,
-                                                            "connector": connector}}))
-    return str(path)
-
-
 @pytest.mark.parametrize(("encoder", "connector", "named"), [
     ({"kind": "cnn", "image_size": 32, "channels": [8, 16, 16, 24]}, SHUFFLE, "model.encoders.image: kind 'cnn'"),
     (VIT, {"kind": "mlp"}, "model.connectors.image: kind 'mlp'"),
@@ -237,21 +184,9 @@ def recipe(tmp_path, encoder: dict, connector: dict) -> str:
     ({**VIT, "image_size": 38, "patch_size": 2}, {**SHUFFLE, "factor": 1}, "model.encoders.image.image_size"),
 ])
 def test_unexportable_composition_is_refused_in_one_line(tmp_path, capsys, encoder, connector, named):
-    out = tmp_path / "out"
-    code = main(["export", recipe(tmp_path, encoder, connector), "--format", "smolvlm", str(out)])
-    error = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert error[-1].startswith(f"polymodal: error: {named}")
-    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+    error = export_proofs.refused_export(tmp_path, capsys, encoder, connector, "smolvlm")
+    assert error.startswith(f"polymodal: error: {named}")
 
 
 def test_a_failed_export_leaves_no_directory(tmp_path, monkeypatch):
-    model = build("llama")
-
-    def disk_fails(*args, **kwargs):  # after the tokenizer files are written
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(idefics3_module, "write_safetensors", disk_fails)
-    with pytest.raises(OSError):
-        export_model(model, "smolvlm", tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+    export_proofs.failed_export_leaves_nothing(build("llama"), "smolvlm", idefics3_module, tmp_path, monkeypatch)

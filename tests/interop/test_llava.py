@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 
+import export_proofs
 import numpy as np
 import pytest
 import torch
 import yaml
+from export_proofs import NEW_TOKENS, export_all, messages, polymodal_side, recipe
 from PIL import Image
 from plain_transformers import run_plain
 
@@ -33,59 +35,16 @@ COMPOSITIONS = {
     "clip_llama_lora": ({"kind": "hf", "source": "tiny:clip"}, {"kind": "mlp", "depth": 2},
                         {"lora": {"r": 4, "alpha": 8}}),
 }
-QUESTION = "\nWhat shape is in the image?"
-NEW_TOKENS = 8
 
 
 def build(name: str):
-    encoder, connector, llm = COMPOSITIONS[name]
-    model = tiny_model(encoder, connector, llm)
-    if llm.get("lora"):  # peft starts B at zero: give the adapters a real delta to merge
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for parameter_name, parameter in model.named_parameters():
-                if "lora_B" in parameter_name:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return model
-
-
-def messages(image=None) -> list[dict]:
-    part = {"type": "image"} if image is None else {"type": "image", "image": image}
-    return [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}]
+    return export_proofs.build(*COMPOSITIONS[name])
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Each composition built, exported, and run by plain transformers in one subprocess:
-    name -> (model, export directory, plain-transformers result); the image needs resizing
-    (70x45 to the encoders' 32x32)."""
-    work = tmp_path_factory.mktemp("llava")
-    image = work / "image.png"
-    pixels = (np.random.default_rng(0).random((45, 70, 3)) * 255).astype(np.uint8)
-    Image.fromarray(pixels).save(image)
-    models, runs = {}, []
-    for name in COMPOSITIONS:
-        models[name] = build(name)
-        export_model(models[name], "llava", work / name)
-        runs.append({"name": name, "directory": str(work / name), "image": str(image),
-                     "messages": messages(), "max_new_tokens": NEW_TOKENS})
-    results = run_plain("image_text_to_text", runs, work / "plain")
-    return {name: (models[name], work / name, results[name], image) for name in COMPOSITIONS}
-
-
-def polymodal_side(model, image):
-    """(prompt ids, logits [T, V], greedy answer ids) as polymodal computes them."""
-    from polymodal.engine.generate import Engine
-    from polymodal.engine.sampling import SamplingParams
-
-    prompt = model.processor.encode(messages(str(image)))
-    with torch.no_grad():
-        embeds = model.embed(torch.tensor([prompt["input_ids"]]), prompt["media"])
-        hidden = model.llm.decoder(inputs_embeds=embeds).last_hidden_state
-        logits = model.llm.lm_head(hidden)[0]
-    [answer] = Engine(model).generate([{"messages": messages(str(image))}],
-                                      SamplingParams(max_new_tokens=NEW_TOKENS))
-    return prompt["input_ids"], logits, answer.token_ids
+    """name -> (model, export directory, plain-transformers result, image): export_proofs.export_all."""
+    return export_all(COMPOSITIONS, "llava", tmp_path_factory.mktemp("llava"))
 
 
 @pytest.mark.parametrize("name", COMPOSITIONS)
@@ -218,13 +177,6 @@ def test_smollm2_with_its_own_chat_template(tmp_path):
 # ---------------------------------------------------------------- refusals and atomicity
 
 
-def recipe(tmp_path, encoder: dict, connector: dict, **model) -> str:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"name": "r", "model": {"llm": {"source": "tiny:llama"}, "encoder": encoder,
-                                                            "connector": connector, **model}}))
-    return str(path)
-
-
 @pytest.mark.parametrize(("encoder", "connector", "named"), [
     ({"kind": "hf", "source": "tiny:clip"}, {"kind": "perceiver"}, "model.connectors.image: kind 'perceiver'"),
     ({"kind": "hf", "source": "tiny:clip"}, {"kind": "mlp", "norm": True}, "model.connectors.image.norm"),
@@ -233,24 +185,12 @@ def recipe(tmp_path, encoder: dict, connector: dict, **model) -> str:
     ({"kind": "vit"}, {"kind": "mlp"}, "model.encoders.image: kind 'vit'"),
 ])
 def test_unexportable_composition_is_refused_in_one_line(tmp_path, capsys, encoder, connector, named):
-    out = tmp_path / "out"
-    code = main(["export", recipe(tmp_path, encoder, connector), "--format", "llava", str(out)])
-    error = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert error[-1].startswith(f"polymodal: error: {named}") and "llava" in error[-1]
-    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+    error = export_proofs.refused_export(tmp_path, capsys, encoder, connector, "llava")
+    assert error.startswith(f"polymodal: error: {named}") and "llava" in error
 
 
 def test_a_failed_export_leaves_no_directory(tmp_path, monkeypatch):
-    model = build("clip_llama")
-
-    def disk_fails(*args, **kwargs):  # after the tokenizer files are written
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(llava_module, "write_safetensors", disk_fails)
-    with pytest.raises(OSError):
-        export_model(model, "llava", tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+    export_proofs.failed_export_leaves_nothing(build("clip_llama"), "llava", llava_module, tmp_path, monkeypatch)
 
 
 def test_an_existing_directory_is_kept_unless_overwrite(tmp_path, capsys):
