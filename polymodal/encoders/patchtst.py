@@ -30,11 +30,28 @@ def patch_count(length: int, patch_len: int, stride: int) -> int:
     return -(-max(length - patch_len, 0) // stride) + 1
 
 
+PATCH_LENGTHS = (16, 8, 4, 2)  # the patch lengths `patch_len: 0` chooses from, longest first
+MIN_PATCHES = 8  # ... the longest giving at least this many patches
+
+
+def fit_patch_length(length: int) -> tuple[int, int]:
+    """`patch_len` and `stride` for `length` steps when a recipe leaves them to the data:
+    the longest of 16, 8, 4, 2 steps that gives at least 8 patches (2 when none does),
+    every half patch. PatchTST's 16 / 8 (its paper's setting for lookbacks of 336 and 512)
+    suits BasicMotions' 100 steps (12 patches) and keeps it; JapaneseVowels' 26 steps would
+    get 3 patches of 16 and get 12 of 4 every 2 instead."""
+    for patch_len in PATCH_LENGTHS:
+        if patch_count(length, patch_len, patch_len // 2) >= MIN_PATCHES:
+            return patch_len, patch_len // 2
+    return PATCH_LENGTHS[-1], PATCH_LENGTHS[-1] // 2
+
+
 @dataclass
 class PatchTSTConfig(SeriesEncoderConfig):
     kind: str = "patchtst"
-    patch_len: int = 16  # steps per patch (token)
-    stride: int = 8  # steps between patch starts; patches overlap when below patch_len
+    # steps per patch (token); 0: from the training data's length (`fit_patch_length`)
+    patch_len: int = 16
+    stride: int = 8  # steps between patch starts (overlap below patch_len); 0: patch_len // 2
     width: int = 64  # token width
     depth: int = 1  # transformer layers over the patches (0: the embedding alone)
     heads: int = 4
@@ -58,6 +75,9 @@ class PatchTSTEncoder(SeriesEncoder):
 
     def __init__(self, config: PatchTSTConfig, loader=None, key: str = "encoder"):
         super().__init__(config, key)
+        if config.patch_len == 0 or config.stride == 0:
+            raise ConfigError(f"{key}.patch_len and .stride: {config.patch_len} and {config.stride} "
+                              f"(0 means from the training data): train the recipe first, or set both")
         if config.patch_len < 1 or config.stride < 1:
             raise ConfigError(f"{key}.patch_len and .stride: must be at least 1")
         if config.heads < 1 or config.width % config.heads:
@@ -79,6 +99,22 @@ class PatchTSTEncoder(SeriesEncoder):
         self.norm = nn.LayerNorm(width) if config.depth else nn.Identity()
         self.num_tokens = channels * self.patches if self.independent else self.patches
         self.out_dim = width
+
+    @classmethod
+    def sizes_from_data(cls, config: PatchTSTConfig) -> bool:
+        return super().sizes_from_data(config) or config.patch_len == 0 or config.stride == 0
+
+    @classmethod
+    def fit_to_data(cls, config: PatchTSTConfig, series_list) -> PatchTSTConfig:
+        """The series sizes (`SeriesEncoder.fit_to_data`), then a `patch_len` of 0 from the
+        fitted length (`fit_patch_length`, its stride too when that is 0) and a `stride` of
+        0 as half the patch; sizes already set are kept. Changed in place and returned."""
+        super().fit_to_data(config, series_list)
+        if config.patch_len == 0:
+            config.patch_len, stride = fit_patch_length(config.length)
+            config.stride = config.stride or stride
+        config.stride = config.stride or max(config.patch_len // 2, 1)
+        return config
 
     def forward(self, series: torch.Tensor) -> torch.Tensor:
         """[B, channels, length] float, NaN where no value -> [B, num_tokens, width]."""

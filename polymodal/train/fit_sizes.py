@@ -2,7 +2,8 @@
 
 A series encoder's `channels: 0` and `length: 0` mean "as the training data needs": a
 recipe then works for any aeon classification set (BasicMotions' 6 channels of 100 steps,
-PickupGestureWiimoteZ's 1 channel of up to 361) with only its name changed. Before
+PickupGestureWiimoteZ's 1 channel of up to 361) with only its name changed; PatchTST's
+`patch_len: 0` follows the fitted length (JapaneseVowels' 26 steps: patches of 4). Before
 `build_model`, `fit_encoder_sizes` reads the series of every stage's datasets (and their
 validation data) and hands them to the encoder kind's `fit_to_data(config, series_list)`
 classmethod, which fills the sizes; the built model, and so its saved config.json, holds

@@ -10,7 +10,7 @@ import torch
 from polymodal.config import ModelConfig, from_dict
 from polymodal.connectors import build_connector
 from polymodal.encoders import build_encoder
-from polymodal.encoders.patchtst import PatchTSTEncoder, patch_count
+from polymodal.encoders.patchtst import PatchTSTEncoder, fit_patch_length, patch_count
 from polymodal.encoders.series_base import RevIN
 from polymodal.errors import ConfigError, UserError
 from polymodal.objectives.losses import next_token_loss
@@ -165,6 +165,27 @@ def test_sizes_zero_mean_from_the_data(tmp_path):
     assert (config.channels, config.length) == (4, 120)
     kept = PatchTSTEncoder.fit_to_data(PatchTSTConfig(length=200), [tmp_path / "long.npy"])
     assert (kept.channels, kept.length) == (2, 200)
+
+
+def test_patch_length_zero_is_fitted_to_the_length():
+    """patch_len 0: the longest of 16, 8, 4, 2 giving at least 8 patches, stride half of it
+    (BasicMotions' 100 steps keep 16 / 8; JapaneseVowels' 26 get 4 / 2); a stride the
+    recipe set is kept; left at 0 the model refuses to build."""
+    from polymodal.encoders.patchtst import PatchTSTConfig
+
+    assert [fit_patch_length(length) for length in (3, 26, 40, 100, 361)] == [(2, 1), (4, 2), (8, 4), (16, 8),
+                                                                              (16, 8)]
+    assert all(patch_count(length, *fit_patch_length(length)) >= 8 for length in range(16, 400))
+    fitted = PatchTSTEncoder.fit_to_data(PatchTSTConfig(patch_len=0, stride=0), [torch.zeros(12, 26)])
+    assert (fitted.channels, fitted.length, fitted.patch_len, fitted.stride) == (12, 26, 4, 2)
+    assert PatchTSTEncoder.sizes_from_data(PatchTSTConfig(channels=6, length=100, patch_len=0))
+    assert not PatchTSTEncoder.sizes_from_data(PatchTSTConfig(channels=6, length=100))
+    kept = PatchTSTEncoder.fit_to_data(PatchTSTConfig(length=100, patch_len=0, stride=16), [torch.zeros(6, 100)])
+    assert (kept.patch_len, kept.stride) == (16, 16)
+    mixed = {"kind": "patchtst", "channel_mode": "mixed", "patch_len": 4, "stride": 2}
+    assert build_encoder(encoder_config(mixed, 12, 26), None).num_tokens == 12
+    with pytest.raises(ConfigError, match=r"encoders\.series\.patch_len and \.stride: 0 and 0.*train the recipe"):
+        build_encoder(PatchTSTConfig(channels=6, length=100, patch_len=0, stride=0), None, "encoders.series")
 
 
 def test_load_media_pads_a_short_file_and_keeps_the_last_steps_of_a_long_one(tmp_path):
