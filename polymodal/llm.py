@@ -139,7 +139,9 @@ def merged_lora(model: nn.Module):
     subtracts the update again, which would leave float round-off behind after each use."""
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged]
+    # (a quantized base layer, polymodal.quantization, keeps its adapters beside it: not merged)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged
+              and isinstance(m.get_base_layer(), nn.Linear)]
     saved = [layer.get_base_layer().weight.detach().clone() for layer in layers]
     try:
         for layer in layers:

@@ -197,33 +197,38 @@ def quantized_linear(linear: nn.Linear, settings: QuantizationConfig, weight: to
 
 def quantize_model(model: nn.Module, settings: QuantizationConfig) -> nn.Module:
     """A loaded multimodal LM's decoder quantized in place (`quantize_language_model`), its
-    config saying so (`model.quantization`; LoRA merged, so `llm.lora` cleared), so that
-    `save_pretrained` writes a model directory that loads quantized. Returns the model.
+    config saying so (`model.quantization`, `merge_lora` resolved; LoRA merged clears
+    `llm.lora`), so that `save_pretrained` writes a model directory that loads quantized.
+    Returns the model.
 
     Raises:
         UserError: a model without a decoder LLM (a dual encoder), or one already quantized
             otherwise.
     """
     config = getattr(model, "config", None)
+    if settings.merge_lora is None:
+        settings = dataclasses.replace(settings, merge_lora=settings.bits == "int8")
     if not isinstance(getattr(model, "llm", None), nn.Module) or not hasattr(config, "quantization"):
         raise UserError(f"quantization: only a multimodal LM's decoder quantizes; this model is a "
                         f"{getattr(config, 'kind', type(model).__name__)}")
     if config.quantization is not None:
-        if config.quantization == settings:
+        if config.quantization == settings:  # e.g. `--quantize int8` on an int8 model directory
             return model
         raise UserError(f"quantization: the model is already quantized ({config.quantization.bits}); "
                         f"quantize the float model instead")
     quantize_language_model(model.llm.model, settings)
-    model.config = dataclasses.replace(config, quantization=settings,
-                                       llm=dataclasses.replace(config.llm, lora=None))
+    lora = None if settings.merge_lora else config.llm.lora
+    model.config = dataclasses.replace(config, quantization=settings, llm=dataclasses.replace(config.llm, lora=lora))
     return model
 
 
 def quantize_language_model(causal_lm: nn.Module, settings: QuantizationConfig) -> int:
     """Replace the decoder's linear layers (LAYER_NAMES) of a transformers causal LM, in place,
-    by quantized ones made from their current weights; with `settings.head`, the LM head too
+    by quantized ones made from their current weights; the LM head as `settings.head` says
     (untied from the input embeddings, which stay float: a lookup reads one row per token).
-    LoRA adapters (peft) are folded into their base weights first, by peft's own delta.
+    LoRA adapters (peft) are folded into their base weights first, by peft's own delta, or
+    with `settings.merge_lora` False kept in float beside the quantized base layer (peft's
+    layer adds B(A(x)) to what its base layer returns, whatever that layer is).
 
     Returns the number of layers replaced. Layers whose shape the kernel refuses (int4: see
     `quantizable`) stay float.
@@ -232,22 +237,26 @@ def quantize_language_model(causal_lm: nn.Module, settings: QuantizationConfig) 
     for name, module in list(causal_lm.named_modules()):
         if name.rsplit(".", 1)[-1] not in LAYER_NAMES:
             continue
-        linear, weight = _base_linear(module)
+        linear, weight = _base_linear(module, merge=settings.merge_lora is not False)
         if linear is None or not quantizable(linear, settings):
             continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(causal_lm.get_submodule(parent_name), child, quantized_linear(linear, settings, weight))
+        if linear is not module and settings.merge_lora is False:
+            module.base_layer = quantized_linear(linear, settings)  # the adapters stay around it
+        else:
+            parent_name, _, child = name.rpartition(".")
+            setattr(causal_lm.get_submodule(parent_name), child, quantized_linear(linear, settings, weight))
         replaced += 1
     head = causal_lm.get_output_embeddings()
-    if settings.head and isinstance(head, nn.Linear) and quantizable(head, settings):
+    head_settings = dataclasses.replace(settings, bits=settings.head) if settings.head != "float" else None
+    if head_settings is not None and isinstance(head, nn.Linear) and quantizable(head, head_settings):
         causal_lm.config.tie_word_embeddings = False  # never re-tied onto the float embeddings
-        causal_lm.set_output_embeddings(quantized_linear(head, settings))
+        causal_lm.set_output_embeddings(quantized_linear(head, head_settings))
         replaced += 1
     return replaced
 
 
-def _base_linear(module: nn.Module) -> tuple[nn.Linear | None, torch.Tensor | None]:
-    """(the plain linear layer, its weight with any active LoRA adapters folded in)."""
+def _base_linear(module: nn.Module, merge: bool = True) -> tuple[nn.Linear | None, torch.Tensor | None]:
+    """(the plain linear layer, its weight with any active LoRA adapters folded in if `merge`)."""
     if isinstance(module, nn.Linear):
         return module, module.weight
     try:
@@ -258,7 +267,7 @@ def _base_linear(module: nn.Module) -> tuple[nn.Linear | None, torch.Tensor | No
         return None, None
     base = module.get_base_layer()
     weight = base.weight.detach()
-    if not module.merged:
+    if merge and not module.merged:
         with torch.no_grad():
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:

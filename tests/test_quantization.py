@@ -69,7 +69,7 @@ def test_the_engine_answers_a_quantized_model_as_its_transformers_forward_does(s
     layers = model.llm.model.model.layers[0]
     kind = Int8Linear if settings.bits == "int8" else Int4Linear
     assert isinstance(layers.self_attn.q_proj, kind) and isinstance(layers.mlp.down_proj, kind)
-    assert isinstance(model.llm.lm_head, kind)  # untied from the (float) input embeddings
+    assert isinstance(model.llm.lm_head, Int8Linear)  # int8 in both modes, untied from the float embeddings
     prompt = {"messages": [{"role": "user", "content": "Say something long."}]}
     engine = Engine(model)
     answer = engine.generate([prompt], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
@@ -83,7 +83,8 @@ def test_the_engine_answers_a_quantized_model_as_its_transformers_forward_does(s
 
 
 @pytest.mark.parametrize("settings", [INT8, INT4], ids=["int8", "int4"])
-def test_quantize_merges_lora_and_saving_and_loading_gives_identical_logits(settings, tmp_path):
+def test_lora_is_merged_for_int8_kept_in_float_for_int4_and_saving_and_loading_gives_identical_logits(
+        settings, tmp_path):
     lora = {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}
     model = tiny_model(llm={"source": "tiny:llama", "lora": lora})
     for name, parameter in model.llm.named_parameters():
@@ -94,11 +95,16 @@ def test_quantize_merges_lora_and_saving_and_loading_gives_identical_logits(sett
         float_logits = model.llm.model(input_ids=ids).logits
         quantize_model(model, settings)
         logits = model.llm.model(input_ids=ids).logits
-    assert model.config.quantization == settings and model.config.llm.lora is None
+    merged = settings.bits == "int8"  # int4's steps are coarser than a LoRA update: kept beside it
+    assert model.config.quantization.merge_lora is merged and (model.config.llm.lora is None) is merged
+    q_proj = model.llm.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj if merged else q_proj.base_layer, Int8Linear if merged else Int4Linear)
+    prompt = {"messages": [{"role": "user", "content": "hi"}]}
+    assert len(Engine(model).generate([prompt], SamplingParams(max_new_tokens=3, ignore_eos=True))[0].token_ids) == 3
     assert relative_error(logits, float_logits) < (0.02 if settings.bits == "int8" else 0.15)  # LoRA kept
     model.save_pretrained(tmp_path / "model")
     again = MultimodalLM.from_pretrained(tmp_path / "model")
-    assert again.config.quantization == settings
+    assert again.config.quantization == model.config.quantization and again.config.llm.lora == model.config.llm.lora
     with torch.no_grad():
         assert torch.equal(again.llm.model(input_ids=ids).logits, logits)
 
@@ -144,4 +150,4 @@ def test_training_a_quantized_model_is_refused_in_one_line(capsys, tmp_path):
     assert code == 2
     assert "stages[0].train: llm cannot train on a quantized model (model.quantization: int8)" in err.splitlines()[-1]
     with pytest.raises(ConfigError, match="a quantized model has no LoRA adapters"):
-        from_dict(ModelConfig, {"llm": {"source": "tiny:llama", "lora": {"r": 2}}, "quantization": {"bits": "int8"}})
+        from_dict(ModelConfig, {"llm": {"source": "tiny:llama", "lora": {"r": 2}}, "quantization": {"bits": "int8", "merge_lora": True}})
