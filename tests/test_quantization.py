@@ -149,5 +149,5 @@ def test_training_a_quantized_model_is_refused_in_one_line(capsys, tmp_path):
     code, _, err = run(capsys, "train", str(recipe), "--out", str(tmp_path / "run"))
     assert code == 2
     assert "stages[0].train: llm cannot train on a quantized model (model.quantization: int8)" in err.splitlines()[-1]
-    with pytest.raises(ConfigError, match="a quantized model has no LoRA adapters"):
+    with pytest.raises(ConfigError, match="a model quantized with merge_lora has no LoRA adapters"):
         from_dict(ModelConfig, {"llm": {"source": "tiny:llama", "lora": {"r": 2}}, "quantization": {"bits": "int8", "merge_lora": True}})
