@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from polymodal.cli.loading import add_model_out_arguments
 from polymodal.errors import UserError
 
 FORMATS = ("llava", "smolvlm", "gguf")  # help text only: polymodal.interop's table decides
@@ -17,17 +18,13 @@ def add_parser(commands) -> None:
         description="Write a saved model (or a recipe, or an LLM source) as a checkpoint that "
                     "plain transformers or llama.cpp loads: LoRA merged, a model card beside it. "
                     "A composition the format has no stock class for is refused with the part named.")
-    parser.add_argument("model", help="a saved model directory, a recipe YAML or an LLM source")
-    parser.add_argument("out", help="the directory to write (refused if it holds files, unless --overwrite)")
+    add_model_out_arguments(parser, "a saved model directory, a recipe YAML or an LLM source")
     parser.add_argument("--format", required=True, metavar="FORMAT", help=f"one of {', '.join(FORMATS)}")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds files")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="floating-point type of the written weights (default float32)")
     parser.add_argument("--eval", action="append", default=[], metavar="RESULTS",
                         help="an evaluation's results.json (or its --out folder) for the model card; repeatable")
     parser.add_argument("--license", default="other", help="the license id the model card declares")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field (a recipe MODEL only)")
     parser.set_defaults(run=run)
 
 

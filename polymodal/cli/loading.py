@@ -10,6 +10,16 @@ from pathlib import Path
 QUANTIZE_CHOICES = ("int8", "int4")
 
 
+def add_model_out_arguments(parser, model_help: str) -> None:
+    """The positional MODEL and OUT, `--overwrite` and `--set` of a command that reads one
+    model and writes a directory (`export`, `quantize`)."""
+    parser.add_argument("model", help=model_help)
+    parser.add_argument("out", help="the directory to write (refused if it holds files, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds files")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field (a recipe MODEL only)")
+
+
 def add_quantize_option(parser) -> None:
     """`--quantize int8|int4`: the LLM's decoder quantized after loading (polymodal.quantization)."""
     parser.add_argument("--quantize", metavar="BITS",

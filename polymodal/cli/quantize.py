@@ -6,20 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from polymodal.cli.loading import add_model_out_arguments
+
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
         "quantize", help="write a model with int8 or int4 LLM weights (loads as any model directory)",
         description="Quantize the LLM's decoder linear layers (and LM head) of a model, LoRA merged "
                     "first, and write it as a model directory (safetensors); see docs/quantization.md.")
-    parser.add_argument("model", help="a saved model directory (or a recipe / LLM source)")
-    parser.add_argument("out", help="the directory to write (refused if it holds files, unless --overwrite)")
+    add_model_out_arguments(parser, "a saved model directory (or a recipe / LLM source)")
     parser.add_argument("--bits", default="int8", metavar="BITS", help="int8 (per channel, the default) or int4")
     parser.add_argument("--group-size", type=int, default=32, metavar="N",
                         help="int4: inputs per scale and zero (default 32)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds files")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field (a recipe MODEL only)")
     parser.set_defaults(run=run)
 
 
