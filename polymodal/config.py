@@ -307,7 +307,8 @@ class StageConfig:
     decay_ratio: float = 0.2
     weight_decay: float = 0.0
     clip: float | None = 1.0  # gradient-norm clipping; None turns it off
-    precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16 autocast
+    # bfloat16 autocast; `auto`: bfloat16 where the device computes it natively (train/precision.py)
+    precision: Literal["float32", "bfloat16", "auto"] = "float32"
     seed: int = 0
     log_every: int = 10
     max_length: int | None = None  # longer samples are skipped and counted (never cut)

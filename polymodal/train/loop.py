@@ -29,6 +29,7 @@ from polymodal.train.distributed import (
     wrap,
 )
 from polymodal.train.mixture import Mixture
+from polymodal.train.precision import choose_precision
 
 
 class NonFiniteLoss(RuntimeError):
@@ -100,7 +101,8 @@ def train_stage(objective: Objective, mixture: Mixture, log: Callable[[dict], No
     optimizer = make_optimizer(objective, unwrapped(trainer))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(stage))
     trained = [p for group in optimizer.param_groups for p in group["params"]]
-    precision = (torch.autocast(world.device.type, dtype=torch.bfloat16) if stage.precision == "bfloat16"
+    chosen, why = choose_precision(stage.precision, world.device)
+    precision = (torch.autocast(world.device.type, dtype=torch.bfloat16) if chosen == "bfloat16"
                  else nullcontext())
     if resume_from is not None:
         load_full_optimizer_state(trainer, optimizer, checkpoint.restore_optimizer(resume_from, scheduler))
@@ -109,6 +111,9 @@ def train_stage(objective: Objective, mixture: Mixture, log: Callable[[dict], No
     model.train()
     trainer.train()
     totals = totals or {"samples": 0, "tokens": 0, "seconds": 0.0, "final_loss": None}
+    totals.update(precision=chosen, precision_reason=why)  # summary.json says what `auto` picked
+    if world.is_main and stage.precision == "auto":
+        tqdm.write(f"stage {stage.name}: precision {chosen} ({why})")
     progress = tqdm(range(start_step, stage.steps), desc=f"stage {stage.name}", unit="step",
                     dynamic_ncols=True, initial=start_step, total=stage.steps, disable=not world.is_main)
     for step in progress:
