@@ -4,11 +4,14 @@ Both sides hold the same LLaVA-style model with the same weights: a CLIP vision 
 (ViT, 224 px, patch 16, width 384, 6 layers; frozen), LLaVA-1.5's 2-layer MLP
 projector and the real SmolLM2-135M-Instruct (trained), fed the same batch: one
 image (196 tokens) and a short question per sample, loss on the answer only. A step
-is forward, backward and an AdamW step; same dtype (float32) and threads; runs are
-interleaved and repeated, medians reported. The two losses are printed too: they
-must agree, or the comparison is not of the same computation.
+is forward, backward and an AdamW step; same dtype (float32 weights; `--precision
+bfloat16`: the forward under bfloat16 autocast, as a stage's `precision: bfloat16`,
+`--their-precision` to set transformers' side apart) and threads; runs are interleaved
+and repeated, medians reported. The two losses are printed too: they must agree (in
+one precision), or the comparison is not of the same computation.
 
     python benchmarks/train_step.py [--batch 4] [--repeats 5] [--threads 2]
+        [--precision float32|bfloat16] [--their-precision float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
 from transformers import (
@@ -75,19 +79,25 @@ def make_batch(model: MultimodalLM, size: int):
     return collate(samples, model.pad_id)
 
 
-def step_ours(model, optimizer, batch) -> tuple[float, float]:
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bfloat16" else nullcontext()
+
+
+def step_ours(model, optimizer, batch, precision: str) -> tuple[float, float]:
     start = time.perf_counter()
-    loss = next_token_loss(model(batch))
+    with autocast(precision):
+        loss = next_token_loss(model(batch))
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start, loss.item()
 
 
-def step_theirs(llava, optimizer, batch, normalize) -> tuple[float, float]:
+def step_theirs(llava, optimizer, batch, normalize, precision: str) -> tuple[float, float]:
     start = time.perf_counter()
-    loss = llava(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                 pixel_values=normalize(batch.media["image"]), labels=batch.labels).loss
+    with autocast(precision):
+        loss = llava(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     pixel_values=normalize(batch.media["image"]), labels=batch.labels).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -99,7 +109,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--their-precision", choices=["float32", "bfloat16"], default=None,
+                        help="transformers' side (default: --precision)")
     args = parser.parse_args()
+    theirs_precision = args.their_precision or args.precision
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as vision_dir:
         torch.manual_seed(0)
@@ -114,14 +128,16 @@ def main() -> None:
     times = {"polymodal": [], "transformers": []}
     losses = {}
     for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
-        seconds, losses["polymodal"] = step_ours(ours, opt_ours, batch)
+        seconds, losses["polymodal"] = step_ours(ours, opt_ours, batch, args.precision)
         if repeat:
             times["polymodal"].append(seconds)
-        seconds, losses["transformers"] = step_theirs(theirs, opt_theirs, batch, ours.encoder.normalize)
+        seconds, losses["transformers"] = step_theirs(theirs, opt_theirs, batch, ours.encoder.normalize,
+                                                      theirs_precision)
         if repeat:
             times["transformers"].append(seconds)
     print(f"LLaVA-style: CLIP ViT (frozen) + MLP + SmolLM2-135M (trained), batch {args.batch}, "
-          f"{tokens} tokens/step, float32, {args.threads} threads, median of {args.repeats}")
+          f"{tokens} tokens/step, polymodal {args.precision}, transformers {theirs_precision}, "
+          f"{args.threads} threads, median of {args.repeats}")
     rates = {}
     for side, values in times.items():
         rates[side] = tokens / statistics.median(values)
