@@ -19,17 +19,16 @@ CPUINFO = Path("/proc/cpuinfo")
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags: /proc/cpuinfo's `flags` line where there is one (Linux),
-    else the bfloat16 ones torch itself detects (`torch.cpu._is_avx512_bf16_supported`,
-    a private query that may be absent); an empty set when neither answers."""
+    """The CPU's feature flags: /proc/cpuinfo's `flags` line where there is one (Linux);
+    an empty set elsewhere, so that `auto` keeps float32 where it cannot tell (torch 2.13 has
+    no public query for native bfloat16 on a CPU)."""
     try:
         for line in CPUINFO.read_text().splitlines():
             if line.startswith("flags"):
                 return set(line.partition(":")[2].split())
     except OSError:
         pass
-    query = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return {"avx512_bf16"} if query is not None and query() else set()
+    return set()
 
 
 def choose_precision(requested: str, device: torch.device, flags: set[str] | None = None) -> tuple[str, str]:
