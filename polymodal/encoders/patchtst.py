@@ -107,12 +107,11 @@ class PatchTSTEncoder(SeriesEncoder):
     @classmethod
     def fit_to_data(cls, config: PatchTSTConfig, series_list) -> PatchTSTConfig:
         """The series sizes (`SeriesEncoder.fit_to_data`), then a `patch_len` of 0 from the
-        fitted length (`fit_patch_length`, its stride too when that is 0) and a `stride` of
-        0 as half the patch; sizes already set are kept. Changed in place and returned."""
+        fitted length (`fit_patch_length`) and a `stride` of 0 as half the patch; sizes
+        already set are kept. Changed in place and returned."""
         super().fit_to_data(config, series_list)
         if config.patch_len == 0:
-            config.patch_len, stride = fit_patch_length(config.length)
-            config.stride = config.stride or stride
+            config.patch_len, _ = fit_patch_length(config.length)
         config.stride = config.stride or max(config.patch_len // 2, 1)
         return config
 

@@ -22,9 +22,9 @@ from polymodal.registry import ENCODERS
 
 def fit_encoder_sizes(recipe: RecipeConfig) -> None:
     """Fill, in `recipe.model.encoders`, the sizes left at 0 by each encoder whose kind
-    says so (`Encoder.sizes_from_data`) through its `fit_to_data(config, series_list) -> config` (series_list: every usable series
-    of that modality in the recipe's stages, each a float32 tensor [C, T]); the config it
-    returns (or the one it changed in place, when it returns None) replaces the old one.
+    says so (`Encoder.sizes_from_data`) through its `fit_to_data(config, series_list) ->
+    config` (series_list: every usable series of that modality in the recipe's stages, each a
+    float32 tensor [C, T]); the config it returns replaces the old one.
 
     Raises:
         ConfigError naming model.encoders.<modality> when a size is 0 but the stages hold
@@ -40,8 +40,7 @@ def fit_encoder_sizes(recipe: RecipeConfig) -> None:
             raise ConfigError(f"model.encoders.{modality}: channels and length 0 are taken from the "
                               f"training data, but the recipe's stages hold no usable {modality} "
                               f"samples; set them", field=f"model.encoders.{modality}")
-        fitted = kind.fit_to_data(config, series)
-        recipe.model.encoders[modality] = config if fitted is None else fitted
+        recipe.model.encoders[modality] = kind.fit_to_data(config, series)
 
 
 def modality_series(recipe: RecipeConfig, modality: str) -> list:
