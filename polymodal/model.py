@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from polymodal.config import ModelConfig, RecipeConfig
 from polymodal.connectors import build_connector
 from polymodal.encoders import build_encoder
 from polymodal.errors import UserError
-from polymodal.fusion import build_fusion
+from polymodal.fusion import DecoderFusion, build_fusion
+from polymodal.fusion.context import FusionState
 from polymodal.heads import ForecastHead
 from polymodal.llm import LanguageModel, add_placeholder_token
 from polymodal.processing import Processor
@@ -43,6 +45,7 @@ class LabelLogits:
     logits: torch.Tensor
     targets: torch.Tensor
     label_mask: torch.Tensor
+    aux_loss: torch.Tensor | None = None  # a fusion's auxiliary loss (a router's load balancing)
 
 
 @register_model_kind("multimodal-lm", config=ModelConfig)
@@ -83,6 +86,11 @@ class MultimodalLM(nn.Module):
                 connector.bind_word_embeddings(self.llm.model.get_input_embeddings().weight,
                                                self.llm.tokenizer.vocab_size)
         self.fusion = build_fusion(config.fusion)
+        if isinstance(self.fusion, DecoderFusion):
+            if config.quantization is not None:
+                raise UserError(f"model.quantization: fusion kind {config.fusion.kind!r} hooks the LLM's "
+                                f"layers; quantizing them is not supported (inline fusion only)")
+            self.fusion.attach(self.llm.model)  # after LoRA: its hooks sit on the adapted modules
         self.forecast_head = None if config.forecast_head is None else ForecastHead(
             config.forecast_head, self.connectors[config.forecast_head.modality].num_tokens, self.llm.hidden_size,
             self.encoders[config.forecast_head.modality].channels)
@@ -91,7 +99,7 @@ class MultimodalLM(nn.Module):
         self.architectures = loader.architectures  # what save_pretrained records per part
         self.processor = Processor(self.llm, {
             modality: MediaKind(modality, config.llm.placeholder(modality), self.placeholder_ids[modality],
-                                self.connectors[modality].num_tokens, encoder.load_media)
+                                self.text_tokens_per_medium(modality), encoder.load_media)
             for modality, encoder in self.encoders.items()})
         # Saved models and checkpoints from before modalities name the image's parts
         # `encoder.*` and `connector.*`: renamed as they load (_rename_old_weights).
@@ -101,6 +109,12 @@ class MultimodalLM(nn.Module):
     def from_config(cls, config: ModelConfig | RecipeConfig) -> MultimodalLM:
         """Build from a config, loading each part's pretrained weights from its source."""
         return cls(config.model if isinstance(config, RecipeConfig) else config)
+
+    def text_tokens_per_medium(self, modality: str) -> int:
+        """Placeholder tokens one medium takes in the text: the connector's K (inline), or
+        what the fusion kind asks (1 for cross-attention and adapters)."""
+        tokens = self.connectors[modality].num_tokens
+        return self.fusion.text_tokens_per_medium(tokens) if isinstance(self.fusion, DecoderFusion) else tokens
 
     @property
     def pad_id(self) -> int:
@@ -137,6 +151,8 @@ class MultimodalLM(nn.Module):
             parts[f"connector.{modality}"] = self.connectors[modality]
         if self.forecast_head is not None:
             parts["forecast_head"] = self.forecast_head
+        if isinstance(self.fusion, DecoderFusion):
+            parts["fusion"] = self.fusion
         return parts
 
     def set_trainable(self, parts: list[str]) -> None:
@@ -144,14 +160,14 @@ class MultimodalLM(nn.Module):
 
         Parts: `encoder` and `connector` (all modalities), `encoder.image`,
         `connector.audio`, ... (one modality), `llm` (all of it), `llm.lora` (the adapters),
-        `forecast_head` (when the model has one).
+        `forecast_head` (when the model has one), `fusion` (a kind with weights of its own).
 
         Raises:
             UserError: an unknown part, or `llm.lora` without adapters configured.
         """
         modules = self.part_modules()
         known = ["encoder", "connector", *(name for name in modules if "." in name), "llm", "llm.lora",
-                 *(["forecast_head"] if "forecast_head" in modules else [])]
+                 *(part for part in ("forecast_head", "fusion") if part in modules)]
         unknown = [part for part in parts if part not in known]
         if unknown:
             raise UserError(f"unknown trainable part {unknown[0]!r}; known: {', '.join(known)}")
@@ -181,11 +197,20 @@ class MultimodalLM(nn.Module):
 
         Each argument maps modality -> that modality's items in placeholder order: `media`
         the encoder inputs (pixels [N, 3, S, S]), `media_features` the encoder's outputs
-        [N, S_enc, D_enc] (a frozen encoder's cache), used instead of the inputs when given. Raises RuntimeError when a modality's placeholders and
-        items differ in number (the processor checks them first).
+        [N, S_enc, D_enc] (a frozen encoder's cache), used instead of the inputs when given.
+        Raises RuntimeError when a modality's placeholders and items differ in number (the
+        processor checks them first). A fusion inside the layers needs `prepare`'s state too.
         """
+        return self.prepare(input_ids, media, media_features)[0]
+
+    def prepare(self, input_ids: torch.Tensor, media: dict | None = None,
+                media_features: dict | None = None) -> tuple[torch.Tensor, FusionState | None]:
+        """(input embeddings [B, T, D], the fusion's per-row state or None for `inline`): what a
+        decoder loop needs to run these rows. The state holds each row's image tokens for a
+        kind that reads them inside the layers; run the decoder inside `state.call(ids)`."""
         media, media_features = media or {}, media_features or {}
         embeds = self.llm.embed(input_ids)
+        image_tokens = None
         for modality, token_id in self.placeholder_ids.items():
             tokens = None
             if media_features.get(modality) is not None:
@@ -193,23 +218,47 @@ class MultimodalLM(nn.Module):
             elif media.get(modality) is not None:
                 tokens = self.encode(modality, media[modality])
             embeds = self.fusion(embeds, input_ids == token_id, tokens, modality)
-        return embeds
+            image_tokens = tokens if modality == "image" else image_tokens
+        if not isinstance(self.fusion, DecoderFusion):
+            return embeds, None
+        return embeds, self.fusion_state(input_ids, image_tokens)
+
+    def fusion_state(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None) -> FusionState:
+        """The rows' fusion state: image_tokens [N, K, D] in reading order -> [B, M, K, D]
+        per row (zeros past a row's count M_b), with the placeholder ids of every modality."""
+        per_image = self.text_tokens_per_medium("image") if "image" in self.connectors else 1
+        counts = (input_ids == self.placeholder_ids["image"]).sum(-1) // per_image  # [B]
+        media = None
+        if image_tokens is not None and int(counts.max()) > 0:
+            media = image_tokens.new_zeros(len(counts), int(counts.max()), *image_tokens.shape[1:])
+            row_of = torch.repeat_interleave(torch.arange(len(counts)), counts)  # [N]
+            slot_of = torch.cat([torch.arange(int(count)) for count in counts])  # [N]
+            media[row_of, slot_of] = image_tokens.to(media.dtype)
+        return self.fusion.new_state(media, counts, list(self.placeholder_ids.values()),
+                                     self.placeholder_ids["image"], per_image)
 
     def forward(self, batch: Batch) -> LabelLogits:
         """Fuse the batch's media into its text, run the decoder, and compute logits only at
         the positions that predict a label (`LabelLogits`); the loss is the objective's
-        (`objectives.losses`)."""
-        hidden = self.hidden_states(batch)  # [B, T, D]
+        (`objectives.losses`), with the fusion's auxiliary loss when it has one."""
+        hidden, aux_losses = self._decode(batch)  # [B, T, D]
         targets = batch.labels[:, 1:]  # token t+1 is predicted at position t
         keep = targets != IGNORE  # [B, T-1]
         logits = self.llm.lm_head(hidden[:, :-1][keep])  # [N_labels, V], nothing else
-        return LabelLogits(logits=logits, targets=targets[keep], label_mask=keep)
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
+        return LabelLogits(logits=logits, targets=targets[keep], label_mask=keep, aux_loss=aux_loss)
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """The decoder's last hidden states [B, T, D] of the batch, its media fused in."""
-        embeds = self.embed(batch.input_ids, batch.media, media_features=batch.media_features)
-        return self.llm.decoder(inputs_embeds=embeds, attention_mask=batch.decoder_attention_mask(),
-                                position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        return self._decode(batch)[0]
+
+    def _decode(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(last hidden states [B, T, D], the fusion's auxiliary losses) of the batch."""
+        embeds, state = self.prepare(batch.input_ids, batch.media, media_features=batch.media_features)
+        with nullcontext() if state is None else state.call(batch.input_ids) as fusion_call:
+            hidden = self.llm.decoder(inputs_embeds=embeds, attention_mask=batch.decoder_attention_mask(),
+                                      position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        return hidden, [] if fusion_call is None else fusion_call.aux_losses
 
     def forecast(self, batch: Batch) -> torch.Tensor:
         """The forecast head's values [B, C, H] for a batch of one series per row, in the

@@ -46,6 +46,9 @@ def add_parser(commands) -> None:
     add_task_options(parser)
     parser.add_argument("--show", type=int, default=0, metavar="N",
                         help="also print N example answers (to stderr, stdout keeps the JSON)")
+    parser.add_argument("--shots", type=int, default=0, metavar="K",
+                        help="K solved examples with their images as earlier turns before each question "
+                             "(few-shot prompting; drawn seeded from the task's other questions)")
     parser.set_defaults(run=run)
 
 
@@ -62,10 +65,15 @@ def task_options(args: argparse.Namespace):
         raise UserError("--show must be at least 0")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+    shots = getattr(args, "shots", 0)  # eval's option; analyze asks the questions alone
+    if shots < 0:
+        raise UserError("--shots must be at least 0")
+    if shots and not task.generative:
+        raise UserError(f"--shots: task {task.name} embeds with a dual encoder; shots are for generative tasks")
     return task, TaskOptions(split=args.split, data=args.data, limit=args.limit, seed=args.seed,
                              setting=args.setting, prompt=args.prompt,
                              templates=args.templates, image_model=args.image_model,
-                             system=args.system, max_new_tokens=args.max_new_tokens)
+                             system=args.system, max_new_tokens=args.max_new_tokens, shots=shots)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -206,7 +206,8 @@ class BatchingEngine:
                 params = request.params
                 row = _Row(request, TextTracker(self.model.llm.tokenizer, params.stop), params.generator())
                 ids = torch.tensor([request.input_ids])
-                logits = self.cache.admit(self.model.embed(ids, request.media))  # [1, V]
+                embeds, fusion = self.model.prepare(ids, request.media)
+                logits = self.cache.admit(embeds, fusion, ids)  # [1, V]
             except Exception as error:
                 request.queue.put(("error", _one_line(error)))
                 continue

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from polymodal.engine.kv_cache import KVCache
+from polymodal.fusion.context import current
 
 LLAMA_FAMILY = {"llama", "qwen2", "mistral"}
 
@@ -150,8 +151,12 @@ class LlamaDecoder:
 
     def run(self, hidden: torch.Tensor, cache: KVCache, layout: TokenLayout) -> torch.Tensor:
         """hidden [N, D] of the new tokens -> the last layer's output [N, D] (before the final
-        norm); writes each layer's keys and values into `cache`."""
+        norm); writes each layer's keys and values into `cache`. A fusion call running
+        (`fusion.context`) gets its block before each layer; its hooks run in the step."""
+        fusion_call = current()
         for index, layer in enumerate(self.layers):
+            if fusion_call is not None:
+                hidden = fusion_call.state.fusion.before_layer(index, hidden)
             hidden = decoder_layer_step(self, layer, index, hidden, cache, layout)
         return hidden
 

@@ -126,8 +126,8 @@ class Engine:
         else:
             batch = collate(samples, self.model.pad_id, left_pad=True)
             ids, mask = batch.input_ids, batch.attention_mask  # [B, T], T = the longest prompt
-            embeds = self.model.embed(ids, batch.media)
-            logits = runner.prefill(embeds, mask, ids.shape[1] + params.max_new_tokens)
+            embeds, fusion = self.model.prepare(ids, batch.media)
+            logits = runner.prefill(embeds, mask, ids.shape[1] + params.max_new_tokens, fusion, ids)
         generator = params.generator()
         live = list(range(len(rows)))  # the rows still generating, in the runner's batch order
         for _ in range(params.max_new_tokens):
@@ -145,9 +145,10 @@ class Engine:
                     next_ids, live = next_ids[going], [live[k] for k in going]
                 logits = runner.step(next_ids)
             else:  # recompute the whole sequence: the reference the cache must match
-                embeds = torch.cat([embeds, self.model.llm.embed(next_ids[:, None])], dim=1)
+                ids = torch.cat([ids, next_ids[:, None]], dim=1)
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-                logits = make_runner(self.model.llm.model).prefill(embeds, mask, embeds.shape[1])
+                embeds, fusion = self.model.prepare(ids, batch.media)
+                logits = make_runner(self.model.llm.model).prefill(embeds, mask, ids.shape[1], fusion, ids)
         for row in rows:
             if not row.finish_reason:
                 row.finish_reason = "length"
@@ -164,18 +165,20 @@ class Engine:
             if shared is not None:
                 return self._prefill_shared(runner, shared, 1).float()
             batch = collate(samples, self.model.pad_id, left_pad=True)
-            embeds = self.model.embed(batch.input_ids, batch.media)
-            return runner.prefill(embeds, batch.attention_mask, embeds.shape[1] + 1).float()
+            embeds, fusion = self.model.prepare(batch.input_ids, batch.media)
+            return runner.prefill(embeds, batch.attention_mask, embeds.shape[1] + 1, fusion,
+                                  batch.input_ids).float()
 
     def _prefill_shared(self, runner, shared: SharedPrefixes, max_new_tokens: int) -> torch.Tensor:
         """Each distinct prefix (its images encoded once) runs once; then every row's own text."""
         prefixes = collate(shared.prefixes, self.model.pad_id, left_pad=True)
         suffixes = collate([{"input_ids": ids} for ids in shared.suffixes], self.model.pad_id, left_pad=True)
-        prefix_embeds = self.model.embed(prefixes.input_ids, prefixes.media)  # [G, P, D]
+        prefix_embeds, fusion = self.model.prepare(prefixes.input_ids, prefixes.media)  # [G, P, D]
         suffix_embeds = self.model.llm.embed(suffixes.input_ids)  # [B, S, D]
         slots = prefix_embeds.shape[1] + suffix_embeds.shape[1] + max_new_tokens
         return runner.prefill_shared(prefix_embeds, prefixes.attention_mask, torch.tensor(shared.owner),
-                                     suffix_embeds, suffixes.attention_mask, slots)
+                                     suffix_embeds, suffixes.attention_mask, slots, fusion,
+                                     prefixes.input_ids, suffixes.input_ids)
 
     def allowed_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> float logits [B, V] with -inf at the tokens never emitted: the media

@@ -10,12 +10,15 @@ own forward() and cache.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from transformers import DynamicCache
 
 from polymodal.engine.decoder import LlamaDecoder, TokenLayout
 from polymodal.engine.kv_cache import KVCache
 from polymodal.errors import UserError
+from polymodal.fusion.context import FusionState
 from polymodal.registry import RUNNERS, register_runner
 
 
@@ -48,41 +51,54 @@ class LlamaRunner:
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [slots, head_dim]
         self.length = 0  # slots filled, the same in every row (left padding evens the prompts)
         self.positions: torch.Tensor | None = None  # [B] position of each row's next token
+        self.fusion: FusionState | None = None  # a fusion inside the layers: its rows' state
 
-    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_length: int) -> torch.Tensor:
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_length: int,
+                fusion: FusionState | None = None, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """embeds [B, T, D], attention_mask [B, T] (left padding) -> last-position logits [B, V];
-        the cache holds `max_length` slots per row (prompt and new tokens)."""
+        the cache holds `max_length` slots per row (prompt and new tokens). A fusion inside
+        the layers gives its rows' state (`MultimodalLM.prepare`) and the ids [B, T]."""
         self._allocate(embeds, max_length)
+        self.fusion = fusion
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
         self.positions = positions[:, -1] + 1
-        return self.decoder.logits(self._forward(embeds, positions, attention_mask.bool()))
+        return self.decoder.logits(self._forward(embeds, positions, attention_mask.bool(), input_ids))
 
     def prefill_shared(self, prefix: torch.Tensor, prefix_mask: torch.Tensor, owner: torch.Tensor,
-                       suffix: torch.Tensor, suffix_mask: torch.Tensor, max_length: int) -> torch.Tensor:
+                       suffix: torch.Tensor, suffix_mask: torch.Tensor, max_length: int,
+                       fusion: FusionState | None = None, prefix_ids: torch.Tensor | None = None,
+                       suffix_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Prompts that share a prefix (system prompt + image) compute it once.
 
         prefix [G, P, D] and prefix_mask [G, P], left padded; owner [B]: the prefix of each
         row; suffix [B, S, D] and suffix_mask [B, S], left padded (the padding sits between
-        prefix and suffix, masked out). Returns last-position logits [B, V].
+        prefix and suffix, masked out). Returns last-position logits [B, V]. A fusion's state
+        has the G prefixes' rows; the ids [G, P] and [B, S] go with it.
         """
         self._allocate(prefix, max_length)
-        self._forward(prefix, (prefix_mask.cumsum(-1) - 1).clamp(min=0), prefix_mask.bool())
+        self.fusion = fusion
+        self._forward(prefix, (prefix_mask.cumsum(-1) - 1).clamp(min=0), prefix_mask.bool(), prefix_ids)
         self.cache.select_rows(owner)  # every row starts from a copy of its prefix: [G] -> [B]
+        if fusion is not None:
+            fusion.select_rows(owner)
         before = prefix_mask.sum(-1)[owner]  # [B] real prefix tokens of each row
         positions = before[:, None] + (suffix_mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
         self.positions = positions[:, -1] + 1
-        return self.decoder.logits(self._forward(suffix, positions, suffix_mask.bool()))
+        return self.decoder.logits(self._forward(suffix, positions, suffix_mask.bool(), suffix_ids))
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids [B] -> next logits [B, V]; one slot more per row."""
         positions = self.positions[:, None]
         self.positions = self.positions + 1
-        return self.decoder.logits(self._forward(self.decoder.embed(token_ids[:, None]), positions))
+        return self.decoder.logits(self._forward(self.decoder.embed(token_ids[:, None]), positions,
+                                                 input_ids=token_ids[:, None]))
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Carry on with only these rows [B'] of the batch (the others finished)."""
         self.cache.select_rows(rows)
         self.positions = self.positions[rows]
+        if self.fusion is not None:
+            self.fusion.select_rows(rows)
 
     def _allocate(self, embeds: torch.Tensor, max_length: int) -> None:
         """An empty cache of `max_length` slots for each row of embeds [B, T, D], and the
@@ -91,17 +107,18 @@ class LlamaRunner:
         self.rotary = self.decoder.rotary_table(max_length, embeds)
         self.length = 0
 
-    def _forward(self, hidden: torch.Tensor, positions: torch.Tensor,
-                 real: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward(self, hidden: torch.Tensor, positions: torch.Tensor, real: torch.Tensor | None = None,
+                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [B, T, D] at positions [B, T], the next T slots of every row -> the last
         layer's output at each row's last token [B, D]. `real` [B, T] marks the tokens that
         are not padding: only they run through the layers (padding exists only inside
-        attention, masked out)."""
+        attention, masked out). input_ids [B, T]: the tokens, for a fusion's call."""
         batch, length, _ = hidden.shape
         slots = torch.arange(self.length, self.length + length)[None]  # [1, T]
         layout = TokenLayout.place(self.cache, self.rotary, slice(0, batch), slots, positions, real)
         tokens = hidden.reshape(-1, hidden.shape[-1]) if layout.real is None else hidden[layout.real]
-        tokens = self.decoder.run(tokens, self.cache, layout)  # [N, D]
+        with fusion_call(self.fusion, input_ids, layout.real):
+            tokens = self.decoder.run(tokens, self.cache, layout)  # [N, D]
         self.length += length
         if layout.real is None:
             return tokens.view(batch, length, -1)[:, -1]
@@ -123,34 +140,58 @@ class TransformersRunner:
         self.cache: DynamicCache | None = None
         self.attention_mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
+        self.fusion: FusionState | None = None
 
-    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_length: int) -> torch.Tensor:
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_length: int,
+                fusion: FusionState | None = None, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """As LlamaRunner.prefill; the cache grows as it goes (`max_length` is not needed)."""
         self.cache = DynamicCache()
         self.attention_mask = attention_mask
+        self.fusion = fusion
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.positions = positions[:, -1] + 1
-        out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
-                         cache=self.cache, use_cache=True, logits_to_keep=1)
+        with fusion_call(fusion, input_ids):
+            out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+                             cache=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
     def prefill_shared(self, prefix: torch.Tensor, prefix_mask: torch.Tensor, owner: torch.Tensor,
-                       suffix: torch.Tensor, suffix_mask: torch.Tensor, max_length: int) -> torch.Tensor:
+                       suffix: torch.Tensor, suffix_mask: torch.Tensor, max_length: int,
+                       fusion: FusionState | None = None, prefix_ids: torch.Tensor | None = None,
+                       suffix_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The same answer as LlamaRunner.prefill_shared, by copying each prefix into its rows."""
         embeds = torch.cat([prefix[owner], suffix], dim=1)
-        return self.prefill(embeds, torch.cat([prefix_mask[owner], suffix_mask], dim=1), max_length)
+        input_ids = None
+        if fusion is not None:
+            fusion.select_rows(owner)
+            input_ids = torch.cat([prefix_ids[owner], suffix_ids], dim=1)
+        return self.prefill(embeds, torch.cat([prefix_mask[owner], suffix_mask], dim=1), max_length,
+                            fusion, input_ids)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Carry on with only these rows [B'] of the batch (the others finished)."""
         self.cache.batch_select_indices(rows)
         self.attention_mask, self.positions = self.attention_mask[rows], self.positions[rows]
+        if self.fusion is not None:
+            self.fusion.select_rows(rows)
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids [B] -> next logits [B, V]."""
         ones = self.attention_mask.new_ones(self.attention_mask.shape[0], 1)
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
-        out = self.model(input_ids=token_ids[:, None], attention_mask=self.attention_mask,
-                         position_ids=self.positions[:, None], cache=self.cache,
-                         use_cache=True, logits_to_keep=1)
+        with fusion_call(self.fusion, token_ids[:, None]):
+            out = self.model(input_ids=token_ids[:, None], attention_mask=self.attention_mask,
+                             position_ids=self.positions[:, None], cache=self.cache,
+                             use_cache=True, logits_to_keep=1)
         self.positions = self.positions + 1
         return out.logits[:, -1]
+
+
+def fusion_call(state: FusionState | None, input_ids: torch.Tensor | None, real: torch.Tensor | None = None):
+    """The fusion call of a decoder call of input_ids [B, T] over every row of `state` (a
+    fusion inside the layers), or nothing for inline fusion (state None)."""
+    if state is None:
+        return nullcontext()
+    if input_ids is None:  # a caller's bug: the ids say which tokens are media
+        raise RuntimeError("a fusion inside the decoder needs the input ids of every call")
+    return state.call(input_ids, real=real)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 
 from polymodal.engine.decoder import LlamaDecoder, TokenLayout
+from polymodal.engine.runners import fusion_call
+from polymodal.fusion.context import FusionState
 
 INITIAL_LENGTH = 256  # slots per row before any growth: a short chat without a copy
 INITIAL_ROWS = 1
@@ -43,6 +45,7 @@ class SlotCache:
         self.lengths = torch.zeros(max_batch, dtype=torch.long)  # slots filled per row
         self.positions = torch.zeros(max_batch, dtype=torch.long)  # position of each row's next token
         self._active = 0  # rows 0..active-1 are running
+        self.fusion: FusionState | None = None  # a fusion inside the layers: the rows' state
 
     @property
     def active(self) -> int:
@@ -52,6 +55,8 @@ class SlotCache:
     @active.setter
     def active(self, value: int) -> None:
         self._active = value
+        if self.fusion is not None:
+            self.fusion.truncate(value)
         if value == 0 and self.capacity != self.initial:  # idle: give the grown memory back
             self._allocate(*self.initial)
 
@@ -82,9 +87,11 @@ class SlotCache:
         rotary = self.decoder.rotary_table(length, self._first)
         self.kv, self.rotary = kv, rotary
 
-    def admit(self, embeds: torch.Tensor) -> torch.Tensor:
+    def admit(self, embeds: torch.Tensor, fusion: FusionState | None = None,
+              input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Prefill one prompt (embeds [1, T, D], T <= max_length) into the next free row; its
-        logits [1, V]. Raises RuntimeError when all max_batch rows are running."""
+        logits [1, V]. A fusion inside the layers gives the prompt's one-row state and its ids
+        [1, T]. Raises RuntimeError when all max_batch rows are running."""
         if self._active == self.max_batch:
             raise RuntimeError("no free slot")
         length, row = embeds.shape[1], self._active
@@ -92,7 +99,16 @@ class SlotCache:
         self.kv.key_mask[row] = False  # what a row that ran here before left
         slots = torch.arange(length)[None]  # [1, T]: slots and positions alike
         layout = TokenLayout.place(self.kv, self.rotary, slice(row, row + 1), slots, slots)
-        hidden = self.decoder.run(embeds[0], self.kv, layout)  # [T, D]
+        call = fusion_call(None, None)
+        if fusion is not None:
+            if self.fusion is None:
+                self.fusion = fusion  # the first request: its one row is row 0
+            else:
+                self.fusion.truncate(row)  # drops a row a failed admit left past the running block
+                self.fusion.put_row(row, fusion)
+            call = self.fusion.call(input_ids, rows=torch.tensor([row]))
+        with call:
+            hidden = self.decoder.run(embeds[0], self.kv, layout)  # [T, D]
         self.lengths[row], self.positions[row] = length, length
         self._active += 1
         return self.decoder.logits(hidden[-1:])
@@ -103,6 +119,8 @@ class SlotCache:
         last = self._active - 1
         if row != last:
             self.kv.move_row(last, row)
+            if self.fusion is not None:
+                self.fusion.move_row(last, row)
             for table in (self.lengths, self.positions):
                 table[row] = table[last]
         self.active = last
@@ -115,7 +133,9 @@ class SlotCache:
         at = self.lengths[:n, None].clone()  # [n, 1] the slot each row's token goes to
         self._reserve(n, int(at.max()) + 1)
         layout = TokenLayout.place(self.kv, self.rotary, slice(0, n), at, self.positions[:n, None])
-        hidden = self.decoder.run(self.decoder.embed(token_ids), self.kv, layout)  # [n, D]
+        with fusion_call(self.fusion, token_ids[:, None]):
+            hidden = self.decoder.run(self.decoder.embed(token_ids), self.kv, layout)  # [n, D]
         self.lengths[:n] += 1
         self.positions[:n] += 1
         return self.decoder.logits(hidden)
+

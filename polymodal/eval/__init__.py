@@ -5,6 +5,7 @@ Importing this package registers every task (registry.EVAL_TASKS); discovery imp
 
 from polymodal.eval import (  # noqa: F401  (each registers its task)
     audio_image,
+    binding,
     caption,
     easy_vqa,
     easy_vqa_spoken,

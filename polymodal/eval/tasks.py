@@ -45,6 +45,7 @@ class TaskOptions:
     image_model: str | None = None  # audio-image: the image dual encoder to retrieve with
     system: str | None = None  # a system message before every question
     max_new_tokens: int | None = None  # None: the task's own (8 for short answers)
+    shots: int = 0  # solved examples before each question (eval.shots; Task.with_shots)
 
 
 class Task:
@@ -69,9 +70,22 @@ class Task:
         items = self.items(options) if items is None else items
         if not items:
             raise UserError(f"task {self.name}: the data holds no questions")
-        predictions = answer_items(model, items, batch_size, self.new_tokens(options), desc=self.name,
+        asked = self.with_shots(model, items, options) if options.shots else items
+        predictions = answer_items(model, asked, batch_size, self.new_tokens(options), desc=self.name,
                                    system=options.system)
-        return self.score(items, predictions)
+        metrics, rows = self.score(items, predictions)  # scored as the questions alone
+        if options.shots:
+            for row, item in zip(rows, asked):
+                row["examples"] = [example.id for example in item.examples]
+        return {**metrics, "shots": options.shots}, rows
+
+    def with_shots(self, model, items: list[Item], options: TaskOptions) -> list[Item]:
+        """The items as few-shot prompts: `options.shots` solved examples before each, drawn
+        from this task's other items (eval.shots says which). Raises UserError when too few."""
+        from polymodal.eval.shots import few_shot_items
+
+        pool = self.items(replace(options, limit=None, shots=0))
+        return few_shot_items(items, pool, options.shots, options.seed, model.processor.placeholders)
 
     def new_tokens(self, options: TaskOptions) -> int:
         """How many tokens an answer may take: the user's --max-new-tokens, or the task's."""

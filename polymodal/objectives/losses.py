@@ -18,17 +18,20 @@ import torch.nn.functional as F
 def next_token_loss(output, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of `output.logits` [N_labels, V] against `output.targets` [N_labels].
 
+    A fusion's auxiliary loss (`output.aux_loss`, a router's load balancing) is added.
+
     Args:
         output: a `model.LabelLogits`.
         sample_ids: None for the mean over label tokens; or `Batch.sample_ids` [B, T], which
             sample each token belongs to, for the mean of each sample's mean.
     """
+    aux_loss = 0.0 if output.aux_loss is None else output.aux_loss.float()
     if sample_ids is None:
-        return F.cross_entropy(output.logits.float(), output.targets)
+        return F.cross_entropy(output.logits.float(), output.targets) + aux_loss
     per_token = F.cross_entropy(output.logits.float(), output.targets, reduction="none")  # [N_labels]
     # The label at t+1 is predicted at t: a label's sample is that of the token it predicts.
     _, sample = sample_ids[:, 1:][output.label_mask].unique(return_inverse=True)  # [N_labels]
-    return per_sample_mean(per_token, sample)
+    return per_sample_mean(per_token, sample) + aux_loss
 
 
 def per_sample_mean(per_token: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
