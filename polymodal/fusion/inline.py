@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from polymodal.config import FusionConfig
-from polymodal.registry import FUSIONS, register_fusion
+from polymodal.registry import register_fusion
 
 
 @dataclass
