@@ -7,7 +7,16 @@ images in any order), `replay` (replay.py), easy-VQA's
 imports it by name).
 """
 
-from polymodal.data import aeon, captions, easy_vqa, easy_vqa_spoken, interleaved, llava, replay, series  # noqa: F401  (they register their formats)
+from polymodal.data import (  # noqa: F401  (they register their formats)
+    aeon,
+    captions,
+    easy_vqa,
+    easy_vqa_spoken,
+    interleaved,
+    llava,
+    replay,
+    series,
+)
 from polymodal.data.captions import read_captions
 from polymodal.data.easy_vqa import read_easy_vqa
 from polymodal.data.interleaved import read_interleaved
