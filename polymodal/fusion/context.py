@@ -46,8 +46,8 @@ class FusionState:
         count), or None for a text-only batch; `media_count` [R] how many each row has.
     seen: [R] image placeholder tokens each row has fed so far: a new token's image index is
         (seen + its cumulative count - 1) // tokens_per_medium, -1 before the first image.
-    cache: name -> tensor [R, ...] a kind computes once per request (keys and values of its
-        media); sliced with the rows.
+    cache: name -> tensor [R, M, ...] a kind computes once per request (keys and values of its
+        media) at its first use in a call, for every row; sliced with the rows.
     """
 
     def __init__(self, media: torch.Tensor | None, media_count: torch.Tensor, placeholder_ids: list[int],
@@ -85,9 +85,10 @@ class FusionState:
         self.seen = _put(self.seen, row, other.seen, grow)
         self.media_count = _put(self.media_count, row, other.media_count, grow)
         self.media = _put_padded(self.media, row, other.media, grow, before)
-        names = set(self.cache) | set(other.cache)
-        self.cache = {name: _put_padded(self.cache.get(name), row, other.cache.get(name), grow, before)
-                      for name in names}
+        # A tensor only one side has computed is dropped: its kind recomputes it for every row
+        # at its next use (what an admitted request costs once), rather than read zeros.
+        self.cache = {name: _put_padded(self.cache[name], row, other.cache[name], grow, before)
+                      for name in set(self.cache) & set(other.cache)}
 
     def truncate(self, rows: int) -> None:
         """Keep rows 0..rows-1 (the server's running block shrank)."""
@@ -150,7 +151,8 @@ class FusionCall:
     rows: [B] the state rows of the grid's rows. media_mask: [B, T] bool, media placeholder
     cells (any modality). media_index: [B, T] the image each cell reads (-1: none before it).
     real: [B, T] bool or None. grid: (B, T). aux_losses: losses the call's hooks add (a
-    router's load balancing), summed into the training loss.
+    router's load balancing), summed into the training loss. scratch: values one hook hands a
+    later hook of the same call (a layer's queries to its output projection); gone with the call.
     """
 
     state: FusionState
@@ -160,6 +162,7 @@ class FusionCall:
     real: torch.Tensor | None
     grid: tuple[int, int]
     aux_losses: list[torch.Tensor] = field(default_factory=list)
+    scratch: dict = field(default_factory=dict)  # what one hook leaves for a later one in this call
 
     def per_token(self, grid_values: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] per-cell values -> [N, ...] in the order the hooks see tokens."""

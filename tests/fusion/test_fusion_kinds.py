@@ -26,6 +26,7 @@ from polymodal.processing import collate
 KINDS = {
     "expert": ({"kind": "expert"}, {"kind": "mlp"}),
     "expert-plora": ({"kind": "expert", "rank": 4}, {"kind": "mlp"}),
+    "adapter": ({"kind": "adapter", "layers": 1, "prompt_length": 4}, {"kind": "mlp"}),
 }
 CONTENTS = ["<image>What is in the picture?", "Describe it, please.", "<image>Colour? <image>And this one?"]
 
