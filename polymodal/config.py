@@ -291,7 +291,7 @@ class StageConfig:
     """One training stage: which parts train, how fast, for how long, on which data."""
 
     name: str
-    train: list[str]  # parts: encoder, connector, llm, llm.lora
+    train: list[str]  # parts: encoder, connector, llm, llm.lora, fusion (a kind with weights)
     data: list[DatasetConfig]
     lr: dict[str, float]  # learning rate per trained part
     # How long: `steps` (optimizer steps; 100 when neither is given) or `epochs` (steps =

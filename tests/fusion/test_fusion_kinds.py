@@ -24,6 +24,9 @@ from polymodal.model import MultimodalLM
 from polymodal.processing import collate
 
 KINDS = {
+    "cross_attention": ({"kind": "cross_attention", "every": 1}, {"kind": "perceiver", "num_latents": 4, "depth": 1, "heads": 2}),
+    "moe": ({"kind": "moe"}, {"kind": "mlp"}),
+    "moe-aware": ({"kind": "moe", "modality_aware": True}, {"kind": "mlp"}),
     "expert": ({"kind": "expert"}, {"kind": "mlp"}),
     "expert-plora": ({"kind": "expert", "rank": 4}, {"kind": "mlp"}),
     "adapter": ({"kind": "adapter", "layers": 1, "prompt_length": 4}, {"kind": "mlp"}),
@@ -152,3 +155,28 @@ def test_the_server_gives_16_concurrent_clients_their_sequential_answers(kind):
     finally:
         engine.stop()
     assert answers == alone
+
+
+@pytest.mark.parametrize("kind", ["adapter", "expert-plora"])
+def test_training_the_fusion_resumes_identically_and_saves_under_its_own_prefix(kind, tmp_path, monkeypatch):
+    from conftest import interrupted_run
+    from test_train import MODEL, synthetic_dataset, weights
+
+    from polymodal.config import RecipeConfig
+    from polymodal.train.run import train
+
+    data = [{"format": "llava", "path": str(synthetic_dataset(tmp_path))}]
+    fusion = KINDS[kind][0]
+    config = from_dict(RecipeConfig, {"name": "fusion", "model": {**MODEL, "fusion": fusion},
+                                      "checkpoint": {"every": 2, "keep": 1}, "stages": [
+        {"name": "tune", "train": ["connector", "fusion"], "lr": {"connector": 1e-3, "fusion": 1e-2},
+         "steps": 4, "batch_size": 4, "log_every": 1, "data": data}]})
+    train(config, tmp_path / "straight")
+    interrupted_run(monkeypatch, config, tmp_path / "resumed", at_call=3)  # after the step-2 checkpoint
+    train(config, tmp_path / "resumed", resume=True)
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    fresh = MultimodalLM(config.model).state_dict()
+    trained = [name for name in straight if name.startswith("fusion.")]
+    assert trained and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert any(not torch.equal(straight[name], fresh[name]) for name in trained)  # the fusion learned
+    assert {name for name in straight if not name.startswith("fusion.")} <= set(fresh)  # LLM keys as before
