@@ -255,7 +255,8 @@ class MultimodalLM(nn.Module):
     def _decode(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(last hidden states [B, T, D], the fusion's auxiliary losses) of the batch."""
         embeds, state = self.prepare(batch.input_ids, batch.media, media_features=batch.media_features)
-        with nullcontext() if state is None else state.call(batch.input_ids) as fusion_call:
+        call = nullcontext() if state is None else state.call(batch.input_ids, branch_ids=batch.branch_ids)
+        with call as fusion_call:
             hidden = self.llm.decoder(inputs_embeds=embeds, attention_mask=batch.decoder_attention_mask(),
                                       position_ids=batch.position_ids, use_cache=False).last_hidden_state
         return hidden, [] if fusion_call is None else fusion_call.aux_losses

@@ -96,24 +96,39 @@ class FusionState:
 
     @contextmanager
     def call(self, input_ids: torch.Tensor, rows: torch.Tensor | slice | None = None,
-             real: torch.Tensor | None = None) -> Iterator[FusionCall]:
+             real: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None) -> Iterator[FusionCall]:
         """Run one decoder call of the tokens input_ids [B, T] (the grid; padding included)
         of state rows `rows` (None: all rows, in order); `real` [B, T] marks the cells the call
-        packs as [N, D] (None: the hooks see every cell, [B, T, D]). Counts the image
-        placeholders the call feeds into `seen` when it ends without error."""
+        packs as [N, D] (None: the hooks see every cell, [B, T, D]); branch_ids [B, T]: rows of
+        a shared prefix (0) and branches (`processing.branches`), where a token reads only
+        images of the prefix or its own branch. Counts the image placeholders the call feeds
+        into `seen` when it ends without error."""
         batch, length = input_ids.shape
         index = torch.arange(self.rows)[rows if rows is not None else slice(None)]
         media_mask = torch.isin(input_ids, torch.tensor(self.placeholder_ids))
         images = (input_ids == self.image_id).long()
         counted = self.seen[index][:, None] + images.cumsum(-1)  # [B, T] image placeholders so far
-        media_index = torch.div(counted - 1, self.tokens_per_medium, rounding_mode="floor")
-        fusion_call = FusionCall(self, index, media_mask, media_index.clamp(min=-1), real, (batch, length))
+        media_index = torch.div(counted - 1, self.tokens_per_medium, rounding_mode="floor").clamp(min=-1)
+        if branch_ids is not None:
+            media_index = _within_branches(media_index, images.bool(), branch_ids)
+        fusion_call = FusionCall(self, index, media_mask, media_index, real, (batch, length))
         token = _CURRENT.set(fusion_call)
         try:
             yield fusion_call
         finally:
             _CURRENT.reset(token)
         self.seen[index] += images.sum(-1)
+
+
+def _within_branches(media_index: torch.Tensor, images: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
+    """media_index [B, T] -> the index of the latest image at or before each token among those
+    in the shared prefix (branch 0) or the token's own branch; -1 where there is none.
+    images [B, T] bool: image placeholder cells. [B, T, T] work: training rows only."""
+    length = branch_ids.shape[1]
+    before = torch.ones(length, length, dtype=torch.bool).tril()  # [t, s]: s <= t
+    same = (branch_ids[:, None, :] == 0) | (branch_ids[:, None, :] == branch_ids[:, :, None])  # [B, t, s]
+    visible = images[:, None, :] & before & same
+    return torch.where(visible, media_index[:, None, :], -1).amax(-1)
 
 
 def _put(tensor: torch.Tensor, row: int, value: torch.Tensor, grow: bool) -> torch.Tensor:
