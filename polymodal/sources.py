@@ -6,6 +6,7 @@ Sources:
     gguf:path/to/file.gguf                 a GGUF file (transformers' GGUF loader)
     pkg:package/rel/path                   a file or folder inside an installed package
     tiny:llama                             a small random model of a real architecture
+    tiny:llama?hidden_size=128&num_hidden_layers=4   ... of chosen sizes (language models)
 
 Loading never runs pickled code (safetensors or GGUF only) and `trust_remote_code`
 stays off unless the caller turns it on.
@@ -41,6 +42,7 @@ SOURCE_KINDS = {
     "gguf:PATH": "a GGUF file, dequantized by transformers' GGUF loader",
     "pkg:PACKAGE/REL/PATH": "a file or folder shipped inside an installed Python package",
     "tiny:ARCH": f"a small random model of a real architecture: {', '.join(tiny.ARCHITECTURES)}",
+    "tiny:ARCH?SIZE=N&...": f"a tiny language model of chosen sizes: {', '.join(tiny.LANGUAGE_SIZES)}",
 }
 
 # Vision towers we know how to take from a full or vision-only checkpoint.
@@ -58,6 +60,36 @@ IMAGE_STATS = {
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+
+
+def tiny_source(source: str) -> tuple[str, dict[str, int]]:
+    """`tiny:ARCH` or `tiny:ARCH?key=value&...` -> (ARCH, {key: whole number}).
+
+    Raises:
+        UserError: a value that is not a whole number, a key given twice or without a value,
+            naming the source and the key (the keys themselves are checked by polymodal.tiny).
+    """
+    arch, _, query = source.removeprefix("tiny:").partition("?")
+    sizes: dict[str, int] = {}
+    for part in query.split("&") if query else []:
+        key, equals, value = part.partition("=")
+        if not equals or not key:
+            raise UserError(f"{source}: {part!r} is not key=value")
+        if key in sizes:
+            raise UserError(f"{source}: {key} is given twice")
+        try:
+            sizes[key] = int(value)
+        except ValueError:
+            raise UserError(f"{source}: {key}={value!r} is not a whole number") from None
+    return arch, sizes
+
+
+def _no_sizes(source: str) -> str:
+    """The architecture of a tiny vision or text tower's source, which takes no sizes."""
+    arch, sizes = tiny_source(source)
+    if sizes:
+        raise UserError(f"{source}: sizes are chosen for tiny language models only, not tiny:{arch}")
+    return arch
 
 
 @dataclass(frozen=True)
@@ -153,7 +185,8 @@ def _load_failed(source: str, error: Exception) -> UserError:
 def load_causal_lm(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """Return (model, tokenizer) for a causal LM source."""
     if source.startswith("tiny:"):
-        return tiny.causal_lm(source[5:], dtype)
+        arch, sizes = tiny_source(source)
+        return tiny.causal_lm(arch, dtype, sizes)
     location = locate(source)
     cache = None
     if location.gguf_file:
@@ -178,7 +211,7 @@ def load_text_encoder(source: str, trust_remote_code: bool = False):
     from transformers import AutoModel
 
     if source.startswith("tiny:"):
-        return tiny.text_model(source[5:])
+        return tiny.text_model(_no_sizes(source))
     location = locate(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location.directory, trust_remote_code=trust_remote_code)
@@ -192,7 +225,7 @@ def load_text_encoder(source: str, trust_remote_code: bool = False):
 def load_vision_model(source: str, trust_remote_code: bool = False):
     """Return (vision model, (image_size, mean, std)) for a CLIP, SigLIP or DINOv2 source."""
     if source.startswith("tiny:"):
-        model = tiny.vision_model(source[5:])
+        model = tiny.vision_model(_no_sizes(source))
         return model, image_stats(model.config, None)
     location = locate(source)
     kwargs = _hub_kwargs(location, trust_remote_code)

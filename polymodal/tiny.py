@@ -3,6 +3,10 @@
 They are built in memory from a transformers config with a fixed seed, so every
 `tiny:llama` has the same weights, and come with a byte-level tokenizer that needs
 no download (it has no chat template, which exercises the ChatML fallback).
+
+A language model's sizes can be chosen in the source, for models trained from scratch at
+several scales: `tiny:llama?hidden_size=128&num_hidden_layers=4` (the keys of
+`LANGUAGE_SIZES`; polymodal.sources parses the query).
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ _VISION = {
 _TEXT = {"bert": (BertConfig, BertModel)}  # all-MiniLM-L6-v2's architecture
 ARCHITECTURES = (*_LANGUAGE, *_VISION, *_TEXT)
 SEED = 0
+# A tiny language model's sizes, which `tiny:ARCH?key=value&...` may set. intermediate_size
+# defaults to twice hidden_size, as the default 64/128 has it.
+LANGUAGE_SIZES = {"hidden_size": 64, "intermediate_size": None, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
 
 
 def _unknown(arch: str, kind: str, known) -> UserError:
@@ -68,20 +76,46 @@ def _byte_characters() -> list[str]:
     return [characters[byte] for byte in range(256)]
 
 
-def causal_lm(arch: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for `tiny:llama` or `tiny:qwen2`: 2 layers, width 64, GQA 4/2 heads."""
+def language_sizes(arch: str, sizes: dict[str, int] | None = None) -> dict[str, int]:
+    """The sizes of `tiny:ARCH` with `sizes` (a subset of LANGUAGE_SIZES' keys) applied.
+
+    Raises:
+        UserError: an unknown key, a value below 1, heads that do not divide (the width by
+            the attention heads, the attention heads by the key-value heads) or an odd head
+            width (rotary embeddings need pairs), naming them.
+    """
+    sizes = dict(sizes or {})
+    unknown = sorted(set(sizes) - set(LANGUAGE_SIZES))
+    if unknown:
+        raise UserError(f"tiny:{arch}: unknown size {', '.join(unknown)}; known: {', '.join(LANGUAGE_SIZES)}")
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"tiny:{arch}: {key}={value!r} must be a whole number of at least 1")
+    chosen = {**LANGUAGE_SIZES, **sizes}
+    if chosen["intermediate_size"] is None:
+        chosen["intermediate_size"] = 2 * chosen["hidden_size"]
+    hidden, heads, kv_heads = chosen["hidden_size"], chosen["num_attention_heads"], chosen["num_key_value_heads"]
+    if hidden % heads:
+        raise UserError(f"tiny:{arch}: num_attention_heads={heads} does not divide hidden_size={hidden}")
+    if heads % kv_heads:
+        raise UserError(f"tiny:{arch}: num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}")
+    if (hidden // heads) % 2:  # rotary embeddings turn pairs of a head's features
+        raise UserError(f"tiny:{arch}: hidden_size={hidden} / num_attention_heads={heads} = {hidden // heads} "
+                        f"features per head must be even (rotary embeddings)")
+    return chosen
+
+
+def causal_lm(arch: str, dtype: torch.dtype = torch.float32, sizes: dict[str, int] | None = None):
+    """(model, tokenizer) for `tiny:llama` or `tiny:qwen2`: by default 2 layers, width 64, GQA
+    4/2 heads; `sizes` (keys of LANGUAGE_SIZES) changes them (errors: `language_sizes`)."""
     if arch not in _LANGUAGE:
         raise _unknown(arch, "language", _LANGUAGE)
+    chosen = language_sizes(arch, sizes)
     tokenizer = byte_tokenizer()
     config_class, model_class = _LANGUAGE[arch]
     config = config_class(
         vocab_size=len(tokenizer),  # exactly full: adding the image token must resize
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **chosen,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
