@@ -42,7 +42,9 @@ class AdapterFusionConfig(FusionConfig):
 
 @register_fusion("adapter", config=AdapterFusionConfig)
 class AdapterFusion(DecoderFusion):
-    """Prompts `prompts[i]` [prompt_length, D] and gates `gates[i]` [H] (zeros) for the i-th
+    """LLaMA-Adapter V2: zero-gated attention over learned prompts in the top layers, plus the image.
+
+    Prompts `prompts[i]` [prompt_length, D] and gates `gates[i]` [H] (zeros) for the i-th
     adapted layer, from the bottom of the top L layers."""
 
     def __init__(self, config: AdapterFusionConfig | None = None):

@@ -57,8 +57,10 @@ class LowRankDelta(nn.Module):
 
 @register_fusion("expert", config=ExpertFusionConfig)
 class ExpertFusion(DecoderFusion):
-    """Visual experts: image tokens inline (K placeholders each, as LLaVA), and at their
-    positions each hooked call's output comes from the expert's weights.
+    """CogVLM visual experts (or P-LoRA deltas) at image positions; text runs the LLM untouched.
+
+    Image tokens are inline (K placeholders each, as LLaVA), and at their positions each
+    hooked call's output comes from the expert's weights.
 
     Children: `experts[layer][module]`, a deep copy of the LLM's module (rank 0) or a
     `LowRankDelta` (rank > 0), keyed by layer index and module name.
