@@ -16,9 +16,10 @@ from polymodal.fusion.base import DecoderFusion
 from polymodal.fusion.cross_attention import CrossAttentionFusion, CrossAttentionFusionConfig
 from polymodal.fusion.expert import ExpertFusion, ExpertFusionConfig
 from polymodal.fusion.inline import InlineFusion, InlineFusionConfig, scatter_media
+from polymodal.fusion.moe import MoEFusion, MoEFusionConfig
 from polymodal.registry import FUSIONS
 
-__all__ = ["AdapterFusion", "AdapterFusionConfig", "CrossAttentionFusion", "CrossAttentionFusionConfig", "DecoderFusion", "ExpertFusion", "ExpertFusionConfig", "InlineFusion", "InlineFusionConfig", "build_fusion", "scatter_media"]
+__all__ = ["AdapterFusion", "AdapterFusionConfig", "CrossAttentionFusion", "CrossAttentionFusionConfig", "DecoderFusion", "ExpertFusion", "ExpertFusionConfig", "InlineFusion", "InlineFusionConfig", "MoEFusion", "MoEFusionConfig", "build_fusion", "scatter_media"]
 
 
 def build_fusion(config: FusionConfig) -> nn.Module:
