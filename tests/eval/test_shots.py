@@ -6,6 +6,7 @@ import random
 from collections import Counter
 
 import pytest
+from fusion.test_fusion_kinds import KINDS, fused_model
 from PIL import Image
 
 from polymodal.cli.eval import task_options
@@ -159,3 +160,13 @@ def test_binding_is_solved_by_copying_the_shots_and_not_without_them(folder, ask
     assert one["said_a_made_up_word"] == 1 and one["said_shape_name"] == 0
     two, _ = evaluate(tiny_llava, "easy-vqa-binding", TaskOptions(data=str(folder), shots=2))
     assert two["ways"] == 2 and two["chance"] == 0.5 and 0 < two["accuracy"] < 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_few_shot_prompts_answer_alike_batched_and_one_by_one_with_every_fusion(folder, kind):
+    model = fused_model(kind)  # the kind's weights perturbed, so that it changes the answers
+    options = TaskOptions(data=str(folder), limit=3, shots=2, max_new_tokens=4)
+    batched = evaluate(model, "easy-vqa", options, batch_size=3)[1]
+    alone = evaluate(model, "easy-vqa", options, batch_size=1)[1]
+    assert [row["prediction"] for row in batched] == [row["prediction"] for row in alone]
+    assert all(len(row["examples"]) == 2 for row in batched)
