@@ -157,11 +157,11 @@ def test_the_server_gives_16_concurrent_clients_their_sequential_answers(kind):
     assert answers == alone
 
 
-@pytest.mark.parametrize("kind", ["adapter", "expert-plora"])
+@pytest.mark.parametrize("kind", ["adapter", "expert-plora", "cross_attention", "moe-aware"])
 def test_training_the_fusion_resumes_identically_and_saves_under_its_own_prefix(kind, tmp_path, monkeypatch):
-    from conftest import interrupted_run
     from test_train import MODEL, synthetic_dataset, weights
 
+    from conftest import interrupted_run
     from polymodal.config import RecipeConfig
     from polymodal.train.run import train
 
