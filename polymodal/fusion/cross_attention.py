@@ -50,7 +50,9 @@ class CrossAttentionFusionConfig(FusionConfig):
     every: int = 4
     heads: int = 0  # attention heads of each block; 0: the LLM's (head width = hidden size / heads)
     ff_mult: int = 4  # the feed-forward's inner width, in multiples of the LLM's hidden size
-    only_attend_immediate_media: bool = True  # False: a token reads every image at or before it
+    # False: a token reads every image at or before it (in shared-prefix training rows,
+    # `share_prefix`, that includes a neighbouring branch's earlier images: keep True there).
+    only_attend_immediate_media: bool = True
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -79,28 +81,35 @@ class GatedCrossAttentionBlock(nn.Module):
         """media tokens [n, M, K, D_media] -> keys and values [n, M x K, 2 x inner]."""
         return self.key_value(media.to(self.key_value.weight.dtype)).flatten(1, 2)
 
-    def forward(self, hidden: torch.Tensor, keys_values: torch.Tensor, per_image: int, media_index: torch.Tensor,
-                immediate: bool = True) -> torch.Tensor:
-        """hidden [B, T, D], keys_values [B, M x K, 2 x inner] (K = per_image), media_index [B, T]
-        (the latest image at or before each token, -1 for none) -> [B, T, D]. A token reads the
-        keys of image media_index (immediate) or of images 0..media_index; with none it is left
-        unchanged."""
+    def forward(self, hidden: torch.Tensor, keys_values: torch.Tensor, allowed: torch.Tensor,
+                has_image: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T, D], keys_values [B, M x K, 2 x inner], allowed [B, 1, T, M x K] bool (the
+        keys each token reads, `media_attention_mask`), has_image [B, T, 1] (1.0 where a token has
+        an image at or before it, else 0.0: the block leaves it unchanged) -> [B, T, D]."""
         batch, length, _ = hidden.shape
-        has_image = (media_index >= 0)[..., None]  # [B, T, 1]
-        key_image = torch.arange(keys_values.shape[1], device=hidden.device) // per_image  # [M K]
-        index = media_index[..., None]
-        allowed = key_image == index if immediate else key_image <= index  # [B, T, M K]
-        # A token with no image attends to every key (no all-masked softmax row, no NaN in the
-        # backward); its output is then multiplied by 0.
-        allowed = allowed | ~has_image
         query = self.query(self.attention_norm(hidden)).view(batch, length, self.heads, self.head_dim)
         keys, values = keys_values.view(batch, -1, 2, self.heads, self.head_dim).unbind(2)
         attended = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2).to(query.dtype),
-                                                  values.transpose(1, 2).to(query.dtype), attn_mask=allowed[:, None])
+                                                  values.transpose(1, 2).to(query.dtype), attn_mask=allowed)
         attended = self.output(attended.transpose(1, 2).reshape(batch, length, -1))  # [B, T, D]
-        gate = has_image.to(hidden.dtype)
-        hidden = hidden + torch.tanh(self.attention_gate) * attended * gate
-        return hidden + torch.tanh(self.feed_forward_gate) * self.feed_forward(hidden) * gate
+        hidden = hidden + torch.tanh(self.attention_gate) * attended * has_image
+        return hidden + torch.tanh(self.feed_forward_gate) * self.feed_forward(hidden) * has_image
+
+
+def media_attention_mask(media_index: torch.Tensor, width: int, per_image: int,
+                         immediate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """media_index [B, T] (the latest image at or before each token, -1 for none), the keys'
+    width M x K (K = per_image) -> (allowed [B, 1, T, M x K] bool, has_image [B, T, 1] float).
+
+    A token reads the keys of image media_index (immediate: open_flamingo's
+    only_attend_immediate_media) or of images 0..media_index. A token with no image is allowed
+    every key (no all-masked softmax row, no NaN in the backward) and has_image 0 drops its result.
+    """
+    key_image = torch.arange(width, device=media_index.device) // per_image  # [M K]
+    index = media_index[..., None]
+    has_image = index >= 0  # [B, T, 1]
+    allowed = (key_image == index if immediate else key_image <= index) | ~has_image  # [B, T, M K]
+    return allowed[:, None], has_image.float()
 
 
 @register_fusion("cross_attention", config=CrossAttentionFusionConfig)
@@ -145,6 +154,20 @@ class CrossAttentionFusion(DecoderFusion):
             self.blocks[str(index)] = GatedCrossAttentionBlock(dim, dim, heads, self.config.ff_mult).to(dtype)
             self.hook_layer_input(layers[index], index)
 
+    def _masks(self, fusion_call: FusionCall) -> dict:
+        """The call's media masks, the same for every block (`media_attention_mask`), and
+        whether it runs every state row in order; {} when no token has an image."""
+        media_index, state = fusion_call.media_index, fusion_call.state
+        if not bool((media_index >= 0).any()):
+            return {}
+        rows = fusion_call.rows
+        per_image = state.media.shape[2]
+        width = state.media.shape[1] * per_image  # the cached keys' M x K (put_row pads both alike)
+        allowed, has_image = media_attention_mask(media_index, width, per_image,
+                                                  self.config.only_attend_immediate_media)
+        every_row = len(rows) == state.rows and bool((rows == torch.arange(state.rows)).all())
+        return {"allowed": allowed, "has_image": has_image, "every_row": every_row}
+
     def new_state(self, media: torch.Tensor | None, media_count: torch.Tensor, placeholder_ids: list[int],
                   image_id: int, tokens_per_medium: int) -> FusionState:
         """The rows' state (media [R, M, K, D] or None), with every block's media keys and values
@@ -164,23 +187,25 @@ class CrossAttentionFusion(DecoderFusion):
         key = str(index)
         if fusion_call is None or key not in self.blocks or fusion_call.state.media is None:
             return hidden
-        media_index = fusion_call.media_index  # [B, T]
-        if not bool((media_index >= 0).any()):  # text only so far: the plain LLM
+        masks = fusion_call.scratch.get("cross_attention")  # the call's masks, made at its first block
+        if masks is None:
+            masks = fusion_call.scratch["cross_attention"] = self._masks(fusion_call)
+        if not masks:  # no token has an image yet: the plain LLM
             return hidden
         block = self.blocks[key]
-        keys_values = media_keys_values(fusion_call, f"cross_attention.{index}", block)
-        per_image = fusion_call.state.media.shape[2]
-        out = block(fusion_call.to_grid(hidden), keys_values, per_image, media_index,
-                    self.config.only_attend_immediate_media)
+        keys_values = media_keys_values(fusion_call, f"cross_attention.{index}", block, masks["every_row"])
+        allowed, has_image = masks["allowed"], masks["has_image"]
+        out = block(fusion_call.to_grid(hidden), keys_values, allowed, has_image.to(hidden.dtype))
         return fusion_call.from_grid(out, hidden)
 
 
-def media_keys_values(fusion_call: FusionCall, name: str, block: GatedCrossAttentionBlock) -> torch.Tensor:
+def media_keys_values(fusion_call: FusionCall, name: str, block: GatedCrossAttentionBlock,
+                      every_row: bool) -> torch.Tensor:
     """The keys and values [B, M x K, 2 x inner] of the call's rows from `state.cache[name]`
     [R, M x K, 2 x inner] (`new_state` fills it; a state that lost it, merged with one made
-    elsewhere, gets it again for every row here)."""
-    state, rows = fusion_call.state, fusion_call.rows
+    elsewhere, gets it again for every row here). every_row: the call runs all R rows in order
+    (no copy)."""
+    state = fusion_call.state
     if name not in state.cache:
         state.cache[name] = block.keys_values(state.media)
-    everything = len(rows) == state.rows and bool((rows == torch.arange(state.rows)).all())
-    return state.cache[name] if everything else state.cache[name][rows]
+    return state.cache[name] if every_row else state.cache[name][fusion_call.rows]
