@@ -15,6 +15,7 @@ from polymodal.engine.sampling import SamplingParams
 from polymodal.engine.slots import SlotCache
 from polymodal.errors import UserError
 from polymodal.model import MultimodalLM
+from polymodal.objectives.losses import next_token_loss
 from polymodal.processing import collate
 
 
@@ -66,6 +67,20 @@ def test_a_second_image_replaces_the_first_for_the_tokens_after_it(immediate):
         assert after == 0
     else:  # every image before a token: image 1 still counts after image 2
         assert after > 1e-3
+
+
+def test_training_opens_the_gates_of_a_fresh_model():
+    """Flamingo's zero-initialised tanh gates: at 0 the block adds nothing, but the loss's
+    gradient reaches the gates (and through them, after a step, the attention and keys)."""
+    model = fused_model("cross_attention", perturbed=False).train()
+    question = {"role": "user", "content": "<image>What colour is it?"}
+    batch = collate([model.processor.encode_for_training([question, {"role": "assistant", "content": answer}], [image(i)])
+                     for i, answer in enumerate(["Blue.", "Red"])], model.pad_id)
+    next_token_loss(model(batch)).backward()
+    for block in model.fusion.blocks.values():
+        for gate in (block.attention_gate, block.feed_forward_gate):
+            assert gate.grad is not None and bool(torch.isfinite(gate.grad).all()) and float(gate.grad.abs()) > 0
+        assert float(block.key_value.weight.grad.abs().max()) == 0  # gated off until the gates open
 
 
 def count_key_value_rows(model: MultimodalLM) -> list[int]:
