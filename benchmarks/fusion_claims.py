@@ -241,6 +241,26 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
+def blind_accuracy(predictions: Path) -> dict:
+    """The accuracy of answering without the image, on the questions one run answered
+    (its eval/predictions.jsonl): the training split's most common answer to the exact same
+    question text ("is there not a red shape?" -> yes). {"accuracy": .., "by_type": {..}}."""
+    from collections import Counter, defaultdict
+
+    from polymodal.data.easy_vqa import easy_vqa_folder, read_questions
+
+    answers: dict = defaultdict(Counter)
+    for question, answer, _image in read_questions(easy_vqa_folder("train", None)):
+        answers[question][answer] += 1
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    correct: dict = defaultdict(list)
+    for row in rows:
+        guess = answers[row["prompt"]].most_common(1)[0][0] if row["prompt"] in answers else "yes"
+        correct[row["type"]].append(guess == row["reference"])
+    return {"accuracy": sum(map(sum, correct.values())) / len(rows),
+            "by_type": {name: sum(values) / len(values) for name, values in correct.items()}}
+
+
 def _count(number: float) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if number >= size:
@@ -264,16 +284,24 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], study: str, path: Path, steps: int, batch_size: int) -> None:
+def plot(rows: list[dict], study: str, path: Path, steps: int, batch_size: int, blind: float) -> None:
     """Test accuracy and held-out loss against active parameters and training FLOPs (log),
-    one line per variant (error bars: half the range over seeds)."""
+    one line per variant (error bars: half the range over seeds); `blind`, the accuracy
+    without the image, as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    figure, axes = plt.subplots(2, 2, figsize=(9, 6.4), sharex="col")
-    for variant in STUDIES[study]:
+    figure, axes = plt.subplots(2, 2, figsize=(9.6, 6.8), sharex="col")
+    for axis in axes.flat:  # before the ticks are set: a change of scale resets them
+        axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(NullFormatter())  # overlapping labels within a decade
+    for column in (0, 1):
+        axes[0][column].axhline(100 * blind, color="#8c8c8c", linestyle="--", linewidth=1,
+                                label=f"no image: the question's commonest answer ({100 * blind:.1f}%)")
+    for number, variant in enumerate(STUDIES[study]):
         line = sorted((row for row in rows if row["variant"] == variant), key=lambda row: row["flops"])
         for column, key in enumerate(("active_parameters", "flops")):
             xs = [row[key] for row in line]
@@ -281,20 +309,23 @@ def plot(rows: list[dict], study: str, path: Path, steps: int, batch_size: int) 
                 axis.errorbar(xs, [scale * row[measure] for row in line],
                               yerr=[scale * row[f"{measure}_spread"] for row in line], marker="o", capsize=3,
                               color=COLOURS[variant], label=LABELS[variant])
-                for x, row in zip(xs, line):
-                    axis.annotate(f"{row['width']}x{row['layers']}", (x, scale * row[measure]), fontsize=7,
-                                  textcoords="offset points", xytext=(4, 4))
+                if number == 0:  # ticks at the first variant's points: one decade has no major tick
+                    axis.set_xticks(xs, [_count(x) for x in xs])
+                for x, row in zip(xs, line):  # sizes named once, beside the first variant's points
+                    if number == 0:
+                        axis.annotate(f"{row['width']}x{row['layers']}", (x, scale * row[measure]), fontsize=7,
+                                      textcoords="offset points", xytext=(4, 4))
     for column, name in enumerate(("active parameters (trained, per token)", "training FLOPs (6ND estimate)")):
         axes[1][column].set_xlabel(name)
         for row_index in (0, 1):
-            axes[row_index][column].set_xscale("log")
             axes[row_index][column].grid(alpha=0.3)
     axes[0][0].set_ylabel("easy-VQA test accuracy %")
     axes[1][0].set_ylabel("held-out loss (answer tokens)")
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     figure.suptitle(f"Issue 16 §4, {study}: tiny LLMs (WIDTHxLAYERS) from scratch, {steps} steps x {batch_size} "
                     f"questions each", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -306,19 +337,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.one is not None:
         run_one(json.loads(args.one), out)
         return 0
-    started = time.perf_counter()
     results = [launch(spec, args) for spec in specs(args)]
     (out / "results.jsonl").write_text("".join(json.dumps(result) + "\n" for result in results))
     rows = summarise(results)
+    blind = blind_accuracy(out / results[0]["name"] / "eval" / "predictions.jsonl")  # every run's questions
     for study in STUDIES:
         if args.study in ("both", study):
-            plot(rows, study, Path(args.images) / f"fusion-claims-{study}.png", args.steps, args.batch_size)
+            plot(rows, study, Path(args.images) / f"fusion-claims-{study}.png", args.steps, args.batch_size,
+                 blind["accuracy"])
     table = markdown_table(rows)
     print(table)
+    print(f"without the image (the training split's commonest answer to the same question): "
+          f"{100 * blind['accuracy']:.1f}%, by type {json.dumps(blind['by_type'])}")
     numbers = {"study": "fusion_claims", "date": date.today().isoformat(), "steps": args.steps,
                "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds, "questions": args.questions,
                "loss_images": args.loss_images, "threads": args.threads,
-               "wall_seconds": round(time.perf_counter() - started, 1), "rows": rows}
+               "run_seconds": round(sum(result["seconds"] for result in results), 1),  # lock waits left out
+               "blind": blind, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(numbers, indent=1) + "\n")
     return 0
