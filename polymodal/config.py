@@ -114,6 +114,48 @@ class ForecastHeadConfig:
 
 
 @dataclass
+class ImageTokenizerConfig:
+    """An image tokenizer (polymodal/image_generation/tokenizer.py): a convolutional
+    autoencoder whose latent grid is quantised to discrete codes, pixels [N, 3, S, S] ->
+    codes [N, (S / downsample)^2] -> pixels. `fsq`: finite scalar quantisation (Mentzer et
+    al., ICLR 2024), `levels` values per latent channel, codebook = their product;
+    `continuous`: no quantiser, `latent_dim` floats per cell (MAR's latents). Trained by
+    `objective: autoencoder` (part `image_tokenizer`)."""
+
+    kind: Literal["fsq", "continuous"] = "fsq"
+    image_size: int = 64
+    downsample: int = 8  # pixels per code cell side: 64 / 8 = an 8x8 grid, 64 codes
+    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # FSQ: 1000 codes
+    channels: list[int] = field(default_factory=lambda: [64, 128, 128])  # conv widths, one per halving
+    latent_dim: int = 16  # continuous: floats per cell
+
+    def __post_init__(self):
+        if self.downsample < 1 or self.downsample & (self.downsample - 1) or self.image_size % self.downsample:
+            raise ConfigError(f"downsample: a power of two dividing image_size {self.image_size}, "
+                              f"got {self.downsample}")
+        if not self.levels or any(level < 2 for level in self.levels):
+            raise ConfigError(f"levels: FSQ levels of at least 2 each, got {self.levels}")
+
+    @property
+    def num_codes(self) -> int:
+        """Codes (tokens) per image: the latent grid's cells."""
+        return (self.image_size // self.downsample) ** 2
+
+
+@dataclass
+class ImageOutputConfig:
+    """How the LLM draws images (issue 17). `tokens`: the tokenizer's codes are LLM tokens past
+    the text vocabulary, with their own embedding and head (Chameleon's early fusion, Janus's
+    separate generation embedding and head); the LLM writes `num_codes` of them between
+    `<begin_of_image>` and `<end_of_image>`. `flow`: MAR's continuous latents, a per-token
+    flow-matching head on the LLM's hidden states. Part `image_output` trains the new
+    embedding and head; `image_tokenizer` the tokenizer."""
+
+    kind: Literal["tokens", "flow"] = "tokens"
+    tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+
+
+@dataclass
 class QuantizationConfig:
     """Weight-only quantization of the LLM's decoder linear layers (polymodal.quantization):
     `int8` per output channel (symmetric) or `int4` in groups of `group_size` inputs (a scale
@@ -160,6 +202,7 @@ class ModelConfig:
     contrastive: ContrastiveConfig | None = None
     forecast_head: ForecastHeadConfig | None = None  # a series' future values from the LLM's hidden states
     quantization: QuantizationConfig | None = None  # weight-only int8/int4 LLM (inference only)
+    image_output: ImageOutputConfig | None = None  # images the LLM draws (a tokenizer and its codes)
 
     def __post_init__(self):
         if self.kind == "dual-encoder":

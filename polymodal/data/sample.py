@@ -26,10 +26,13 @@ class Sample:
     where: str | None = None
     # Other modalities' media paths ({"audio": [clip]}), each in its placeholder's order.
     media: dict[str, list[str]] = field(default_factory=dict)
+    # Images the assistant draws (a model with `image_output`): the last assistant turn's
+    # answer starts with this one image's block of codes (objectives/lm.py splices it in).
+    draws: list[str] = field(default_factory=list)
 
     def media_paths(self) -> list[str]:
-        """Every media path: the images, then the other modalities'."""
-        return [*self.images, *(path for paths in self.media.values() for path in paths)]
+        """Every media path: the images, the other modalities', then the images drawn."""
+        return [*self.images, *(path for paths in self.media.values() for path in paths), *self.draws]
 
 
 @dataclass

@@ -114,7 +114,8 @@ def fingerprint(name: str, samples: list[Sample]) -> dict[str, str]:
     package files count too), under the dataset's `name`, and each media file's bytes."""
     records = hashlib.sha256()
     for sample in samples:
-        record = [sample.id, sample.messages, sample.images] + ([sample.media] if sample.media else [])
+        record = [sample.id, sample.messages, sample.images] + ([sample.media] if sample.media else []) \
+            + ([sample.draws] if sample.draws else [])
         records.update(json.dumps(record).encode() + b"\n")
     media = dict.fromkeys(path for sample in samples for path in sample.media_paths())
     return {name: records.hexdigest()[:16], **{path: file_digest(path) for path in media}}
