@@ -17,6 +17,7 @@ from polymodal.errors import UserError
 from polymodal.fusion import DecoderFusion, build_fusion
 from polymodal.fusion.context import FusionState
 from polymodal.heads import ForecastHead
+from polymodal.image_generation.codes import ImageCodes, attach_image_codes, code_modules
 from polymodal.llm import LanguageModel, add_placeholder_token
 from polymodal.processing import Processor
 from polymodal.processing.batch import IGNORE, Batch
@@ -46,6 +47,11 @@ class LabelLogits:
     targets: torch.Tensor
     label_mask: torch.Tensor
     aux_loss: torch.Tensor | None = None  # a fusion's auxiliary loss (a router's load balancing)
+    # Labels that are image codes (a model that draws): scored over the C codes alone.
+    # image_logits [N_image, C], image_targets [N_image] in [0, C), image_mask [B, T-1].
+    image_logits: torch.Tensor | None = None
+    image_targets: torch.Tensor | None = None
+    image_mask: torch.Tensor | None = None
 
 
 @register_model_kind("multimodal-lm", config=ModelConfig)
@@ -94,6 +100,7 @@ class MultimodalLM(nn.Module):
         self.forecast_head = None if config.forecast_head is None else ForecastHead(
             config.forecast_head, self.connectors[config.forecast_head.modality].num_tokens, self.llm.hidden_size,
             self.encoders[config.forecast_head.modality].channels)
+        self.image_tokenizer, self.image_codes = self._image_output(config)
         if config.quantization is not None:  # a saved quantized model: its packed weights load over these
             quantize_language_model(self.llm.model, config.quantization)
         self.architectures = loader.architectures  # what save_pretrained records per part
@@ -104,6 +111,21 @@ class MultimodalLM(nn.Module):
         # Saved models and checkpoints from before modalities name the image's parts
         # `encoder.*` and `connector.*`: renamed as they load (_rename_old_weights).
         self._register_load_state_dict_pre_hook(_rename_old_weights)
+
+    def _image_output(self, config: ModelConfig) -> tuple[nn.Module | None, ImageCodes | None]:
+        """The image tokenizer and the LLM's image-code tokens of a model that draws (after
+        LoRA and the placeholders: the codes' ids follow every text row)."""
+        if config.image_output is None:
+            return None, None
+        if config.quantization is not None:
+            raise UserError("model.quantization: a model that draws images (image_output) cannot be "
+                            "quantized: its image-code embedding and head replace the LM head")
+        from polymodal.encoders.image_tokenizer import ImageTokenizer
+
+        tokenizer = ImageTokenizer(config.image_output.tokenizer)
+        if config.image_output.kind != "tokens":
+            return tokenizer, None
+        return tokenizer, attach_image_codes(self.llm.model, tokenizer.codebook_size, tokenizer.num_codes)
 
     @classmethod
     def from_config(cls, config: ModelConfig | RecipeConfig) -> MultimodalLM:
@@ -153,6 +175,10 @@ class MultimodalLM(nn.Module):
             parts["forecast_head"] = self.forecast_head
         if isinstance(self.fusion, DecoderFusion):
             parts["fusion"] = self.fusion
+        if self.image_tokenizer is not None:
+            parts["image_tokenizer"] = self.image_tokenizer
+        if self.image_codes is not None:  # a container made here: the rows stay the LLM's children
+            parts["image_output"] = nn.ModuleList(code_modules(self.llm.model))
         return parts
 
     def set_trainable(self, parts: list[str]) -> None:
@@ -160,14 +186,17 @@ class MultimodalLM(nn.Module):
 
         Parts: `encoder` and `connector` (all modalities), `encoder.image`,
         `connector.audio`, ... (one modality), `llm` (all of it), `llm.lora` (the adapters),
-        `forecast_head` (when the model has one), `fusion` (a kind with weights of its own).
+        `forecast_head` (when the model has one), `fusion` (a kind with weights of its own),
+        `image_tokenizer` and `image_output` (a model that draws: its tokenizer; the image
+        tokens' embedding and head rows).
 
         Raises:
             UserError: an unknown part, or `llm.lora` without adapters configured.
         """
         modules = self.part_modules()
         known = ["encoder", "connector", *(name for name in modules if "." in name), "llm", "llm.lora",
-                 *(part for part in ("forecast_head", "fusion") if part in modules)]
+                 *(part for part in ("forecast_head", "fusion", "image_tokenizer", "image_output")
+                   if part in modules)]
         unknown = [part for part in parts if part not in known]
         if unknown:
             raise UserError(f"unknown trainable part {unknown[0]!r}; known: {', '.join(known)}")
@@ -244,9 +273,18 @@ class MultimodalLM(nn.Module):
         hidden, aux_losses = self._decode(batch)  # [B, T, D]
         targets = batch.labels[:, 1:]  # token t+1 is predicted at position t
         keep = targets != IGNORE  # [B, T-1]
+        image = None
+        if self.image_codes is not None:  # codes are scored over the codebook alone
+            image = keep & self.image_codes.is_code(targets)
+            keep = keep & ~image
         logits = self.llm.lm_head(hidden[:, :-1][keep])  # [N_labels, V], nothing else
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
-        return LabelLogits(logits=logits, targets=targets[keep], label_mask=keep, aux_loss=aux_loss)
+        output = LabelLogits(logits=logits, targets=targets[keep], label_mask=keep, aux_loss=aux_loss)
+        if image is not None and bool(image.any()):
+            output.image_logits = self.llm.lm_head.code_logits(hidden[:, :-1][image])  # [N_image, C]
+            output.image_targets = self.image_codes.to_codes(targets[image])
+            output.image_mask = image
+        return output
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """The decoder's last hidden states [B, T, D] of the batch, its media fused in."""

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from polymodal.engine.images import TEXT, constrain, guided, next_left, unconditional_prompt
 from polymodal.engine.runners import make_runner
-from polymodal.engine.sampling import SamplingParams, choose_next
+from polymodal.engine.sampling import SamplingParams, choice_seed, choose_next
 from polymodal.engine.text import TextTracker
 from polymodal.errors import UserError, check_context_length
 from polymodal.llm import merged_lora
@@ -33,6 +34,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
+    images: list[torch.Tensor] = field(default_factory=list)  # drawn: pixels [3, S, S] in [0, 1]
 
 
 @dataclass
@@ -41,6 +43,8 @@ class _Row:
     prompt_tokens: int
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)
+    left: int = TEXT  # codes still to write in an image block (engine.images)
+    drawn: list[list[int]] = field(default_factory=list)  # each image's codes
 
 
 class Engine:
@@ -61,6 +65,7 @@ class Engine:
         self.vocab_limit = len(model.llm.tokenizer)
         self.image_token_id = model.llm.image_token_id
         self.placeholder_ids = list(model.placeholder_ids.values())  # every modality's, never emitted
+        self.image_codes = getattr(model, "image_codes", None)  # a model that draws: its code tokens
         self._merged = False  # inside lora_merged()
 
     def encode(self, prompt: dict) -> dict:
@@ -77,7 +82,7 @@ class Engine:
         for rows in self.steps(prompts, params):  # noqa: B007 - run to the end, keep the last
             pass
         return [Completion(row.tracker.text, row.token_ids, row.finish_reason or "length",
-                           row.prompt_tokens) for row in rows]
+                           row.prompt_tokens, self.decode_images(row.drawn)) for row in rows]
 
     def stream(self, prompt: dict, params: SamplingParams | None = None) -> Iterator[str]:
         """Text pieces of one answer as they are generated."""
@@ -130,8 +135,12 @@ class Engine:
             logits = runner.prefill(embeds, mask, ids.shape[1] + params.max_new_tokens, fusion, ids)
         generator = params.generator()
         live = list(range(len(rows)))  # the rows still generating, in the runner's batch order
-        for _ in range(params.max_new_tokens):
-            next_ids = choose_next(self.allowed_logits(logits), params, generator)  # [len(live)]
+        for made in range(params.max_new_tokens):
+            allowed = self.allowed_logits(logits)
+            if self.image_codes is not None:
+                allowed = constrain(allowed, self.image_codes, [rows[i].left for i in live],
+                                    params.max_new_tokens - made)
+            next_ids = choose_next(allowed, params, generator)  # [len(live)]
             self._advance([rows[i] for i in live], next_ids.tolist(), set() if params.ignore_eos else self.stop_ids)
             yield rows
             if all(row.finish_reason for row in rows):
@@ -154,6 +163,69 @@ class Engine:
                 row.finish_reason = "length"
                 row.tracker.finish()
         yield rows
+
+    def _advance_image(self, row: _Row, token: int) -> None:
+        """A token of an image block: kept with the row's ids, its codes with the image, no text."""
+        codes = self.image_codes
+        row.token_ids.append(token)
+        if token == codes.begin_id:
+            row.drawn.append([])
+        elif row.left > 0:
+            row.drawn[-1].append(token - codes.first_code_id)
+        row.left = next_left(codes, row.left, token)
+
+    @torch.inference_mode()
+    def generate_images(self, prompts: list[dict], params: SamplingParams | None = None, n: int = 1) -> torch.Tensor:
+        """Draw `n` images for each prompt: pixels [len(prompts) * n, 3, S, S] in [0, 1], prompt
+        by prompt (prompt 0's n images first).
+
+        Each row's answer is forced to begin an image block and holds exactly K codes
+        (engine.images); with `params.guidance_scale` s != 1 each row runs beside its
+        unconditional twin (`unconditional_prompt`) and samples from u + s (c - u). Image j of
+        a prompt samples with seed `choice_seed(params.seed, j)`, so a batch draws what each
+        prompt drawn alone would. Temperature, top-k and top-p apply to the guided logits.
+
+        Raises:
+            UserError: the model does not draw (no image tokens), or a prompt is too long.
+        """
+        codes = self.image_codes
+        if codes is None:
+            raise UserError("this model does not draw images (it has no image_output); "
+                            "train one with an image tokenizer (docs/image-generation.md)")
+        params = params or SamplingParams()
+        samples = [self.encode(prompt) for prompt in prompts for _ in range(n)]
+        guidance = params.guidance_scale != 1.0
+        if guidance:
+            samples += [self.encode(unconditional_prompt(prompt)) for prompt in prompts for _ in range(n)]
+        samples = [{**sample, "input_ids": [*sample["input_ids"], codes.begin_id]} for sample in samples]
+        longest = max(len(sample["input_ids"]) for sample in samples)
+        check_context_length(longest, codes.num_codes + 1, self.model.llm.max_length)
+        generators = [None if params.seed is None else torch.Generator().manual_seed(choice_seed(params.seed, j))
+                      for _ in prompts for j in range(n)]
+        with self.lora_merged():
+            drawn = self._draw(samples, params, generators, guidance)  # [P * n, K]
+        return self.model.image_tokenizer.decode(drawn).float().clamp(0, 1)
+
+    def _draw(self, samples: list[dict], params: SamplingParams, generators: list, guidance: bool) -> torch.Tensor:
+        """The K codes [B, K] of each conditional row (the first B of `samples`; with guidance
+        the next B are their twins)."""
+        codes = self.image_codes
+        runner = make_runner(self.model.llm.model)
+        batch = collate(samples, self.model.pad_id, left_pad=True)
+        embeds, fusion = self.model.prepare(batch.input_ids, batch.media)
+        logits = runner.prefill(embeds, batch.attention_mask, batch.input_ids.shape[1] + codes.num_codes,
+                                fusion, batch.input_ids)
+        rows = len(generators)
+        drawn = []
+        for _ in range(codes.num_codes):
+            code_logits = logits[:, codes.first_code_id :].float()  # [B or 2B, C]
+            code_logits = guided(code_logits[:rows], code_logits[rows:], params.guidance_scale) \
+                if guidance else code_logits
+            chosen = torch.cat([choose_next(code_logits[i : i + 1], params, generators[i]) for i in range(rows)])
+            drawn.append(chosen)
+            token_ids = codes.to_token_ids(chosen)
+            logits = runner.step(torch.cat([token_ids, token_ids]) if guidance else token_ids)
+        return torch.stack(drawn, dim=1)
 
     @torch.inference_mode()
     def first_token_logits(self, prompts: list[dict]) -> torch.Tensor:
@@ -182,15 +254,27 @@ class Engine:
 
     def allowed_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> float logits [B, V] with -inf at the tokens never emitted: the media
-        placeholders and the padding rows added when resizing the embeddings."""
+        placeholders and the padding rows added when resizing the embeddings. (A model that
+        draws scores its image tokens past those rows: `engine.images.constrain` rules them.)"""
         logits = logits.float()
-        logits[:, self.vocab_limit :] = float("-inf")
+        end = None if self.image_codes is None else self.image_codes.text_vocab
+        logits[:, self.vocab_limit : end] = float("-inf")
         logits[:, self.placeholder_ids] = float("-inf")
         return logits
+
+    def decode_images(self, drawn: list[list[int]]) -> list[torch.Tensor]:
+        """Each image's K codes -> pixels [3, S, S] in [0, 1], by the model's image tokenizer."""
+        if not drawn:
+            return []
+        with torch.inference_mode():
+            return list(self.model.image_tokenizer.decode(torch.tensor(drawn)).float().clamp(0, 1))
 
     def _advance(self, rows: list[_Row], next_ids: list[int], stop_ids: set[int]) -> None:
         for row, token in zip(rows, next_ids):
             if row.finish_reason:
+                continue
+            if self.image_codes is not None and (row.left != TEXT or token == self.image_codes.begin_id):
+                self._advance_image(row, token)
                 continue
             if token in stop_ids:
                 row.finish_reason = "stop"

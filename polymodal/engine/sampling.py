@@ -29,6 +29,7 @@ class SamplingParams:
     ignore_eos: bool = False  # always generate max_new_tokens (for benchmarks)
     logprobs: bool = False
     top_logprobs: int = 0
+    guidance_scale: float = 1.0  # classifier-free guidance of drawn images (1: none; engine.images)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -42,6 +43,9 @@ class SamplingParams:
             raise ConfigError(f"top_k must be at least 0, got {self.top_k}", "top_k")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ConfigError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}", "seed")
+        if not 0 <= self.guidance_scale < float("inf"):
+            raise ConfigError(f"guidance_scale must be a number of at least 0, got {self.guidance_scale}",
+                              "guidance_scale")
         if not 0 <= self.top_logprobs <= 20:
             raise ConfigError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}", "top_logprobs")
 

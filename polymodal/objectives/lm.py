@@ -18,7 +18,8 @@ from polymodal.objectives.features import FeatureCache
 from polymodal.objectives.losses import next_token_loss, summed_next_token_loss
 from polymodal.processing.batch import Batch
 from polymodal.processing.branches import balanced_rows, merge_branches
-from polymodal.processing.collate import collate
+from polymodal.processing.collate import IGNORE, collate
+from polymodal.processing.images import load_image
 from polymodal.registry import register_objective
 
 
@@ -139,12 +140,39 @@ def lm_example(model: MultimodalLM, sample, max_length: int | None = None, memo:
             sample.messages, [None] * len(sample.images), load_images=False,
             media={modality: [None] * count for modality, count in counts.items()})
     tokens = memo[key]
+    if sample.draws:
+        tokens = drawing_tokens(model, tokens, sample.draws)
     if len(tokens["input_ids"]) > limit:
         return None
     example = {"input_ids": tokens["input_ids"], "labels": tokens["labels"], "images": sample.images}
     if sample.media:  # other modalities' paths (an image-only example stays as it was)
         example["media_paths"] = sample.media
     return example
+
+
+def drawing_tokens(model: MultimodalLM, tokens: dict, draws: list[str]) -> dict:
+    """A drawing sample's ids and labels: the image the assistant draws, as its block of codes
+    [<begin_of_image>, K codes, <end_of_image>] (`image_generation.codes`), starts the last
+    answer. The codes come from the model's frozen tokenizer (trained by an earlier stage);
+    `<end_of_image>` is not a label, as the sampler always writes it after the K-th code.
+
+    Raises:
+        UserError: the model does not draw, or the sample draws more than one image.
+    """
+    codes = model.image_codes
+    if codes is None:
+        raise UserError("a drawing sample (an image in the answer) needs a model that draws "
+                        "(model.image_output with kind tokens)")
+    if len(draws) != 1:
+        raise UserError(f"a drawing sample draws one image, this one {len(draws)}")
+    size = model.image_tokenizer.image_size
+    with torch.no_grad():
+        drawn = model.image_tokenizer.encode(load_image(draws[0], size)[None])[0].tolist()  # [K]
+    block = codes.block(drawn)
+    labels = tokens["labels"]
+    start = max((i for i, label in enumerate(labels) if label == IGNORE), default=-1) + 1  # the last answer
+    return {"input_ids": tokens["input_ids"][:start] + block + tokens["input_ids"][start:],
+            "labels": labels[:start] + block[:-1] + [IGNORE] + labels[start:]}
 
 
 def example_media(example: dict, modality: str) -> list[str]:
