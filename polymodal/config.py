@@ -115,7 +115,7 @@ class ForecastHeadConfig:
 
 @dataclass
 class ImageTokenizerConfig:
-    """An image tokenizer (polymodal/image_generation/tokenizer.py): a convolutional
+    """An image tokenizer (polymodal/encoders/image_tokenizer.py): a convolutional
     autoencoder whose latent grid is quantised to discrete codes, pixels [N, 3, S, S] ->
     codes [N, (S / downsample)^2] -> pixels. `fsq`: finite scalar quantisation (Mentzer et
     al., ICLR 2024), `levels` values per latent channel, codebook = their product;
@@ -135,6 +135,14 @@ class ImageTokenizerConfig:
                               f"got {self.downsample}")
         if not self.levels or any(level < 2 for level in self.levels):
             raise ConfigError(f"levels: FSQ levels of at least 2 each, got {self.levels}")
+        halvings = self.downsample.bit_length() - 1
+        if halvings < 1:
+            raise ConfigError("downsample: at least 2 (a conv halving; 1 would make a code of every pixel)")
+        if len(self.channels) != halvings or any(width < 1 for width in self.channels):
+            raise ConfigError(f"channels: one conv width per halving ({halvings} for downsample "
+                              f"{self.downsample}), got {self.channels}")
+        if self.latent_dim < 1:
+            raise ConfigError(f"latent_dim: must be at least 1, got {self.latent_dim}")
 
     @property
     def num_codes(self) -> int:

@@ -1,0 +1,109 @@
+"""`objective: autoencoder`: an image tokenizer learns to reconstruct the images of the
+stage's data through its codes (encoders/image_tokenizer.py; FSQ needs no codebook or
+commitment loss, so the reconstruction's is the whole loss).
+
+The tokenizer is the stage's part: `image_tokenizer` (a model that draws images,
+`model.image_output`) or `encoder.image` when that encoder is of kind `image-tokens` (the
+tokenizer inside it; the codes' embedding gets no gradient here). The LLM never runs.
+
+Data: any format whose samples carry images (`easy-vqa-captions`: one sample per image) or
+images to draw (`Sample.draws`); every one of a sample's images is a training image, its
+text is not read. The loss is the mean squared error plus the mean absolute error of the
+pixels in [0, 1] (`reconstruction_loss`; docs/image-generation.md has the measurement
+behind the choice); it counts images.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polymodal.config import StageConfig
+from polymodal.data.datasets import format_options
+from polymodal.encoders.image_tokens import image_tokenizer_of
+from polymodal.errors import ConfigError, UserError
+from polymodal.objectives.base import StepLoss, part_groups
+from polymodal.processing.images import load_image
+from polymodal.registry import register_objective
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Mean squared error + mean absolute error over pixels [N, 3, S, S] in [0, 1]: a scalar.
+
+    MSE alone is what PSNR measures; the L1 term keeps pulling once the errors are small
+    (its gradient does not shrink with them), which sharpens flat-coloured edges."""
+    return F.mse_loss(reconstruction, pixels) + F.l1_loss(reconstruction, pixels)
+
+
+@register_objective("autoencoder")
+class Autoencoding:
+    """Reconstruction loss of the model's image tokenizer on the stage's images."""
+
+    unit = "images"
+    skip_reason = "no image"
+
+    def __init__(self, stage: StageConfig, model: nn.Module):
+        self.check(stage)
+        if image_tokenizer_of(model) is None:
+            raise UserError(f"stage {stage.name!r}: objective autoencoder trains an image tokenizer; this model "
+                            f"has none (give it model.image_output, or an image encoder of kind image-tokens)")
+        found = image_tokenizer_of(model, stage.train)
+        if found is None:
+            part = image_tokenizer_of(model)[0]
+            raise UserError(f"stage {stage.name!r}: objective autoencoder trains the image tokenizer; "
+                            f"add {part} to the stage's train")
+        self.part, self.tokenizer = found
+        self.stage, self.module = stage, model
+        self.placeholder = getattr(model, "image_placeholder", "<image>")
+
+    @classmethod
+    def check(cls, stage: StageConfig) -> None:
+        """Options of the next-token loss, and data the LLM answers, are refused by name."""
+        lm_only = [("share_prefix", stage.share_prefix is not None), ("loss_average", stage.loss_average != "token")]
+        for name, given in lm_only:
+            if given:
+                raise ConfigError(f"{name}: only for objective lm")
+        answered = [dataset for dataset in stage.data if format_options(dataset).answered_by_model]
+        if answered:
+            raise ConfigError(f"data: format {answered[0].format} is for objective lm (it needs the LLM's answers)")
+
+    # ------------------------------------------------------------ parts
+
+    def set_trainable(self, module: nn.Module) -> None:
+        module.set_trainable(self.stage.train)
+
+    def parameter_groups(self, module: nn.Module) -> list[dict]:
+        return [{"params": params, "lr": self.stage.lr[part], "name": part}
+                for part, params in part_groups(module, self.stage) if params]
+
+    def stage_context(self):
+        return nullcontext()
+
+    # ------------------------------------------------------------ data
+
+    def example(self, sample, memo: dict) -> dict | None:
+        """A `Sample` -> {images: its image paths and those it draws}; None without any."""
+        paths = [*sample.images, *sample.draws]
+        return {"images": paths} if paths else None
+
+    def batch(self, examples: list[dict]) -> torch.Tensor:
+        """Examples -> pixels [N, 3, S, S] in [0, 1] at the tokenizer's size (N: all their images)."""
+        size = self.tokenizer.image_size
+        return torch.stack([load_image(path, size) for example in examples for path in example["images"]])
+
+    # ------------------------------------------------------------ loss
+
+    def loss(self, forward: nn.Module, batch: torch.Tensor) -> StepLoss:
+        if forward is not self.module:  # DDP's forward is the LM's; the tokenizer's would skip its gradient sync
+            raise UserError(f"stage {self.stage.name!r}: objective autoencoder trains in one process "
+                            f"(run it without torchrun)")
+        reconstruction, _ = self.tokenizer(batch)
+        return StepLoss(reconstruction_loss(reconstruction, batch), len(batch))
+
+    def summed_loss(self, batch: torch.Tensor) -> tuple[float, int]:
+        """(summed per-image loss, images) on held-out images: `val_loss` is their mean."""
+        reconstruction, _ = self.tokenizer(batch)
+        return float(reconstruction_loss(reconstruction, batch)) * len(batch), len(batch)
