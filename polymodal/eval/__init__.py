@@ -12,6 +12,7 @@ from polymodal.eval import (  # noqa: F401  (each registers its task)
     forecast,
     multiple_choice,
     pope,
+    reconstruction,
     retrieval,
     series_classification,
     vqa,
