@@ -11,6 +11,7 @@ from torch import nn
 
 from polymodal.config import StageConfig
 from polymodal.errors import ConfigError, UserError
+from polymodal.image_generation.flow_head import DRAWN_LATENTS
 from polymodal.llm import merged_lora
 from polymodal.model import MultimodalLM
 from polymodal.objectives.base import StepLoss, encoder_is_frozen, part_groups
@@ -40,6 +41,9 @@ class LanguageModeling:
         if not isinstance(model, MultimodalLM):
             raise UserError(f"stage {stage.name!r}: objective lm trains a multimodal LM; "
                             "a dual-encoder model trains with objective: contrastive")
+        if stage.share_prefix and model.image_flow is not None:  # latent positions share one id
+            raise ConfigError("share_prefix: a model that draws with kind flow cannot share prefixes "
+                              "(its latent positions all have one id, so unlike images would merge)")
         self.stage, self.module = stage, model
         self.placeholder = model.image_placeholder
         self.features = FeatureCache() if stage.cache_features else None
@@ -147,6 +151,8 @@ def lm_example(model: MultimodalLM, sample, max_length: int | None = None, memo:
     example = {"input_ids": tokens["input_ids"], "labels": tokens["labels"], "images": sample.images}
     if sample.media:  # other modalities' paths (an image-only example stays as it was)
         example["media_paths"] = sample.media
+    if DRAWN_LATENTS in tokens:  # kind flow: collate gathers them into Batch.media
+        example["media"] = {DRAWN_LATENTS: tokens[DRAWN_LATENTS]}
     return example
 
 
@@ -155,24 +161,31 @@ def drawing_tokens(model: MultimodalLM, tokens: dict, draws: list[str]) -> dict:
     [<begin_of_image>, K codes, <end_of_image>] (`image_generation.codes`), starts the last
     answer. The codes come from the model's frozen tokenizer (trained by an earlier stage);
     `<end_of_image>` is not a label, as the sampler always writes it after the K-th code.
+    Kind flow (`image_generation.flow_head`): the block is [<begin_of_image>, K latent
+    positions, <end_of_image>] and the tokenizer's latents [1, K, d] go with it
+    (`DRAWN_LATENTS`), for the positions' inputs and the flow head's targets.
 
     Raises:
         UserError: the model does not draw, or the sample draws more than one image.
     """
-    codes = model.image_codes
-    if codes is None:
+    codes, flow = model.image_codes, model.image_flow
+    if codes is None and flow is None:
         raise UserError("a drawing sample (an image in the answer) needs a model that draws "
-                        "(model.image_output with kind tokens)")
+                        "(model.image_output)")
     if len(draws) != 1:
         raise UserError(f"a drawing sample draws one image, this one {len(draws)}")
-    size = model.image_tokenizer.image_size
+    pixels = load_image(draws[0], model.image_tokenizer.image_size)[None]
+    drawn = {}
     with torch.no_grad():
-        drawn = model.image_tokenizer.encode(load_image(draws[0], size)[None])[0].tolist()  # [K]
-    block = codes.block(drawn)
-    labels = tokens["labels"]
+        if flow is not None:
+            drawn[DRAWN_LATENTS] = model.image_tokenizer.encode_latents(pixels).float()  # [1, K, d]
+            block = flow.block()
+        else:
+            block = codes.block(model.image_tokenizer.encode(pixels)[0].tolist())  # K codes
+    ids, labels = list(tokens["input_ids"]), list(tokens["labels"])  # the memo's may be packed arrays
     start = max((i for i, label in enumerate(labels) if label == IGNORE), default=-1) + 1  # the last answer
-    return {"input_ids": tokens["input_ids"][:start] + block + tokens["input_ids"][start:],
-            "labels": labels[:start] + block[:-1] + [IGNORE] + labels[start:]}
+    return {"input_ids": ids[:start] + block + ids[start:],
+            "labels": labels[:start] + block[:-1] + [IGNORE] + labels[start:], **drawn}
 
 
 def example_media(example: dict, modality: str) -> list[str]:
