@@ -13,11 +13,18 @@ Example:
 A request's own parameters, prompt or any error while handling its row fail that request
 alone (an ("error", message) event); only a failure of the shared decode step fails the
 rows that ran in it.
+
+A model that draws (`model.image_codes`, issue 17) is served in the same steps: a chat row
+that takes `<begin_of_image>` writes a complete block (engine.images, the rules of
+`Engine`) and sends the image as an ("image", pixels) event; `submit_images` queues drawing
+requests, each a row forced into a block of exactly K codes, with its unconditional twin
+row beside it under classifier-free guidance (two slots, admitted together).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import queue
@@ -30,7 +37,8 @@ import torch
 
 from polymodal.engine.decoder import LLAMA_FAMILY, LlamaDecoder
 from polymodal.engine.generate import Engine
-from polymodal.engine.sampling import SamplingParams, choose_next
+from polymodal.engine.images import TEXT, constrain, guided, next_left, unconditional_prompt
+from polymodal.engine.sampling import SamplingParams, choice_seed, choose_next
 from polymodal.engine.slots import SlotCache
 from polymodal.engine.text import TextTracker
 from polymodal.errors import UserError, check_context_length
@@ -48,6 +56,7 @@ class Finished:
     finish_reason: str  # "stop", "length" or "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    images: list[torch.Tensor] = field(default_factory=list)  # drawn: pixels [3, S, S] in [0, 1]
 
 
 @dataclass
@@ -59,6 +68,13 @@ class Request:
     queue: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    draws: bool = False  # a drawing: the prompt ends in <begin_of_image>, the answer is K codes
+    unconditional: dict | None = None  # a guided drawing's twin prompt: {"input_ids", "media"}
+
+    @property
+    def slots(self) -> int:
+        """Rows of the batch this request runs in: 2 for a guided drawing (its twin), else 1."""
+        return 1 if self.unconditional is None else 2
 
     def cancel(self) -> None:
         """Free this request's slot at the next step (a client went away)."""
@@ -67,7 +83,8 @@ class Request:
     def events(self, timeout: float | None = None):
         """("text", piece) for each new piece of the answer, then ("done", Finished) or
         ("error", message). With `params.logprobs`, ("logprobs", [entry, ...]) events come
-        before the text of their tokens (entries of held-back text come before "done")."""
+        before the text of their tokens (entries of held-back text come before "done"). A
+        chat answer that draws sends ("image", pixels [3, S, S]) when each image is complete."""
         while True:
             kind, value = self.queue.get(timeout=timeout)
             yield kind, value
@@ -84,6 +101,11 @@ class _Row:
     count: int = 0
     sent: int = 0  # characters of the text already sent
     logprobs: list = field(default_factory=list)  # entries not sent yet
+    left: int = TEXT  # codes still to write in an image block (engine.images)
+    drawn: list[list[int]] = field(default_factory=list)  # each image's codes
+    images: list[torch.Tensor] = field(default_factory=list)  # complete images: pixels [3, S, S]
+    twin: _Row | None = None  # a guided drawing's unconditional row: it takes this row's codes
+    is_twin: bool = False
 
 
 class BatchingEngine:
@@ -103,6 +125,9 @@ class BatchingEngine:
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="polymodal-engine", daemon=True)
         self.on_finish = None  # callback(request, Finished), e.g. for metrics
+        # A model whose image blocks are code tokens (image_output.kind tokens) draws here.
+        output = getattr(getattr(model, "config", None), "image_output", None)
+        self.codes = self.engine.image_codes if output is not None and output.kind == "tokens" else None
 
     def start(self) -> BatchingEngine:
         _merge_lora_for_good(self.model.llm.model)
@@ -150,13 +175,63 @@ class BatchingEngine:
             check_context_length(len(encoded["input_ids"]), each.max_new_tokens, self.max_length)
         requests = [Request(next(self.ids), encoded["input_ids"], encoded["media"], each)
                     for each in params]
+        self._queue(requests)
+        return requests
+
+    def submit_images(self, prompt: dict, params: SamplingParams, n: int = 1) -> list[Request]:
+        """Queue `n` drawings of one chat prompt ({"messages": [...]}, not encoded), all or none:
+        drawing j is a request seeded `choice_seed(params.seed, j)` whose prompt ends in
+        `<begin_of_image>` and whose answer is exactly K codes, sampled over the codebook (at
+        temperature / top-k / top-p) from the guided logits u + s (c - u) of its row and its
+        unconditional twin's (`engine.images`) when `params.guidance_scale` s != 1. Its "done"
+        carries the image (Finished.images: [pixels [3, S, S]]): what `Engine.generate_images`
+        draws for the same prompt and params. Slow (encodes): callers on an event loop run it
+        in a thread.
+
+        Raises:
+            UserError: the model does not draw, guidance on a server of one slot, a bad prompt.
+            ContextLengthError: a prompt plus K codes is over the context.
+            QueueFull: the `n` drawings do not all fit in the queue.
+        """
+        codes = self.drawing_codes()
+        if params.guidance_scale != 1.0 and self.max_batch < 2:
+            raise UserError("classifier-free guidance runs two rows per image; this server batches "
+                            "1 (--max-batch): send guidance_scale 1")
+        prompts = [prompt] + ([unconditional_prompt(prompt)] if params.guidance_scale != 1.0 else [])
+        encoded = []
+        for each in prompts:
+            sample = self.encode(each)
+            check_context_length(len(sample["input_ids"]) + 1, codes.num_codes, self.max_length,
+                                 asked_as="the image's codes")
+            encoded.append({"input_ids": [*sample["input_ids"], codes.begin_id], "media": sample["media"]})
+        requests = []
+        for j in range(n):
+            seed = None if params.seed is None else choice_seed(params.seed, j)
+            each = dataclasses.replace(params, max_new_tokens=codes.num_codes, seed=seed, stop=[])
+            requests.append(Request(next(self.ids), encoded[0]["input_ids"], encoded[0]["media"], each,
+                                    draws=True, unconditional=encoded[1] if len(encoded) > 1 else None))
+        self._queue(requests)
+        return requests
+
+    def drawing_codes(self):
+        """The model's image codes (image_generation.codes.ImageCodes); UserError when this
+        server cannot draw with it."""
+        if self.codes is not None:
+            return self.codes
+        if self.engine.image_codes is None:
+            raise UserError("this model does not draw images (it has no image_output); "
+                            "serve a model trained to draw (docs/image-generation.md)")
+        raise UserError("the server draws with image-code models (image_output.kind tokens); "
+                        "use `polymodal generate` for this one")
+
+    def _queue(self, requests: list[Request]) -> None:
+        """Queue all of `requests` or none (QueueFull)."""
         with self.lock:
             self._drop_cancelled_waiting()
             if len(self.waiting) + len(requests) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting")
             self.waiting.extend(requests)
             self.lock.notify()
-        return requests
 
     def _drop_cancelled_waiting(self) -> None:
         """Cancelled requests leave the queue now rather than hold places in it (lock held)."""
@@ -189,53 +264,94 @@ class BatchingEngine:
 
     def _fail_running(self, message: str) -> None:
         for row in self.rows:
-            row.request.queue.put(("error", message))
+            if not row.is_twin:  # a twin's request is its drawing's, told once
+                row.request.queue.put(("error", message))
         self.rows.clear()
         self.cache.active = 0
 
     def _admit(self) -> None:
         for _ in range(MAX_ADMITS_PER_STEP):
             with self.lock:
-                if not self.waiting or len(self.rows) >= self.max_batch:
+                # A guided drawing takes two slots at once: it waits (and the queue behind it,
+                # first come first served) until both are free.
+                if not self.waiting or len(self.rows) + self.waiting[0].slots > self.max_batch:
                     return
                 request = self.waiting.popleft()
             if request.cancelled.is_set():
                 self._finish_request(request, Finished("", "cancelled", len(request.input_ids), 0))
                 continue
+            first = len(self.rows)
             try:  # one bad request must not stop the engine, nor go unanswered
                 params = request.params
-                row = _Row(request, TextTracker(self.model.llm.tokenizer, params.stop), params.generator())
-                ids = torch.tensor([request.input_ids])
-                embeds, fusion = self.model.prepare(ids, request.media)
-                logits = self.cache.admit(embeds, fusion, ids)  # [1, V]
+                row = _Row(request, TextTracker(self.model.llm.tokenizer, params.stop), params.generator(),
+                           drawn=[[]] if request.draws else [])
+                logits = [self._prefill(request.input_ids, request.media)]
             except Exception as error:
                 request.queue.put(("error", _one_line(error)))
                 continue
             self.rows.append(row)
-            self._advance_or_fail(len(self.rows) - 1, logits[0])
+            if request.unconditional is not None:
+                try:
+                    logits.append(self._prefill(request.unconditional["input_ids"], request.unconditional["media"]))
+                except Exception as error:
+                    self._release(first, None, _one_line(error))
+                    continue
+                row.twin = _Row(request, row.tracker, None, is_twin=True)
+                self.rows.append(row.twin)
+            self._advance_rows(first, torch.cat(logits))
+
+    def _prefill(self, input_ids: list[int], media: dict) -> torch.Tensor:
+        """One prompt into the next free slot: its next-token logits [1, V]."""
+        ids = torch.tensor([input_ids])
+        embeds, fusion = self.model.prepare(ids, media)
+        return self.cache.admit(embeds, fusion, ids)
 
     def _step(self) -> None:
         tokens = torch.tensor([row.last_token for row in self.rows])
         logits = self.cache.step(tokens)  # [n, V]
-        for index in reversed(range(len(self.rows))):  # reversed: finishing moves later rows
-            self._advance_or_fail(index, logits[index])
+        self._advance_rows(0, logits)
 
-    def _advance_or_fail(self, index: int, logits: torch.Tensor) -> None:
-        """Advance row `index`; an error in it ends that row's request alone."""
-        try:
-            reason = self._advance(self.rows[index], logits, int(self.cache.lengths[index]))
-        except Exception as error:
-            self._release(index, None, f"generation failed: {_one_line(error)}")
-            return
-        if reason:
-            self._release(index, reason)
+    def _advance_rows(self, first: int, logits: torch.Tensor) -> None:
+        """Advance the rows from `first` on (logits [m, V], one per row in the cache's order;
+        a guided drawing's row with its twin's), then free those that are done. An error in
+        a row ends that row's request alone."""
+        rows = self.rows[first:]
+        where = {id(row): k for k, row in enumerate(rows)}
+        done = []
+        for k, row in enumerate(rows):
+            if row.is_twin:  # it takes the code its drawing's row samples
+                continue
+            try:
+                twin = None if row.twin is None else logits[where[id(row.twin)]]
+                reason = self._advance(row, logits[k], int(self.cache.lengths[first + k]), twin)
+            except Exception as error:
+                done.append((row, None, f"generation failed: {_one_line(error)}"))
+                continue
+            if reason:
+                done.append((row, reason, None))
+        for row, reason, error in done:  # after advancing all: freeing a row moves another
+            self._release(self._index_of(row), reason, error)
 
-    def _advance(self, row: _Row, logits: torch.Tensor, length: int) -> str | None:
-        """Choose the row's next token from its logits [V] (its cache holds `length` slots);
-        send text; the finish reason if it is done."""
+    def _index_of(self, row: _Row) -> int:
+        return next(index for index, each in enumerate(self.rows) if each is row)
+
+    def _advance(self, row: _Row, logits: torch.Tensor, length: int,
+                 twin_logits: torch.Tensor | None = None) -> str | None:
+        """Choose the row's next token from its logits [V] (its cache holds `length` slots;
+        a guided drawing's twin gives its logits [V] too); send text; the finish reason if
+        it is done."""
         params = row.request.params
+        if row.request.draws:
+            return self._advance_drawing(row, logits, twin_logits)
         allowed = self.engine.allowed_logits(logits[None])  # [1, V] float
+        if self.codes is not None:  # image blocks always complete: Engine's rules
+            budget = min(params.max_new_tokens - row.count, self.max_length - length + 1)
+            allowed = constrain(allowed, self.codes, [row.left], budget)
+        elif self.engine.image_codes is not None:  # blocks this server does not draw
+            allowed[:, self.engine.image_codes.begin_id :] = float("-inf")
         token = int(choose_next(allowed, params, row.generator)[0])
+        if self.codes is not None and (row.left != TEXT or token == self.codes.begin_id):
+            return self._advance_image(row, token, length)
         stop_ids = set() if params.ignore_eos else self.engine.stop_ids
         reason = None
         if token in stop_ids:
@@ -257,6 +373,47 @@ class BatchingEngine:
         self._send(row)
         return reason
 
+    def _advance_image(self, row: _Row, token: int, length: int) -> str | None:
+        """A chat row's token of an image block: no text; its codes kept with the image, sent
+        (the text before it first) as ("image", pixels [3, S, S]) once the block ends."""
+        codes = self.codes
+        if token == codes.begin_id:
+            row.drawn.append([])
+        elif row.left > 0:
+            row.drawn[-1].append(token - codes.first_code_id)
+        row.left = next_left(codes, row.left, token)
+        row.count += 1
+        row.last_token = token
+        if token == codes.end_id:
+            row.images.extend(self.engine.decode_images(row.drawn[-1:]))
+            self._send(row)
+            row.request.queue.put(("image", row.images[-1]))
+        if row.count >= row.request.params.max_new_tokens or length >= self.max_length:
+            row.tracker.finish()  # not inside a block: `constrain` leaves room for its end
+            self._send(row)
+            return "length"
+        return None
+
+    def _advance_drawing(self, row: _Row, logits: torch.Tensor, twin_logits: torch.Tensor | None) -> str | None:
+        """A drawing's next code, sampled over the codebook alone as `Engine._draw` samples
+        it (logits [V], guided with its twin's [V]); the twin takes the same code. "stop"
+        after the K-th, the image decoded."""
+        codes, params = self.codes, row.request.params
+        code_logits = logits[None, codes.first_code_id :].float()  # [1, C]
+        if twin_logits is not None:
+            code_logits = guided(code_logits, twin_logits[None, codes.first_code_id :].float(),
+                                 params.guidance_scale)
+        code = int(choose_next(code_logits, params, row.generator)[0])
+        row.drawn[-1].append(code)
+        row.count += 1
+        row.last_token = code + codes.first_code_id
+        if row.twin is not None:
+            row.twin.last_token = row.last_token
+        if row.count < codes.num_codes:
+            return None
+        row.images = self.engine.decode_images(row.drawn)
+        return "stop"
+
     def _send(self, row: _Row, everything: bool = False) -> None:
         text = row.tracker.text[: row.tracker.emitted]
         if row.logprobs and (len(text) > row.sent or everything):
@@ -267,22 +424,29 @@ class BatchingEngine:
             row.sent = len(text)
 
     def _drop_cancelled(self) -> None:
-        for index in reversed(range(len(self.rows))):
-            if self.rows[index].request.cancelled.is_set():
-                self._release(index, "cancelled")
+        for row in [row for row in self.rows if row.request.cancelled.is_set() and not row.is_twin]:
+            self._release(self._index_of(row), "cancelled")
 
     def _release(self, index: int, reason: str | None, error: str | None = None) -> None:
-        """Free row `index`'s slot; its request gets "done" with `reason`, or `error`."""
+        """Free row `index`'s slot (and its twin's); its request gets "done" with `reason`, or
+        `error`."""
         row = self.rows[index]
-        moved = self.cache.release(index)
-        if moved is not None:
-            self.rows[index] = self.rows[moved]
-        self.rows.pop()
+        self._free(index)
+        if row.twin is not None:
+            self._free(self._index_of(row.twin))
         if error is not None:
             row.request.queue.put(("error", error))
             return
         self._send(row, everything=True)
-        self._finish_request(row.request, Finished(row.tracker.text, reason, len(row.request.input_ids), row.count))
+        self._finish_request(row.request, Finished(row.tracker.text, reason, len(row.request.input_ids), row.count,
+                                                   row.images))
+
+    def _free(self, index: int) -> None:
+        """Free a slot; the last running row moves into it, as in the cache."""
+        moved = self.cache.release(index)
+        if moved is not None:
+            self.rows[index] = self.rows[moved]
+        self.rows.pop()
 
     def _finish_request(self, request: Request, finished: Finished) -> None:
         request.queue.put(("done", finished))

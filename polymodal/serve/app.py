@@ -1,5 +1,5 @@
-"""The HTTP API: OpenAI's chat completions (plain and streamed), models, embeddings,
-health and metrics, and the web chat page at `/`.
+"""The HTTP API: OpenAI's chat completions (plain and streamed), models, embeddings, image
+generation (a model that draws), health and metrics, and the web chat page at `/`.
 
     app = create_app(model, "easy-vqa", BatchingEngine(model).start(), MediaLimits())
     uvicorn.Server(server_config(app, "127.0.0.1", 8000, ConnectionLimits())).run()
@@ -26,9 +26,10 @@ from polymodal.serve.chat import complete, start, stream_chunks
 from polymodal.serve.connections import ConnectionLimits, server_config  # noqa: F401 - re-exported
 from polymodal.serve.embeddings import embed
 from polymodal.serve.errors import APIError, BodyLimit, validation_error
+from polymodal.serve.images import generate as generate_images
 from polymodal.serve.media import MediaLimits
 from polymodal.serve.metrics import ServerMetrics
-from polymodal.serve.schemas import ChatRequest, EmbeddingRequest
+from polymodal.serve.schemas import ChatRequest, EmbeddingRequest, ImageGenerationRequest
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 
@@ -91,6 +92,13 @@ def create_app(model, model_name: str, engine: BatchingEngine | None, limits: Me
             for request in requests:  # nobody will read them
                 request.cancel()
             raise
+
+    @app.post("/v1/images/generations")
+    async def images(http: Request) -> dict:
+        body = await parse(http, ImageGenerationRequest)
+        response = await generate_images(engine, model, body, http)
+        metrics.requests.labels("images", "200").inc()
+        return response
 
     @app.post("/v1/embeddings")
     async def embeddings(http: Request) -> dict:

@@ -1,5 +1,12 @@
 """Chat completions: OpenAI messages to an engine prompt, and the engine's events back as
-one response or as server-sent chunks. A client that goes away cancels its requests."""
+one response or as server-sent chunks. A client that goes away cancels its requests.
+
+An answer that draws (a model with image_output) carries its images in the extension field
+`images` of the message (of the chunk's `delta` when streamed, sent as each image is
+complete): [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}], the
+shape of an image part in a request and of OpenRouter's drawn images. Not in `content`: a
+client sends `content` back in the next turn, where kilobytes of base64 would be read as
+text; an unknown field is ignored by OpenAI's clients (kept in `model_extra`)."""
 
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from polymodal.engine.sampling import SamplingParams, choice_seed
 from polymodal.errors import UserError, check_context_length
 from polymodal.serve.errors import APIError, api_error, request_field
 from polymodal.serve.media import MediaLimits, decode_audio, decode_image, decode_series
+from polymodal.serve.pictures import image_part
 from polymodal.serve.schemas import ChatRequest
 
 # Tokenizers and image processors are shared by all requests; encoding runs in the thread
@@ -161,8 +169,10 @@ async def complete(body: ChatRequest, model_name: str, requests, http: Request) 
                     logprobs.extend(value)
                 if kind == "done":
                     break
-            choices.append({"index": index, "message": {"role": "assistant", "content": value.text},
-                            "finish_reason": value.finish_reason,
+            message = {"role": "assistant", "content": value.text}
+            if value.images:  # drawn: the extension field (see the module's docstring)
+                message["images"] = [image_part(image) for image in value.images]
+            choices.append({"index": index, "message": message, "finish_reason": value.finish_reason,
                             "logprobs": {"content": logprobs} if body.logprobs else None})
             prompt_tokens = value.prompt_tokens
             completion_tokens += value.completion_tokens
@@ -203,6 +213,8 @@ async def stream_chunks(body: ChatRequest, model_name: str, requests, http: Requ
                 elif kind == "text":
                     yield chunk(index, {"content": value}, logprobs=pending)
                     pending = []
+                elif kind == "image":
+                    yield chunk(index, {"images": [image_part(value)]})
                 elif kind == "error":
                     yield f"data: {json.dumps(APIError(500, 'generation failed', 'server_error').body())}\n\n"
                     break

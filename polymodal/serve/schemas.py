@@ -179,6 +179,38 @@ class EmbeddingRequest(OpenAIBody):
         return [value] if isinstance(value, (str, dict)) else value
 
 
+class ImageGenerationRequest(OpenAIBody):
+    """OpenAI's image generation body (https://platform.openai.com/docs/api-reference/images/create)
+    and four extensions of ours: `guidance_scale` (classifier-free guidance, 1: none), `seed`
+    (image j uses seed + j), `temperature` and `top_k` of the code sampling."""
+
+    prompt: str = Field(min_length=1, max_length=32000)  # OpenAI: up to 32000 characters
+    model: str | None = None
+    n: StrictInt = Field(default=1, ge=1, le=10)  # OpenAI: 1 to 10
+    size: str | None = None  # only the model's own "SxS" (or "auto"): checked against the model
+    response_format: str | None = None  # only "b64_json"
+    output_format: str | None = None  # only "png"
+    quality: str | None = None  # "auto" or "standard": one quality here
+    style: str | None = None  # refused: no styles
+    guidance_scale: float = Field(default=1.0, ge=0, le=100, allow_inf_nan=False)
+    seed: StrictInt | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    temperature: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
+    top_k: StrictInt = Field(default=0, ge=0)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for the first field set to something this server does not do."""
+        if self.response_format not in (None, "b64_json"):
+            return "response_format", ('only response_format "b64_json" is supported (the image comes '
+                                       'back in the response; this server keeps no files to link to)')
+        if self.output_format not in (None, "png"):
+            return "output_format", 'only output_format "png" is supported'
+        if self.quality not in (None, "auto", "standard"):
+            return "quality", 'quality is not supported by this server; send "auto" or leave it out'
+        if self.style is not None:
+            return "style", "style is not supported by this server"
+        return None
+
+
 def _kind(value) -> str:
     names = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "a list",
              dict: "an object"}
