@@ -1,9 +1,16 @@
-"""`polymodal chat`: answer one prompt, or a REPL with /image, /audio, /series, /reset and /quit. Tokens stream."""
+"""`polymodal chat`: answer one prompt, or a REPL with /image, /audio, /series, /reset and /quit. Tokens stream.
+
+An answer that draws (a model with image_output) saves each image as a PNG in --image-dir (the
+current folder unless given), named chat-DATE-TIME-K.png for the session's K-th image, and
+prints `image: PATH` after the answer's text. The model's own pixels, not scaled.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
 from polymodal.cli.loading import add_quantize_option
 from polymodal.errors import UserError
@@ -35,6 +42,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    parser.add_argument("--image-dir", default=".", metavar="DIR",
+                        help="where images the model draws are saved (default: the current folder)")
     add_quantize_option(parser)
     parser.set_defaults(run=run)
 
@@ -54,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
         read_wav(path)
     for path in args.series:
         read_series(path)
-    session = ChatSession(Engine(load_for_command(args.model, args.set, args.quantize)), params, args.system)
+    if Path(args.image_dir).exists() and not Path(args.image_dir).is_dir():
+        raise UserError(f"--image-dir: {args.image_dir} is not a folder")
+    session = ChatSession(Engine(load_for_command(args.model, args.set, args.quantize)), params, args.system,
+                          Path(args.image_dir))
     if args.prompt is not None:
         session.ask(args.prompt, images, args.audio, args.series)
         return 0
@@ -64,8 +76,11 @@ def run(args: argparse.Namespace) -> int:
 class ChatSession:
     """A conversation: history, pending images, and streaming the answers to stdout."""
 
-    def __init__(self, engine, params, system: str | None):
+    def __init__(self, engine, params, system: str | None, image_dir: Path = Path(".")):
         self.engine = engine
+        self.image_dir = image_dir  # where drawn images go
+        self.stamp = time.strftime("%Y%m%d-%H%M%S")  # this session's images: chat-STAMP-K.png
+        self.drawn = 0
         self.params = params
         self.system = system
         self.messages: list[dict] = []
@@ -88,16 +103,45 @@ class ChatSession:
         prompt = {"messages": messages, "images": [*self.images, *images],
                   "media": {"audio": [*self.audio, *audio], "series": [*self.series, *series]}}
         encoded = self.engine.encode(prompt)  # placeholders and length checked before streaming
-        pieces = []
-        for piece in self.engine.stream(encoded, self.params):
-            pieces.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        answer = "".join(pieces)
+        answer, images = self.stream(encoded)
+        for pixels in images:
+            print(f"image: {self.save(pixels)}")
         self.messages = [*messages[1 if self.system else 0 :], {"role": "assistant", "content": answer}]
         self.images, self.audio, self.series = prompt["images"], prompt["media"]["audio"], prompt["media"]["series"]
         return answer
+
+    def stream(self, encoded: dict) -> tuple[str, list]:
+        """Write the answer's text to stdout as it comes; (the text, the images it drew:
+        pixels [3, S, S] in [0, 1])."""
+        pieces, row = [], None
+        for [row] in self.engine.steps([encoded], self.params):
+            text = row.tracker.text[: row.tracker.emitted]
+            shown = sum(map(len, pieces))
+            if len(text) > shown:
+                pieces.append(text[shown:])
+                sys.stdout.write(pieces[-1])
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        return "".join(pieces), self.engine.decode_images(row.drawn)
+
+    def save(self, pixels) -> Path:
+        """A drawn image -> the next chat-STAMP-K.png in the image folder (made if missing),
+        never over an existing file; written whole or not at all.
+
+        Raises:
+            UserError: the folder cannot be made or written.
+        """
+        from polymodal.cli.generate import write_png
+
+        try:
+            self.image_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--image-dir: cannot make {self.image_dir}: {error.strerror or error}") from None
+        while True:
+            self.drawn += 1
+            path = self.image_dir / f"chat-{self.stamp}-{self.drawn}.png"
+            if not path.exists():
+                return write_png(path, pixels)
 
     def repl(self, images: list, audio: list = (), series: list = ()) -> int:
         from polymodal.processing.audio import read_wav

@@ -9,7 +9,7 @@ import sys
 
 from polymodal.errors import UserError
 
-COMMANDS = ("info", "chat", "train", "eval", "analyze", "embed", "index", "search", "serve", "export", "quantize")
+COMMANDS = ("info", "chat", "generate", "train", "eval", "analyze", "embed", "index", "search", "serve", "export", "quantize")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
