@@ -151,6 +151,26 @@ class ImageTokenizerConfig:
 
 
 @dataclass
+class FlowHeadConfig:
+    """Image output kind `flow`'s head (polymodal/image_generation/flow_head.py): MAR's small
+    per-token MLP with adaptive LayerNorm (Li et al., 2024), trained by flow matching on the
+    tokenizer's continuous latents and sampled with `sampling_steps` Euler steps."""
+
+    depth: int = 3  # residual blocks (MAR: 3)
+    width: int = 256  # the blocks' width
+    sampling_steps: int = 25  # Euler steps from noise to a latent
+    noise_draws: int = 4  # noise draws per latent in the loss (MAR's diffusion_batch_mul)
+    loss_weight: float = 1.0  # the flow loss's weight beside the next-token loss
+
+    def __post_init__(self):
+        for name in ("depth", "width", "sampling_steps", "noise_draws"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if not self.loss_weight > 0:
+            raise ConfigError(f"loss_weight: must be above 0, got {self.loss_weight}")
+
+
+@dataclass
 class ImageOutputConfig:
     """How the LLM draws images (issue 17). `tokens`: the tokenizer's codes are LLM tokens past
     the text vocabulary, with their own embedding and head (Chameleon's early fusion, Janus's
@@ -161,6 +181,7 @@ class ImageOutputConfig:
 
     kind: Literal["tokens", "flow"] = "tokens"
     tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    flow: FlowHeadConfig = field(default_factory=FlowHeadConfig)  # kind flow: its head
 
 
 @dataclass

@@ -18,6 +18,7 @@ from polymodal.fusion import DecoderFusion, build_fusion
 from polymodal.fusion.context import FusionState
 from polymodal.heads import ForecastHead
 from polymodal.image_generation.codes import ImageCodes, attach_image_codes, code_modules
+from polymodal.image_generation.flow_head import DRAWN_LATENTS, ImageFlow
 from polymodal.llm import LanguageModel, add_placeholder_token
 from polymodal.processing import Processor
 from polymodal.processing.batch import IGNORE, Batch
@@ -100,7 +101,7 @@ class MultimodalLM(nn.Module):
         self.forecast_head = None if config.forecast_head is None else ForecastHead(
             config.forecast_head, self.connectors[config.forecast_head.modality].num_tokens, self.llm.hidden_size,
             self.encoders[config.forecast_head.modality].channels)
-        self.image_tokenizer, self.image_codes = self._image_output(config)
+        self.image_tokenizer, self.image_codes, self.image_flow = self._image_output(config)
         if config.quantization is not None:  # a saved quantized model: its packed weights load over these
             quantize_language_model(self.llm.model, config.quantization)
         self.architectures = loader.architectures  # what save_pretrained records per part
@@ -112,20 +113,23 @@ class MultimodalLM(nn.Module):
         # `encoder.*` and `connector.*`: renamed as they load (_rename_old_weights).
         self._register_load_state_dict_pre_hook(_rename_old_weights)
 
-    def _image_output(self, config: ModelConfig) -> tuple[nn.Module | None, ImageCodes | None]:
-        """The image tokenizer and the LLM's image-code tokens of a model that draws (after
-        LoRA and the placeholders: the codes' ids follow every text row)."""
+    def _image_output(self, config: ModelConfig) -> tuple[nn.Module | None, ImageCodes | None, ImageFlow | None]:
+        """The image tokenizer, and the LLM's image-code tokens (kind tokens) or its flow head
+        (kind flow: markers' rows and MAR's head) of a model that draws (after LoRA and the
+        placeholders: the new ids follow every text row)."""
         if config.image_output is None:
-            return None, None
+            return None, None, None
         if config.quantization is not None:
             raise UserError("model.quantization: a model that draws images (image_output) cannot be "
                             "quantized: its image-code embedding and head replace the LM head")
         from polymodal.encoders.image_tokenizer import ImageTokenizer
 
         tokenizer = ImageTokenizer(config.image_output.tokenizer)
-        if config.image_output.kind != "tokens":
-            return tokenizer, None
-        return tokenizer, attach_image_codes(self.llm.model, tokenizer.codebook_size, tokenizer.num_codes)
+        if config.image_output.kind == "flow":  # the markers alone; V + 2 marks a latent position
+            layout = attach_image_codes(self.llm.model, 0, tokenizer.num_codes)
+            return tokenizer, None, ImageFlow(layout, self.llm.hidden_size, tokenizer.latent_dim,
+                                              config.image_output.flow)
+        return tokenizer, attach_image_codes(self.llm.model, tokenizer.codebook_size, tokenizer.num_codes), None
 
     @classmethod
     def from_config(cls, config: ModelConfig | RecipeConfig) -> MultimodalLM:
@@ -179,6 +183,8 @@ class MultimodalLM(nn.Module):
             parts["image_tokenizer"] = self.image_tokenizer
         if self.image_codes is not None:  # a container made here: the rows stay the LLM's children
             parts["image_output"] = nn.ModuleList(code_modules(self.llm.model))
+        if self.image_flow is not None:  # the markers' rows and the flow head with its projection
+            parts["image_output"] = nn.ModuleList([*code_modules(self.llm.model), self.image_flow])
         return parts
 
     def set_trainable(self, parts: list[str]) -> None:
@@ -238,7 +244,10 @@ class MultimodalLM(nn.Module):
         decoder loop needs to run these rows. The state holds each row's image tokens for a
         kind that reads them inside the layers; run the decoder inside `state.call(ids)`."""
         media, media_features = media or {}, media_features or {}
-        embeds = self.llm.embed(input_ids)
+        if self.image_flow is None:
+            embeds = self.llm.embed(input_ids)
+        else:  # latent positions read the drawn latents' projections
+            embeds = self.image_flow.embed(self.llm.embed, input_ids, media.get(DRAWN_LATENTS))
         image_tokens = None
         for modality, token_id in self.placeholder_ids.items():
             tokens = None
@@ -277,6 +286,11 @@ class MultimodalLM(nn.Module):
         if self.image_codes is not None:  # codes are scored over the codebook alone
             image = keep & self.image_codes.is_code(targets)
             keep = keep & ~image
+        if self.image_flow is not None:  # latents: the flow head's loss, not the LM head's
+            latents = keep & (targets == self.image_flow.latent_id)
+            keep = keep & ~latents
+            if bool(latents.any()):
+                aux_losses = [*aux_losses, self._flow_loss(batch, hidden[:, :-1][latents])]
         logits = self.llm.lm_head(hidden[:, :-1][keep])  # [N_labels, V], nothing else
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
         output = LabelLogits(logits=logits, targets=targets[keep], label_mask=keep, aux_loss=aux_loss)
@@ -285,6 +299,13 @@ class MultimodalLM(nn.Module):
             output.image_targets = self.image_codes.to_codes(targets[image])
             output.image_mask = image
         return output
+
+    def _flow_loss(self, batch: Batch, condition: torch.Tensor) -> torch.Tensor:
+        """Kind flow: the flow head's loss on the drawn latents (`Batch.media["drawn_latents"]`
+        [N, K, d], reading order) given the hidden states [N * K, D] that predict them (the
+        begin marker's predicts latent 0, latent k's position latent k + 1)."""
+        latents = batch.media[DRAWN_LATENTS]
+        return self.image_flow.loss(latents.reshape(len(condition), -1), condition)
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """The decoder's last hidden states [B, T, D] of the batch, its media fused in."""

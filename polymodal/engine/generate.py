@@ -184,11 +184,14 @@ class Engine:
         unconditional twin (`unconditional_prompt`) and samples from u + s (c - u). Image j of
         a prompt samples with seed `choice_seed(params.seed, j)`, so a batch draws what each
         prompt drawn alone would. Temperature, top-k and top-p apply to the guided logits.
+        A model of kind flow (MAR) draws K continuous latents instead (`_draw_flow`): the
+        temperature scales its start noise, top-k and top-p do not apply.
 
         Raises:
             UserError: the model does not draw (no image tokens), or a prompt is too long.
         """
-        codes = self.image_codes
+        flow = getattr(self.model, "image_flow", None)
+        codes = self.image_codes if flow is None else flow.layout  # the block's ids
         if codes is None:
             raise UserError("this model does not draw images (it has no image_output); "
                             "train one with an image tokenizer (docs/image-generation.md)")
@@ -203,6 +206,9 @@ class Engine:
         generators = [None if params.seed is None else torch.Generator().manual_seed(choice_seed(params.seed, j))
                       for _ in prompts for j in range(n)]
         with self.lora_merged():
+            if flow is not None:
+                latents = self._draw_flow(samples, params, generators, guidance)  # [P * n, K, d]
+                return self.model.image_tokenizer.decode_latents(latents).float().clamp(0, 1)
             drawn = self._draw(samples, params, generators, guidance)  # [P * n, K]
         return self.model.image_tokenizer.decode(drawn).float().clamp(0, 1)
 
@@ -225,6 +231,32 @@ class Engine:
             drawn.append(chosen)
             token_ids = codes.to_token_ids(chosen)
             logits = runner.step(torch.cat([token_ids, token_ids]) if guidance else token_ids)
+        return torch.stack(drawn, dim=1)
+
+    def _draw_flow(self, samples: list[dict], params: SamplingParams, generators: list,
+                   guidance: bool) -> torch.Tensor:
+        """Kind flow: the K latents [B, K, d] of each conditional row (the first B of `samples`;
+        with guidance the next B are their twins). Each step the flow head samples a latent
+        from the last position's hidden state (MAR; guided by the twin's: v_u + s (v_c - v_u)),
+        and the latent's projection is the next input of both rows."""
+        flow = self.model.image_flow
+        runner = make_runner(self.model.llm.model)
+        runner.output_hidden = True
+        batch = collate(samples, self.model.pad_id, left_pad=True)
+        embeds, fusion = self.model.prepare(batch.input_ids, batch.media)
+        hidden = runner.prefill(embeds, batch.attention_mask, batch.input_ids.shape[1] + flow.layout.num_codes,
+                                fusion, batch.input_ids)  # [B or 2B, D]
+        rows = len(generators)
+        generator = generators if params.seed is not None else None
+        drawn = []
+        for index in range(flow.layout.num_codes):
+            twins = (hidden[rows:], params.guidance_scale) if guidance else None
+            latent = flow.head.sample(hidden[:rows], flow.sampling_steps, generator, params.temperature, twins)
+            drawn.append(latent)  # [B, d]
+            if index + 1 < flow.layout.num_codes:  # the last latent's position predicts nothing
+                inputs = flow.latent_embeddings(torch.cat([latent, latent]) if guidance else latent)
+                ids = torch.full((len(inputs),), flow.latent_id)
+                hidden = runner.step_embeddings(inputs.to(embeds.dtype), ids)
         return torch.stack(drawn, dim=1)
 
     @torch.inference_mode()

@@ -6,6 +6,11 @@ Each runner registers in `registry.RUNNERS` with the models it supports and a ra
 the shared decoder-layer step (`engine.decoder`) and a preallocated `KVCache`;
 `TransformersRunner` ("transformers") works for any transformers causal LM through its
 own forward() and cache.
+
+Both return next-token logits, or with `output_hidden` set the last hidden states [B, D]
+(after the final norm, as the training forward's) for a head of the caller's own (MAR's flow
+head); `step_embeddings` feeds input embeddings [B, D] instead of token ids (a drawn latent's
+projection).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from contextlib import nullcontext
 import torch
 from transformers import DynamicCache
 
-from polymodal.engine.decoder import LlamaDecoder, TokenLayout
+from polymodal.engine.decoder import LlamaDecoder, TokenLayout, rms_norm
 from polymodal.engine.kv_cache import KVCache
 from polymodal.errors import UserError
 from polymodal.fusion.context import FusionState
@@ -52,6 +57,7 @@ class LlamaRunner:
         self.length = 0  # slots filled, the same in every row (left padding evens the prompts)
         self.positions: torch.Tensor | None = None  # [B] position of each row's next token
         self.fusion: FusionState | None = None  # a fusion inside the layers: its rows' state
+        self.output_hidden = False  # return last hidden states [B, D] instead of logits [B, V]
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_length: int,
                 fusion: FusionState | None = None, input_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,7 +68,7 @@ class LlamaRunner:
         self.fusion = fusion
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
         self.positions = positions[:, -1] + 1
-        return self.decoder.logits(self._forward(embeds, positions, attention_mask.bool(), input_ids))
+        return self._output(self._forward(embeds, positions, attention_mask.bool(), input_ids))
 
     def prefill_shared(self, prefix: torch.Tensor, prefix_mask: torch.Tensor, owner: torch.Tensor,
                        suffix: torch.Tensor, suffix_mask: torch.Tensor, max_length: int,
@@ -84,14 +90,23 @@ class LlamaRunner:
         before = prefix_mask.sum(-1)[owner]  # [B] real prefix tokens of each row
         positions = before[:, None] + (suffix_mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
         self.positions = positions[:, -1] + 1
-        return self.decoder.logits(self._forward(suffix, positions, suffix_mask.bool(), suffix_ids))
+        return self._output(self._forward(suffix, positions, suffix_mask.bool(), suffix_ids))
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids [B] -> next logits [B, V]; one slot more per row."""
+        return self.step_embeddings(self.decoder.embed(token_ids), token_ids)
+
+    def step_embeddings(self, embeds: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """embeds [B, D], the next input of each row (input_ids [B]: their ids, for a fusion's
+        call) -> next logits [B, V] (or hidden states [B, D]); one slot more per row."""
         positions = self.positions[:, None]
         self.positions = self.positions + 1
-        return self.decoder.logits(self._forward(self.decoder.embed(token_ids[:, None]), positions,
-                                                 input_ids=token_ids[:, None]))
+        return self._output(self._forward(embeds[:, None], positions,
+                                          input_ids=None if input_ids is None else input_ids[:, None]))
+
+    def _output(self, last: torch.Tensor) -> torch.Tensor:
+        """The last layer's output [B, D] -> logits [B, V], or the final norm's [B, D]."""
+        return rms_norm(self.decoder.body.norm, last) if self.output_hidden else self.decoder.logits(last)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Carry on with only these rows [B'] of the batch (the others finished)."""
@@ -141,6 +156,7 @@ class TransformersRunner:
         self.attention_mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.fusion: FusionState | None = None
+        self.output_hidden = False  # return last hidden states [B, D] instead of logits [B, V]
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_length: int,
                 fusion: FusionState | None = None, input_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,9 +167,7 @@ class TransformersRunner:
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.positions = positions[:, -1] + 1
         with fusion_call(fusion, input_ids):
-            out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
-                             cache=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
+            return self._run(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions)
 
     def prefill_shared(self, prefix: torch.Tensor, prefix_mask: torch.Tensor, owner: torch.Tensor,
                        suffix: torch.Tensor, suffix_mask: torch.Tensor, max_length: int,
@@ -177,14 +191,26 @@ class TransformersRunner:
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids [B] -> next logits [B, V]."""
+        return self._step(token_ids, input_ids=token_ids[:, None])
+
+    def step_embeddings(self, embeds: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """As LlamaRunner.step_embeddings: embeds [B, D] -> next logits [B, V] (or hidden [B, D])."""
+        return self._step(input_ids, inputs_embeds=embeds[:, None])
+
+    def _step(self, token_ids: torch.Tensor | None, **inputs) -> torch.Tensor:
         ones = self.attention_mask.new_ones(self.attention_mask.shape[0], 1)
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
-        with fusion_call(self.fusion, token_ids[:, None]):
-            out = self.model(input_ids=token_ids[:, None], attention_mask=self.attention_mask,
-                             position_ids=self.positions[:, None], cache=self.cache,
-                             use_cache=True, logits_to_keep=1)
+        with fusion_call(self.fusion, None if token_ids is None else token_ids[:, None]):
+            out = self._run(**inputs, attention_mask=self.attention_mask, position_ids=self.positions[:, None])
         self.positions = self.positions + 1
-        return out.logits[:, -1]
+        return out
+
+    def _run(self, **inputs) -> torch.Tensor:
+        """One forward of the model over `inputs` with the cache -> the last position's logits
+        [B, V], or its hidden state [B, D] (the decoder alone: no logits computed)."""
+        if self.output_hidden:
+            return self.model.get_decoder()(**inputs, cache=self.cache, use_cache=True).last_hidden_state[:, -1]
+        return self.model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
 def fusion_call(state: FusionState | None, input_ids: torch.Tensor | None, real: torch.Tensor | None = None):
