@@ -16,7 +16,7 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
     """The options every task takes (`eval` and `analyze` share them)."""
     parser.add_argument("model", help="a saved model directory (or a recipe / LLM source)")
     parser.add_argument("--task", required=True,
-                        help="easy-vqa, vqa, pope, caption, multiple-choice, series-classification; for dual encoders "
+                        help="easy-vqa, vqa, pope, caption, multiple-choice, series-classification, text-to-image; for dual encoders "
                              "zeroshot, retrieval, audio-image (`polymodal info --list` lists them)")
     parser.add_argument("--split", default="test",
                         help="without a task file: the split of the built-in dataset (easy-VQA: train or test)")
@@ -49,6 +49,14 @@ def add_parser(commands) -> None:
     parser.add_argument("--shots", type=int, default=0, metavar="K",
                         help="K solved examples with their images as earlier turns before each question "
                              "(few-shot prompting; drawn seeded from the task's other questions)")
+    parser.add_argument("--images-per-prompt", type=int, default=8, metavar="N",
+                        help="text-to-image: images drawn per prompt (default 8)")
+    parser.add_argument("--cfg", type=float, default=1.0, metavar="SCALE",
+                        help="text-to-image: classifier-free guidance scale (default 1: none)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="text-to-image: sampling temperature of the image codes (default 1)")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+                        help="text-to-image: sample among the K likeliest codes (default 0: all)")
     parser.set_defaults(run=run)
 
 
@@ -70,10 +78,15 @@ def task_options(args: argparse.Namespace):
         raise UserError("--shots must be at least 0")
     if shots and not task.generative:
         raise UserError(f"--shots: task {task.name} embeds with a dual encoder; shots are for generative tasks")
+    drawing = {"images_per_prompt": getattr(args, "images_per_prompt", 8),  # eval's options
+               "guidance_scale": getattr(args, "cfg", 1.0), "temperature": getattr(args, "temperature", 1.0),
+               "top_k": getattr(args, "top_k", 0)}
+    if drawing["images_per_prompt"] < 1:
+        raise UserError("--images-per-prompt must be at least 1")
     return task, TaskOptions(split=args.split, data=args.data, limit=args.limit, seed=args.seed,
                              setting=args.setting, prompt=args.prompt,
                              templates=args.templates, image_model=args.image_model,
-                             system=args.system, max_new_tokens=args.max_new_tokens, shots=shots)
+                             system=args.system, max_new_tokens=args.max_new_tokens, shots=shots, **drawing)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,7 @@ same `Sample` (a conversation and its media), checked up front (validate.py).
 
 Formats: `llava` (llava.py), `captions` (captions.py), `interleaved` (interleaved.py: text and
 images in any order), `replay` (replay.py), easy-VQA's
-(easy_vqa.py: its one home), time series (`series`: series.py; `aeon`: aeon.py). Importing this package registers them all (registry.discover
+(easy_vqa.py: its one home; easy_vqa_draw.py: its drawings to make), time series (`series`: series.py; `aeon`: aeon.py). Importing this package registers them all (registry.discover
 imports it by name).
 """
 
@@ -11,6 +11,7 @@ from polymodal.data import (  # noqa: F401  (they register their formats)
     aeon,
     captions,
     easy_vqa,
+    easy_vqa_draw,
     easy_vqa_spoken,
     interleaved,
     llava,

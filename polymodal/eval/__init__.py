@@ -15,6 +15,7 @@ from polymodal.eval import (  # noqa: F401  (each registers its task)
     reconstruction,
     retrieval,
     series_classification,
+    text_to_image,
     vqa,
     zeroshot,
 )

@@ -46,6 +46,11 @@ class TaskOptions:
     system: str | None = None  # a system message before every question
     max_new_tokens: int | None = None  # None: the task's own (8 for short answers)
     shots: int = 0  # solved examples before each question (eval.shots; Task.with_shots)
+    # text-to-image: images drawn per prompt and how they are sampled (engine.SamplingParams)
+    images_per_prompt: int = 8
+    guidance_scale: float = 1.0  # classifier-free guidance (1: none)
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
 
 
 class Task:

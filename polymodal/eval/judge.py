@@ -1,0 +1,261 @@
+"""The judge of drawn images (issue 17 §5): a small CNN that names the shape and the colour
+of an easy-VQA-style image, trained here on easy-VQA's training images, so that the images a
+model draws are graded by something made and measured on this machine (not by a model the
+drawing model could have been tuned against).
+
+Two heads over one convolutional trunk: shape (3 classes, easy_vqa.SHAPES) and colour (8,
+easy_vqa.COLORS), each trained with cross-entropy on the labels the image's questions give
+(easy_vqa.image_attributes; an attribute the questions do not reveal is not scored). It is
+trained on first use (about half a minute on 2 cores) and cached: `judge-{key}.safetensors`
+and `judge-{key}.json` (its test-split accuracy per head, the data fingerprint, the
+settings, the training seconds) in `$POLYMODAL_CACHE/judge/` (default
+`~/.cache/polymodal/judge/`; `POLYMODAL_CACHE=off` trains it in memory every time). The key
+is a hash of the settings and of the bytes of both splits' questions and images: changed
+data trains a new judge. Both files are written atomically, under a lock, so two evaluations
+started together train it once.
+
+Example:
+    judge = load_judge()
+    shapes, colors = judge.classify(pixels)  # pixels [N, 3, 64, 64] in [0, 1]
+    print(judge.accuracy)  # {"shape": 1.0, "color": 1.0} on easy-VQA's test images
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from polymodal.data.easy_vqa import COLORS, SHAPES, attributes_by_image, easy_vqa_folder
+from polymodal.gguf_cache import cache_root
+from polymodal.safe_files import atomic_write
+
+IMAGE_SIZE = 64  # easy-VQA's images; others are resized to it
+IGNORE = -100  # the label of an attribute an image's questions do not reveal
+VERSION = 1  # part of the cache key: a change to the network or its training trains anew
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """How the judge is built and trained (all part of its cache key)."""
+
+    width: int = 16  # channels of the first block; the next blocks have 2x, 4x, 4x
+    epochs: int = 6
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    limit: int | None = None  # only the first N images of each split (tests)
+    seed: int = 0
+
+
+class JudgeNetwork(nn.Module):
+    """pixels [N, 3, 64, 64] in [0, 1] -> (shape logits [N, 3], colour logits [N, 8]).
+
+    Four 3x3 conv blocks (conv, batch norm, ReLU, 2x2 max pool: 64 -> 4 pixels), then the
+    mean and the max over positions (the max keeps a small shape's evidence), then one
+    linear layer per head.
+    """
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        channels = [3, width, 2 * width, 4 * width, 4 * width]
+        blocks = []
+        for inputs, outputs in itertools.pairwise(channels):
+            blocks += [nn.Conv2d(inputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        self.trunk = nn.Sequential(*blocks)
+        self.shape_head = nn.Linear(2 * channels[-1], len(SHAPES))
+        self.color_head = nn.Linear(2 * channels[-1], len(COLORS))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.trunk(pixels * 2 - 1)  # [N, C, 4, 4]
+        pooled = torch.cat([features.mean((2, 3)), features.amax((2, 3))], dim=1)  # [N, 2C]
+        return self.shape_head(pooled), self.color_head(pooled)
+
+
+class Judge:
+    """A trained JudgeNetwork and its measured accuracy.
+
+    `accuracy`: {"shape", "color"}: the share of easy-VQA's test images (those whose questions
+    reveal the attribute) each head names right. `info`: what the cache's JSON file holds.
+    """
+
+    def __init__(self, network: JudgeNetwork, info: dict):
+        self.network = network.eval()
+        self.info = info
+        self.accuracy: dict[str, float] = info["accuracy"]
+
+    @torch.no_grad()
+    def classify(self, pixels: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixels [N, 3, H, W] in [0, 1] (resized to 64 x 64 when H, W differ) -> (shape index
+        [N] into easy_vqa.SHAPES, colour index [N] into easy_vqa.COLORS), int64."""
+        pixels = resized(pixels)
+        shapes, colors = [], []
+        for start in range(0, len(pixels), batch_size):
+            shape_logits, color_logits = self.network(pixels[start : start + batch_size].clamp(0, 1))
+            shapes.append(shape_logits.argmax(1))
+            colors.append(color_logits.argmax(1))
+        if not shapes:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return torch.cat(shapes), torch.cat(colors)
+
+
+# ---------------------------------------------------------------- data
+
+
+def resized(pixels: torch.Tensor) -> torch.Tensor:
+    """pixels [N, 3, H, W] -> float [N, 3, 64, 64] (bilinear, antialiased; as they are when 64 x 64)."""
+    pixels = pixels.float()
+    if pixels.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE) or not len(pixels):
+        return pixels
+    return F.interpolate(pixels, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)
+
+
+def read_pixels(paths: list[str]) -> torch.Tensor:
+    """Image files -> uint8 pixels [N, 3, 64, 64] (RGB; resized when another size)."""
+    arrays = []
+    for path in paths:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            arrays.append(np.asarray(image))
+    if not arrays:
+        return torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def labelled_images(folder: Path, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An easy-VQA folder's images whose questions reveal their shape or colour:
+    (pixels uint8 [N, 3, 64, 64], shape labels [N], colour labels [N]; IGNORE where unknown)."""
+    found = [(image, attributes) for image, attributes in attributes_by_image(folder) if attributes]
+    found = found[:limit] if limit else found
+    shapes = [SHAPES.index(a["shape"]) if "shape" in a else IGNORE for _, a in found]
+    colors = [COLORS.index(a["color"]) if "color" in a else IGNORE for _, a in found]
+    return read_pixels([image for image, _ in found]), torch.tensor(shapes), torch.tensor(colors)
+
+
+def data_fingerprint(folders: list[Path], settings: JudgeSettings) -> str:
+    """A hash of the judge's version, its settings, and every byte of the folders'
+    questions.json and images (a few MB: read in well under a second)."""
+    digest = hashlib.sha256(f"judge {VERSION} {dataclasses.asdict(settings)}".encode())
+    for folder in folders:
+        digest.update((folder / "questions.json").read_bytes())
+        for path in sorted((folder / "images").glob("*.png")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_judge(train_folder: Path, test_folder: Path, settings: JudgeSettings | None = None,
+                progress: bool = True) -> Judge:
+    """A JudgeNetwork trained on `train_folder`'s labelled images (AdamW, one-cycle learning
+    rate, horizontal flips), measured on `test_folder`'s. `info` holds the accuracy per head,
+    the image counts and the training seconds."""
+    settings = settings or JudgeSettings()
+    started = time.perf_counter()
+    pixels, shapes, colors = labelled_images(train_folder, settings.limit)
+    generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)  # the network's initial weights
+    network = JudgeNetwork(settings.width)
+    steps_per_epoch = max(1, -(-len(pixels) // settings.batch_size))
+    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.learning_rate,
+                                                   total_steps=settings.epochs * steps_per_epoch)
+    network.train()
+    bar = tqdm(total=settings.epochs * steps_per_epoch, desc="training the judge", unit="step",
+               disable=not progress, leave=False)
+    for _ in range(settings.epochs):
+        for batch in torch.randperm(len(pixels), generator=generator).split(settings.batch_size):
+            images = pixels[batch].float() / 255
+            flip = torch.rand(len(batch), generator=generator) < 0.5  # shapes keep their label mirrored
+            images[flip] = images[flip].flip(-1)
+            shape_logits, color_logits = network(images)
+            loss = (F.cross_entropy(shape_logits, shapes[batch], ignore_index=IGNORE)
+                    + F.cross_entropy(color_logits, colors[batch], ignore_index=IGNORE))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    seconds = time.perf_counter() - started
+    judge = Judge(network, {"accuracy": {}})
+    accuracy, counts = measure_accuracy(judge, test_folder, settings.limit)
+    judge.accuracy = accuracy
+    judge.info = {"accuracy": accuracy, "test_images": counts, "train_images": len(pixels),
+                  "train_seconds": round(seconds, 1), "settings": dataclasses.asdict(settings)}
+    return judge
+
+
+def measure_accuracy(judge: Judge, folder: Path, limit: int | None = None) -> tuple[dict, dict]:
+    """({"shape", "color"}: share named right, {"shape", "color"}: images scored) on a folder's
+    labelled images."""
+    pixels, shapes, colors = labelled_images(folder, limit)
+    predicted_shapes, predicted_colors = judge.classify(pixels.float() / 255)
+    accuracy, counts = {}, {}
+    for name, labels, predicted in (("shape", shapes, predicted_shapes), ("color", colors, predicted_colors)):
+        known = labels != IGNORE
+        counts[name] = int(known.sum())
+        accuracy[name] = float((predicted[known] == labels[known]).float().mean()) if counts[name] else 0.0
+    return accuracy, counts
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def judge_cache() -> Path | None:
+    """`$POLYMODAL_CACHE/judge` (default ~/.cache/polymodal/judge), or None when the cache is off."""
+    root = cache_root()
+    return None if root is None else root / "judge"
+
+
+def load_judge(train_folder: str | Path | None = None, test_folder: str | Path | None = None,
+               settings: JudgeSettings | None = None, cache: Path | bool | None = True,
+               progress: bool = True) -> Judge:
+    """The judge for these easy-VQA folders (default: the package's train and test splits):
+    read from the cache when trained before on the same data and settings, else trained now
+    and saved there. `cache`: a folder, True (judge_cache()) or False/None (not cached).
+
+    Raises:
+        UserError: the easy_vqa package is missing (and no folders are given).
+    """
+    settings = settings or JudgeSettings()
+    train = easy_vqa_folder("train", train_folder)
+    test = easy_vqa_folder("test", test_folder)
+    folder = judge_cache() if cache is True else (Path(cache) if cache else None)
+    if folder is None:
+        return train_judge(train, test, settings, progress)
+    fingerprint = data_fingerprint([train, test], settings)
+    weights, info_path = folder / f"judge-{fingerprint[:16]}.safetensors", folder / f"judge-{fingerprint[:16]}.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".judge.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then reads what the first saved
+        if weights.is_file() and info_path.is_file():
+            info = json.loads(info_path.read_text())
+            if info.get("fingerprint") == fingerprint:
+                network = JudgeNetwork(settings.width)
+                network.load_state_dict(load_file(weights))
+                return Judge(network, info)
+        judge = train_judge(train, test, settings, progress)
+        judge.info["fingerprint"] = fingerprint
+        state = {name: tensor.contiguous() for name, tensor in judge.network.state_dict().items()}
+        atomic_write(weights, lambda path: save_file(state, str(path)))
+        atomic_write(info_path, lambda path: path.write_text(json.dumps(judge.info, indent=2) + "\n"))
+        return judge
