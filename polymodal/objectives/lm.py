@@ -41,9 +41,6 @@ class LanguageModeling:
         if not isinstance(model, MultimodalLM):
             raise UserError(f"stage {stage.name!r}: objective lm trains a multimodal LM; "
                             "a dual-encoder model trains with objective: contrastive")
-        if stage.share_prefix and model.image_flow is not None:  # latent positions share one id
-            raise ConfigError("share_prefix: a model that draws with kind flow cannot share prefixes "
-                              "(its latent positions all have one id, so unlike images would merge)")
         self.stage, self.module = stage, model
         self.placeholder = model.image_placeholder
         self.features = FeatureCache() if stage.cache_features else None
@@ -98,9 +95,13 @@ class LanguageModeling:
         modality's media loaded, or a frozen encoder's features from the cache."""
         module = self.module
         if self.stage.share_prefix:
+            # Kind flow's drawings stay rows of their own, after the others: their latent
+            # positions all have one id, so a common prefix would merge unlike latents.
+            drawings = [example for example in examples if DRAWN_LATENTS in example.get("media", {})]
+            examples = [example for example in examples if DRAWN_LATENTS not in example.get("media", {})]
             others = [token for modality, token in module.placeholder_ids.items() if modality != "image"]
             examples = [merge_branches(row, module.llm.image_token_id, module.tokens_per_image or 1, others)
-                        for row in balanced_rows(examples, self.stage.share_prefix)]
+                        for row in balanced_rows(examples, self.stage.share_prefix)] + drawings
         batch = collate(examples, module.pad_id)
         for modality in module.modalities:
             paths = [path for example in examples for path in example_media(example, modality)]

@@ -213,10 +213,27 @@ def test_save_and_load_draw_the_same(tmp_path):
     assert torch.equal(drawn, Engine(model).generate_images(PROMPTS, params))
 
 
-def test_config_and_stage_errors():
+def test_config_errors():
     with pytest.raises(ConfigError, match="sampling_steps"):
         FlowHeadConfig(sampling_steps=0)
-    stage = from_dict(StageConfig, {"name": "draw", "train": ["image_output"], "data": STAGE_DATA,
-                                    "lr": {"image_output": 1e-3}, "share_prefix": 4})
-    with pytest.raises(ConfigError, match="share_prefix"):
-        LanguageModeling(stage, flow_model(perturbed=False))
+    with pytest.raises(ConfigError, match="loss_weight"):
+        FlowHeadConfig(loss_weight=0.0)
+
+
+def test_share_prefix_keeps_drawings_whole_and_the_loss():
+    model = flow_model()
+    questions = [Sample(f"q{i}", [{"role": "user", "content": f"What colour is it? {i}"},
+                                  {"role": "assistant", "content": "red"}]) for i in range(3)]
+    drawings = [Sample(f"d{i}", DRAW, draws=[f"{DATA}/{name}.png"])
+                for i, name in enumerate(["red_circle", "blue_square"])]
+    losses = []
+    for share_prefix in (None, 4):
+        stage = from_dict(StageConfig, {"name": "draw", "train": ["image_output"], "data": STAGE_DATA,
+                                        "lr": {"image_output": 1e-3}, "share_prefix": share_prefix})
+        objective = LanguageModeling(stage, model)
+        batch = objective.batch([objective.example(sample, {}) for sample in questions + drawings])
+        assert len(batch.input_ids) == (5 if share_prefix is None else 3)  # the questions in one row
+        torch.manual_seed(0)
+        with torch.no_grad():
+            losses.append(objective.loss(model, batch).loss)
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
