@@ -6,7 +6,7 @@ data/easy_vqa_draw.py) is drawn `--images-per-prompt` times (default 8) through
 classifier-free guidance scale, default 1 = none; `--seed`: image j of every prompt samples
 with seed + j, so the images do not depend on the batch size). A judge trained here on
 easy-VQA's labelled images (eval/judge.py; its test accuracy is in the results) names each
-image's shape and colour. Metrics:
+image's shape and colour, or "none" for an image that shows no shape. Metrics:
 
 - `shape`, `color`, `both`: the share of images showing the asked shape, colour, both (the
   headline), overall, per shape (`by_shape`), per colour (`by_color`) and per prompt;
@@ -35,7 +35,14 @@ from polymodal.data.easy_vqa_draw import draw_prompts
 from polymodal.engine.generate import Engine
 from polymodal.engine.sampling import SamplingParams
 from polymodal.errors import UserError
-from polymodal.eval.judge import IMAGE_SIZE, load_judge, read_pixels, resized
+from polymodal.eval.judge import (
+    COLOR_NAMES,
+    IMAGE_SIZE,
+    SHAPE_NAMES,
+    load_judge,
+    read_pixels,
+    resized,
+)
 from polymodal.eval.tasks import (
     Item,
     Task,
@@ -200,8 +207,8 @@ def drawing_rows(drawings: Drawings) -> list[dict]:
     rows = []
     for index, item in enumerate(drawings.items):
         for sample in range(drawings.per_prompt):
-            shape = SHAPES[int(drawings.shapes[index * drawings.per_prompt + sample])]
-            color = COLORS[int(drawings.colors[index * drawings.per_prompt + sample])]
+            shape = SHAPE_NAMES[int(drawings.shapes[index * drawings.per_prompt + sample])]  # or "none"
+            color = COLOR_NAMES[int(drawings.colors[index * drawings.per_prompt + sample])]
             rows.append({"id": f"{item.id}:{sample}", "prompt": item.question, "sample": sample,
                          "shape": shape, "color": color, "prediction": f"a {color} {shape}",
                          "reference": item.references[0], "shape_correct": shape == item.info["shape"],

@@ -12,10 +12,13 @@ from polymodal.data.easy_vqa import COLORS, SHAPES, easy_vqa_folder
 from polymodal.eval import judge as judge_module
 from polymodal.eval.judge import (
     IGNORE,
+    NO_COLOR,
+    NO_SHAPE,
     JudgeNetwork,
     JudgeSettings,
     labelled_images,
     load_judge,
+    negatives,
     train_judge,
 )
 
@@ -24,7 +27,7 @@ SMALL = JudgeSettings(width=4, epochs=1, batch_size=16, limit=48)
 
 def test_network_shapes():
     shapes, colors = JudgeNetwork(width=4)(torch.rand(5, 3, 64, 64))
-    assert shapes.shape == (5, len(SHAPES)) and colors.shape == (5, len(COLORS))
+    assert shapes.shape == (5, len(SHAPES) + 1) and colors.shape == (5, len(COLORS) + 1)  # and "none"
 
 
 @needs_package("easy_vqa")
@@ -40,7 +43,7 @@ def test_trains_a_few_steps_and_classifies():
     judge = train_judge(easy_vqa_folder("train"), easy_vqa_folder("test"), SMALL, progress=False)
     shapes, colors = judge.classify(torch.rand(7, 3, 64, 64))
     assert shapes.shape == (7,) and colors.shape == (7,) and shapes.dtype == torch.long
-    assert shapes.max() < len(SHAPES) and colors.max() < len(COLORS)
+    assert shapes.max() <= NO_SHAPE and colors.max() <= NO_COLOR
     smaller, _ = judge.classify(torch.rand(2, 3, 16, 16))  # another size: resized to 64 x 64
     assert smaller.shape == (2,)
     assert set(judge.accuracy) == {"shape", "color"} and all(0 <= v <= 1 for v in judge.accuracy.values())
@@ -65,6 +68,12 @@ def test_cached_by_data_and_settings(tmp_path, monkeypatch):
     assert again.accuracy == first.accuracy
     with pytest.raises(AssertionError, match="trained again"):  # other settings: another judge
         load_judge(settings=JudgeSettings(width=4, epochs=2, batch_size=16, limit=48), cache=tmp_path)
+
+
+def test_negatives_are_labelled_none():
+    images, shapes, colors = negatives(30, torch.Generator().manual_seed(0))
+    assert images.shape == (30, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
+    assert (shapes == NO_SHAPE).all() and set(colors.tolist()) == {NO_COLOR, IGNORE}  # a filled frame: any colour
 
 
 def test_cache_folder_follows_polymodal_cache(tmp_path, monkeypatch):
