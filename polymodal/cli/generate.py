@@ -4,7 +4,7 @@
         --n 4 --cfg 3.0 --seed 0 --contact-sheet
 
 writes red_circle-0.png ... red_circle-3.png (one image: red_circle.png itself) and, with
---contact-sheet, red_circle-sheet.png (the images side by side, 2 white pixels apart), then
+--contact-sheet, red_circle-sheet.png (the images in a grid, 2 grey pixels apart), then
 prints the paths. Each file holds the model's own pixels (64x64 for the easy-VQA recipe), not
 scaled: a viewer zooms, the file keeps what the model drew. Writes are atomic.
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 
 from polymodal.errors import UserError
 
-SHEET_GAP = 2  # white pixels between the images of a contact sheet
+SHEET_GAP = 2  # pixels between the images of a contact sheet
+SHEET_GREY = 0.5  # the gaps' shade: drawings on white backgrounds stay apart
 
 
 def add_parser(commands) -> None:
@@ -110,14 +111,14 @@ def write_png(path: Path, pixels) -> Path:
 
 def contact_sheet(images):
     """images [N, 3, S, S] -> one picture [3, H, W]: a grid of ceil(sqrt(N)) columns, each image
-    at its own size, SHEET_GAP white pixels between them."""
+    at its own size, SHEET_GAP grey pixels between them (and in the empty cells)."""
     import torch
 
     count, _, side, _ = images.shape
     columns = math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
     step = side + SHEET_GAP
-    sheet = torch.ones(3, rows * step - SHEET_GAP, columns * step - SHEET_GAP)
+    sheet = torch.full((3, rows * step - SHEET_GAP, columns * step - SHEET_GAP), SHEET_GREY)
     for index, image in enumerate(images):
         top, left = (index // columns) * step, (index % columns) * step
         sheet[:, top : top + side, left : left + side] = image

@@ -125,9 +125,9 @@ class BatchingEngine:
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="polymodal-engine", daemon=True)
         self.on_finish = None  # callback(request, Finished), e.g. for metrics
-        # A model whose image blocks are code tokens (image_output.kind tokens) draws here.
-        output = getattr(getattr(model, "config", None), "image_output", None)
-        self.codes = self.engine.image_codes if output is not None and output.kind == "tokens" else None
+        # A model whose image blocks are code tokens (image_output.kind tokens) draws here; a
+        # flow model's markers are masked for its chat rows, as Engine masks them.
+        self.codes = self.engine.image_codes
 
     def start(self) -> BatchingEngine:
         _merge_lora_for_good(self.model.llm.model)
@@ -218,11 +218,11 @@ class BatchingEngine:
         server cannot draw with it."""
         if self.codes is not None:
             return self.codes
-        if self.engine.image_codes is None:
-            raise UserError("this model does not draw images (it has no image_output); "
-                            "serve a model trained to draw (docs/image-generation.md)")
-        raise UserError("the server draws with image-code models (image_output.kind tokens); "
-                        "use `polymodal generate` for this one")
+        if getattr(self.model, "image_flow", None) is not None:
+            raise UserError("the server draws with image-code models (image_output.kind tokens); "
+                            "this one is kind flow: draw with `polymodal generate`")
+        raise UserError("this model does not draw images (it has no image_output); "
+                        "serve a model trained to draw (docs/image-generation.md)")
 
     def _queue(self, requests: list[Request]) -> None:
         """Queue all of `requests` or none (QueueFull)."""
@@ -347,8 +347,6 @@ class BatchingEngine:
         if self.codes is not None:  # image blocks always complete: Engine's rules
             budget = min(params.max_new_tokens - row.count, self.max_length - length + 1)
             allowed = constrain(allowed, self.codes, [row.left], budget)
-        elif self.engine.image_codes is not None:  # blocks this server does not draw
-            allowed[:, self.engine.image_codes.begin_id :] = float("-inf")
         token = int(choose_next(allowed, params, row.generator)[0])
         if self.codes is not None and (row.left != TEXT or token == self.codes.begin_id):
             return self._advance_image(row, token, length)

@@ -27,6 +27,7 @@ from polymodal.serve.connections import ConnectionLimits, server_config  # noqa:
 from polymodal.serve.embeddings import embed
 from polymodal.serve.errors import APIError, BodyLimit, validation_error
 from polymodal.serve.images import generate as generate_images
+from polymodal.serve.images import image_size
 from polymodal.serve.media import MediaLimits
 from polymodal.serve.metrics import ServerMetrics
 from polymodal.serve.schemas import ChatRequest, EmbeddingRequest, ImageGenerationRequest
@@ -60,6 +61,8 @@ def create_app(model, model_name: str, engine: BatchingEngine | None, limits: Me
         return Response(metrics.text(), media_type="text/plain; version=0.0.4")
 
     card = {"id": model_name, "object": "model", "created": 0, "owned_by": "polymodal"}
+    if engine is not None and engine.codes is not None:  # an extension: what a drawn image takes
+        card["image_output"] = {"size": image_size(model), "tokens": engine.codes.num_codes + 2}
 
     @app.get("/v1/models")
     def models() -> dict:

@@ -41,7 +41,7 @@ def test_generate_writes_each_image_and_a_contact_sheet(capsys, tmp_path, saved)
     for image, pixels in zip(images, want):  # the saved model draws what the one in memory draws
         assert (as_pixels(image) - pixels).abs().max() <= 0.5 / 255 + 1e-6
     sheet = np.array(images[3])
-    assert (sheet[SIZE + 2 :, SIZE + 2 :] == 255).all()  # the empty fourth cell: white
+    assert (sheet[SIZE + 2 :, SIZE + 2 :] == 128).all() and (sheet[SIZE : SIZE + 2] == 128).all()  # grey
     assert (sheet[:SIZE, SIZE + 2 :] == np.array(images[1])).all()  # the second image: top right
     code, out, _ = run(capsys, "generate", directory, "Draw a red circle.", "--out", tmp_path / "one.png")
     assert code == 0 and out.split() == [str(tmp_path / "one.png")] and Image.open(tmp_path / "one.png").size == (16, 16)

@@ -76,7 +76,7 @@ def test_the_server_draws_what_the_engine_draws_batched_with_chats_that_draw():
     chats = [(chat("Hello there"), SamplingParams(max_new_tokens=35)),
              (chat("Draw and say"), SamplingParams(max_new_tokens=34, temperature=1.0, seed=11))]
     first = engine.submit(*chats[0])
-    drawings = engine.submit_images(prompt, guided, n=3)
+    drawings = engine.submit_images(prompt, guided, n=2)
     second = engine.submit(*chats[1])
     unguided = engine.submit_images(chat("Draw a blue square."), plain, n=2)
     engine.start()
@@ -85,7 +85,7 @@ def test_the_server_draws_what_the_engine_draws_batched_with_chats_that_draw():
     finally:
         engine.stop()
     alone = Engine(model)
-    for requests, want in ((drawings, alone.generate_images([prompt], guided, n=3)),
+    for requests, want in ((drawings, alone.generate_images([prompt], guided, n=2)),
                            (unguided, alone.generate_images([chat("Draw a blue square.")], plain, n=2))):
         for request, pixels in zip(requests, want):
             kind, finished = done[id(request)][-1]
@@ -102,13 +102,20 @@ def test_the_server_draws_what_the_engine_draws_batched_with_chats_that_draw():
         assert "".join(value for kind, value in events if kind == "text") == want.text
 
 
-def test_a_model_that_does_not_draw_and_a_guided_drawing_on_one_slot_are_refused():
+def test_a_model_that_does_not_draw_a_flow_model_and_a_guided_drawing_on_one_slot_are_refused():
     from conftest import tiny_model
+    from polymodal.config import ModelConfig, from_dict
     from polymodal.engine.batching import BatchingEngine
     from polymodal.errors import UserError
+    from polymodal.model import MultimodalLM
 
     with pytest.raises(UserError, match="does not draw images"):
         BatchingEngine(tiny_model()).submit_images(chat("Draw"), SamplingParams())
+    flow = MultimodalLM(from_dict(ModelConfig, {"llm": {"source": "tiny:llama"}, "image_output": {
+        "kind": "flow", "tokenizer": {"kind": "continuous", "image_size": 16, "downsample": 4,
+                                      "channels": [8, 8], "latent_dim": 4}}})).eval()
+    with pytest.raises(UserError, match="kind flow: draw with `polymodal generate`"):
+        BatchingEngine(flow).submit_images(chat("Draw"), SamplingParams())
     with pytest.raises(UserError, match="guidance runs two rows"):
         BatchingEngine(drawing_model(), max_batch=1).submit_images(chat("Draw"), SamplingParams(guidance_scale=2.0))
 
@@ -152,6 +159,7 @@ def test_the_images_endpoint_through_the_openai_client(served):
         assert (as_pixels(image) - pixels).abs().max() <= 0.5 / 255 + 1e-6
     again = api.images.generate(prompt="Draw a red circle.", n=1, extra_body={"seed": 5, "guidance_scale": 2.0})
     assert again.data[0].b64_json == result.data[0].b64_json and result.created > 0
+    assert api.models.list().data[0].model_extra["image_output"] == {"size": "16x16", "tokens": 18}
 
 
 @pytest.mark.parametrize("body, status, param, says", [
