@@ -108,6 +108,9 @@ class ImageTokenizer(nn.Module):
             self.codebook_size = 0
         self.encoder = conv_encoder(config.channels, self.latent_dim)
         self.decoder = conv_decoder(config.channels, self.latent_dim)
+        # Channels-last convolutions: a training step of 16 images took 0.127 s against
+        # 0.159 s on this 2-core CPU (oneDNN's preferred layout; the values are the same).
+        self.to(memory_format=torch.channels_last)
 
     @property
     def num_codes(self) -> int:
@@ -128,7 +131,8 @@ class ImageTokenizer(nn.Module):
         values (d = len(levels); gradients pass the rounding straight through), for continuous
         the tanh-bounded latents (d = latent_dim)."""
         self.check_pixels(pixels)
-        latents = self.encoder(pixels * 2 - 1).flatten(2).transpose(1, 2)  # [N, K, d], raster order
+        inputs = (pixels * 2 - 1).contiguous(memory_format=torch.channels_last)
+        latents = self.encoder(inputs).flatten(2).transpose(1, 2)  # [N, K, d], raster order
         if self.quantizer is None:
             return torch.tanh(latents)
         quantized, _ = self.quantizer(latents.float())
@@ -139,7 +143,7 @@ class ImageTokenizer(nn.Module):
         if latents.dim() != 3 or tuple(latents.shape[1:]) != (self.num_codes, self.latent_dim):
             raise ValueError(f"latents: expected [N, {self.num_codes}, {self.latent_dim}], got {list(latents.shape)}")
         grid = latents.transpose(1, 2).reshape(len(latents), self.latent_dim, self.grid_side, self.grid_side)
-        return torch.sigmoid(self.decoder(grid))
+        return torch.sigmoid(self.decoder(grid.contiguous(memory_format=torch.channels_last)))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels [N, 3, S, S] in [0, 1] -> codes [N, K] int64 in [0, codebook_size), raster order.

@@ -5,8 +5,11 @@ per image). Metrics: PSNR in dB (10 log10(1 / MSE) of each image's pixels in [0,
 mean over images), and for a tokenizer with codes how much of the codebook the split uses
 (the share of codes that occur at least once) and the codes' perplexity (exp of the
 entropy of their frequencies: the number of equally used codes with the same spread; the
-codebook size at most). A picture, `reconstruction.png`: 16 originals above their
-reconstructions.
+codebook size at most). On easy-VQA's own splits (no `--data`), also `judged`: the share of
+reconstructions whose shape, colour and both the judge (eval/judge.py, a CNN trained on
+easy-VQA's images, the one `text-to-image` grades drawings with) names as it names the
+original: whether the codes keep what a drawing must show. A picture, `reconstruction.png`:
+16 originals above their reconstructions.
 
 The tokenizer is the model's `image_tokenizer` (a model that draws images) or the one inside
 an `image-tokens` image encoder (encoders/image_tokens.py).
@@ -22,6 +25,7 @@ import torch
 from polymodal.encoders.image_tokenizer import ImageTokenizer
 from polymodal.encoders.image_tokens import image_tokenizer_of
 from polymodal.errors import UserError
+from polymodal.eval.judge import load_judge
 from polymodal.eval.tasks import Task, TaskOptions, register_task, seeded_sample, task_dataset
 from polymodal.processing.images import load_image
 
@@ -45,6 +49,23 @@ def code_statistics(counts: torch.Tensor) -> dict:
     entropy = -(used * used.log()).sum()
     return {"codebook_usage": int((counts > 0).sum()) / len(counts), "codes_used": int((counts > 0).sum()),
             "codebook_size": len(counts), "perplexity": math.exp(float(entropy))}
+
+
+@torch.no_grad()
+def judged_alike(tokenizer: ImageTokenizer, paths: list[str], batch_size: int) -> dict[str, float]:
+    """{shape, color, both}: the share of images whose reconstruction the easy-VQA judge names
+    as it names the original (the judge is trained on first use, then cached)."""
+    judge = load_judge()
+    alike = {"shape": 0, "color": 0, "both": 0}
+    device = next(tokenizer.parameters()).device
+    for start in range(0, len(paths), batch_size):
+        pixels = torch.stack([load_image(path, tokenizer.image_size) for path in paths[start : start + batch_size]])
+        reconstruction = tokenizer(pixels.to(device))[0].float().cpu()
+        (shape, color), (shape_back, color_back) = judge.classify(pixels), judge.classify(reconstruction)
+        alike["shape"] += int((shape == shape_back).sum())
+        alike["color"] += int((color == color_back).sum())
+        alike["both"] += int(((shape == shape_back) & (color == color_back)).sum())
+    return {name: count / len(paths) for name, count in alike.items()}
 
 
 @register_task("reconstruction")
@@ -71,6 +92,8 @@ class Reconstruction(Task):
                    "tokens_per_image": tokenizer.num_codes, "kind": tokenizer.kind}
         if counts is not None:
             results.update(code_statistics(counts))
+        if options.dataset == "easy-vqa" and not options.data:
+            results["judged"] = judged_alike(tokenizer, [path for path, _ in pairs], batch_size)
         return results, rows
 
     @torch.no_grad()
