@@ -15,8 +15,6 @@ behind the choice); it counts images.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +23,7 @@ from polymodal.config import StageConfig
 from polymodal.data.datasets import format_options
 from polymodal.encoders.image_tokens import image_tokenizer_of
 from polymodal.errors import ConfigError, UserError
-from polymodal.objectives.base import StepLoss, part_groups
+from polymodal.objectives.base import StepLoss, TrainsStageParts
 from polymodal.processing.images import load_image
 from polymodal.registry import register_objective
 
@@ -39,7 +37,7 @@ def reconstruction_loss(reconstruction: torch.Tensor, pixels: torch.Tensor) -> t
 
 
 @register_objective("autoencoder")
-class Autoencoding:
+class Autoencoding(TrainsStageParts):
     """Reconstruction loss of the model's image tokenizer on the stage's images."""
 
     unit = "images"
@@ -69,18 +67,6 @@ class Autoencoding:
         answered = [dataset for dataset in stage.data if format_options(dataset).answered_by_model]
         if answered:
             raise ConfigError(f"data: format {answered[0].format} is for objective lm (it needs the LLM's answers)")
-
-    # ------------------------------------------------------------ parts
-
-    def set_trainable(self, module: nn.Module) -> None:
-        module.set_trainable(self.stage.train)
-
-    def parameter_groups(self, module: nn.Module) -> list[dict]:
-        return [{"params": params, "lr": self.stage.lr[part], "name": part}
-                for part, params in part_groups(module, self.stage) if params]
-
-    def stage_context(self):
-        return nullcontext()
 
     # ------------------------------------------------------------ data
 

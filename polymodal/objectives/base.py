@@ -19,7 +19,7 @@ A new objective is a class with the attributes and methods below, registered:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -79,6 +79,23 @@ class Objective(Protocol):
     def summed_loss(self, batch: Any) -> tuple[float, int]:
         """(summed loss, counted units) of `self.module` on a held-out batch, no gradients
         kept by the caller: `validation:`'s `val_loss` is their ratio over the data."""
+
+
+class TrainsStageParts:
+    """The `Objective` methods most kinds share: the stage's `train` parts of the module, one
+    AdamW group (and learning rate) per part, nothing entered for the stage."""
+
+    stage: StageConfig
+
+    def set_trainable(self, module: nn.Module) -> None:
+        module.set_trainable(self.stage.train)
+
+    def parameter_groups(self, module: nn.Module) -> list[dict]:
+        return [{"params": params, "lr": self.stage.lr[part], "name": part}
+                for part, params in part_groups(module, self.stage) if params]
+
+    def stage_context(self) -> AbstractContextManager:
+        return nullcontext()
 
 
 def objective_for(stage: StageConfig, model: nn.Module) -> Objective:

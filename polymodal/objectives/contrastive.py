@@ -4,7 +4,6 @@ or SigLIP-style, without the LLM (Radford et al., 2021; Zhai et al., 2023)."""
 from __future__ import annotations
 
 import hashlib
-from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -14,7 +13,7 @@ from polymodal.contrastive.losses import clip_loss, siglip_loss
 from polymodal.contrastive.model import DualEncoder
 from polymodal.data.datasets import format_options
 from polymodal.errors import ConfigError, UserError
-from polymodal.objectives.base import StepLoss, encoder_is_frozen, part_groups
+from polymodal.objectives.base import StepLoss, TrainsStageParts, encoder_is_frozen
 from polymodal.objectives.features import FeatureCache
 from polymodal.processing.batch import PairBatch
 from polymodal.registry import register_objective
@@ -26,7 +25,7 @@ def text_id(text: str) -> int:
 
 
 @register_objective("contrastive")
-class Contrastive:
+class Contrastive(TrainsStageParts):
     """The contrastive loss of (medium, text) pairs over the global batch.
 
     The module it trains: a dual-encoder model itself, or for a multimodal LM a
@@ -64,18 +63,6 @@ class Contrastive:
             raise UserError(f"stage {self.stage.name!r}: a contrastive stage needs an image encoder")
         torch.manual_seed(self.stage.seed)  # the new head starts the same every run
         return DualEncoder.around(model.encoder, self.stage.contrastive)
-
-    # ------------------------------------------------------------ parts
-
-    def set_trainable(self, module: nn.Module) -> None:
-        module.set_trainable(self.stage.train)
-
-    def parameter_groups(self, module: nn.Module) -> list[dict]:
-        return [{"params": params, "lr": self.stage.lr[part], "name": part}
-                for part, params in part_groups(module, self.stage) if params]
-
-    def stage_context(self):
-        return nullcontext()
 
     # ------------------------------------------------------------ data
 
