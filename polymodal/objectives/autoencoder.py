@@ -8,9 +8,8 @@ tokenizer inside it; the codes' embedding gets no gradient here). The LLM never 
 
 Data: any format whose samples carry images (`easy-vqa-captions`: one sample per image) or
 images to draw (`Sample.draws`); every one of a sample's images is a training image, its
-text is not read. The loss is the mean squared error plus the mean absolute error of the
-pixels in [0, 1] (`reconstruction_loss`; docs/image-generation.md has the measurement
-behind the choice); it counts images.
+text is not read. The loss is the mean squared error of the pixels in [0, 1]
+(`reconstruction_loss`); it counts images.
 """
 
 from __future__ import annotations
@@ -29,11 +28,13 @@ from polymodal.registry import register_objective
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-    """Mean squared error + mean absolute error over pixels [N, 3, S, S] in [0, 1]: a scalar.
+    """Mean squared error over pixels [N, 3, S, S] in [0, 1]: a scalar (what PSNR measures).
 
-    MSE alone is what PSNR measures; the L1 term keeps pulling once the errors are small
-    (its gradient does not shrink with them), which sharpens flat-coloured edges."""
-    return F.mse_loss(reconstruction, pixels) + F.l1_loss(reconstruction, pixels)
+    MSE + L1 (the L1 term's gradient does not shrink with the error) was measured against it
+    on easy-VQA, the same run otherwise (docs/image-generation.md): 28.06 against 27.97 dB,
+    and the judge named 96.7% against 98.0% of reconstructions as their originals. No gain
+    for a second term, so one."""
+    return F.mse_loss(reconstruction, pixels)
 
 
 @register_objective("autoencoder")
