@@ -118,7 +118,8 @@ class Reconstruction(Task):
                 if codes is not None:
                     row["codes_used"] = len(set(codes[index].tolist()))
                 rows.append(row)
-            pictured.append((pixels[: PICTURED - start].cpu(), reconstruction[: PICTURED - start].float().cpu()))
+            wanted = max(0, PICTURED - start)  # the first 16 images
+            pictured.append((pixels[:wanted].cpu(), reconstruction[:wanted].float().cpu()))
         self.pictured = tuple(torch.cat(parts) for parts in zip(*pictured))
         return torch.cat(scores), counts, rows
 

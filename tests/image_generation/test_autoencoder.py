@@ -16,7 +16,7 @@ from polymodal.config import ModelConfig, RecipeConfig, StageConfig, from_dict
 from polymodal.errors import ConfigError, UserError
 from polymodal.eval.reconstruction import code_statistics, psnr
 from polymodal.eval.run import evaluate
-from polymodal.eval.tasks import TaskOptions
+from polymodal.eval.tasks import TaskOptions, get_task
 from polymodal.model import MultimodalLM
 from polymodal.objectives.autoencoder import Autoencoding
 from polymodal.train.run import train
@@ -84,12 +84,14 @@ def test_the_reconstruction_task_measures_and_draws(tmp_path):
     folder = shapes_folder(tmp_path / "shapes", count=20)
     torch.manual_seed(0)
     model = MultimodalLM(from_dict(ModelConfig, TOKENS_MODEL)).eval()
-    results, rows = evaluate(model, "reconstruction", TaskOptions(data=str(folder), limit=18), batch_size=8,
+    task = get_task("reconstruction")
+    results, rows = evaluate(model, task, TaskOptions(data=str(folder), limit=19), batch_size=9,
                              out=tmp_path / "eval")
-    assert (results["task"], results["images"], results["n"], results["tokens_per_image"]) == ("reconstruction", 18, 18, 16)
+    assert (results["task"], results["images"], results["n"], results["tokens_per_image"]) == ("reconstruction", 19, 19, 16)
     assert results["codebook_size"] == 125 and 0 < results["codebook_usage"] <= 1
     assert 1 <= results["perplexity"] <= results["codes_used"] + 1e-9
-    assert math.isclose(results["psnr"], sum(row["psnr"] for row in rows) / 18, rel_tol=1e-6)
+    assert math.isclose(results["psnr"], sum(row["psnr"] for row in rows) / 19, rel_tol=1e-6)
+    assert [len(images) for images in task.pictured] == [16, 16]  # the first 16, over batches of 9
     assert results["psnr_min"] <= results["psnr"] and {row["reference"] for row in rows} >= {"a red rectangle"}
     for name in ("results.json", "predictions.jsonl", "report.md", "reconstruction.png"):
         assert (tmp_path / "eval" / name).is_file(), name
