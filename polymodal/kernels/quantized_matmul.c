@@ -1,0 +1,178 @@
+/* Matrix products with int8 and int4 weights for batch-1 decoding on AVX-512 VNNI CPUs.
+ *
+ * int8: y = x @ (q * s)^T for int8 weights, with the activations quantized to int8 in blocks of 32
+ * (llama.cpp's Q8_0 activations) so that the dot products run on AVX-512 VNNI integer
+ * instructions (vpdpbusd: 64 byte products a cycle) instead of widening each weight to float.
+ *
+ * Why: torch's _weight_int8pack_mm widens every weight to float and reads ~6 GB/s at batch 1
+ * on 2 cores, where float32's matrix-vector product streams ~18 GB/s: 4x fewer bytes bought
+ * only 1.5x (benchmarks/RESULTS.md, issue 20). Measured gains: benchmarks/RESULTS.md.
+ *
+ * vpdpbusd multiplies unsigned by signed bytes, so the sign of x moves onto w:
+ * sum x_i w_i = sum |x_i| * (sign(x_i) w_i); |x| fits in u8 and codes in [-127, 127] negate
+ * without overflow.
+ *
+ * int4 (below): codes 0..15 in groups of 32 or 64 inputs, w = q * scale + min per group (the
+ * zero folded in: min = zero - 8 scale), the codes already unsigned for vpdpbusd.
+ *
+ * Shapes: x float32 [M, K], q int8 [N, K] row-major, s float32 [N], y float32 [M, N].
+ * K must be a multiple of 64 (one zmm register is two blocks of 32). Each thread takes whole
+ * blocks of ROWS output rows and runs every activation row against them, so a block's weights
+ * are read from memory once for all M rows.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define BLOCK 32
+#define ROWS 4
+/* bytes ahead of each row's loads: one stream per row defeats the hardware prefetcher at
+ * batch 1; 4 KiB took 2 threads from 16 to 22 GB/s here (256 B: 14, 2 KiB: 20). */
+#define PREFETCH 4096
+
+/* x [M, K] -> codes [M, K] in [-127, 127] and lane scales [M, K/64, 16]: lanes 0-7 carry the
+ * scale of the chunk's first block of 32, lanes 8-15 that of the second. */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *codes, float *lanes) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = 0; b < K / BLOCK; b++) {
+            const float *v = x + m * K + b * BLOCK;
+            __m512 low = _mm512_loadu_ps(v), high = _mm512_loadu_ps(v + 16);
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
+            float scale = amax / 127.0f;
+            __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            /* round half to even, as MXCSR's default; saturation never bites (|v| <= amax) */
+            __m512i low_codes = _mm512_cvtps_epi32(_mm512_mul_ps(low, inverse));
+            __m512i high_codes = _mm512_cvtps_epi32(_mm512_mul_ps(high, inverse));
+            _mm_storeu_si128((__m128i *)(codes + m * K + b * BLOCK), _mm512_cvtsepi32_epi8(low_codes));
+            _mm_storeu_si128((__m128i *)(codes + m * K + b * BLOCK + 16), _mm512_cvtsepi32_epi8(high_codes));
+            float *lane = lanes + (m * (K / 64) + b / 2) * 16 + (b % 2) * 8;
+            for (int i = 0; i < 8; i++) lane[i] = scale;
+        }
+    }
+}
+
+/* ROWS consecutive output rows of q against one activation row. */
+static inline void dot_rows(const int8_t *codes, const float *lanes, const int8_t *q, int64_t K,
+                            int rows, float out[ROWS]) {
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t c = 0; c < K / 64; c++) {
+        __m512i xv = _mm512_loadu_si512(codes + c * 64);
+        __mmask64 negative = _mm512_movepi8_mask(xv);
+        __m512i magnitude = _mm512_abs_epi8(xv);
+        __m512 scale = _mm512_loadu_ps(lanes + c * 16);
+        for (int r = 0; r < rows; r++) {
+            _mm_prefetch((const char *)(q + r * K + c * 64 + PREFETCH), _MM_HINT_T0);
+            __m512i wv = _mm512_loadu_si512(q + r * K + c * 64);
+            wv = _mm512_mask_sub_epi8(wv, negative, zero, wv);
+            __m512i dot = _mm512_dpbusd_epi32(zero, magnitude, wv);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+/* Returns 0, or 1 when K is not a multiple of 64 or memory runs out (nothing written). */
+int int8_linear(const float *x, int64_t M, int64_t K, const int8_t *q, const float *s, int64_t N,
+                float *y, int threads) {
+    if (K % 64 != 0) return 1;
+    int8_t *codes = aligned_alloc(64, (size_t)(M * K + 64));
+    float *lanes = aligned_alloc(64, (size_t)(M * (K / 64) * 16 * sizeof(float) + 64));
+    if (!codes || !lanes) { free(codes); free(lanes); return 1; }
+    quantize_rows(x, M, K, codes, lanes);
+    int64_t blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t block = 0; block < blocks; block++) {
+        int64_t first = block * ROWS;
+        int rows = (int)(N - first < ROWS ? N - first : ROWS);
+        float out[ROWS];
+        for (int64_t m = 0; m < M; m++) {
+            dot_rows(codes + m * K, lanes + m * (K / 64) * 16, q + first * K, K, rows, out);
+            for (int r = 0; r < rows; r++) y[m * N + first + r] = out[r] * s[first + r];
+        }
+    }
+    free(codes);
+    free(lanes);
+    return 0;
+}
+
+/* ---- int4 ----
+ * Layout (repacked from the portable codes by polymodal.kernels): per row, per chunk of 64
+ * inputs, 32 bytes whose byte j holds input j in its low nibble and input j + 32 in its high
+ * nibble, so one 256-bit load, a mask and a shift give the chunk's 64 codes in input order.
+ * scales and mins: float16 [N, K / group] (one instruction to widen; 3 more mantissa bits than
+ * the bfloat16 scales polymodal stores, so those convert exactly). */
+
+/* Per activation row and group: the sum over its blocks of scale * (sum of codes), so that
+ * the mins' term of a row is one short dot product: sum_g min_g * terms[g]. */
+static void group_terms(const int8_t *codes, const float *lanes, int64_t K, int group, float *terms) {
+    for (int64_t g = 0; g < K / group; g++) {
+        float term = 0.0f;
+        for (int64_t b = g * group / BLOCK; b < (g + 1) * group / BLOCK; b++) {
+            int sum = 0;
+            for (int i = 0; i < BLOCK; i++) sum += codes[b * BLOCK + i];
+            term += lanes[(b / 2) * 16 + (b % 2) * 8] * (float)sum;
+        }
+        terms[g] = term;
+    }
+}
+
+/* The weight scale of each lane of chunk c: two groups of 32 (lanes 0-7, 8-15) or one of 64. */
+static inline __m512 chunk_scales(const uint16_t *scales, int64_t c, int group) {
+    if (group == 64) return _mm512_set1_ps(_cvtsh_ss(scales[c]));
+    __m512 first = _mm512_set1_ps(_cvtsh_ss(scales[2 * c]));
+    __m512 second = _mm512_set1_ps(_cvtsh_ss(scales[2 * c + 1]));
+    return _mm512_mask_blend_ps(0xFF00, first, second);
+}
+
+static inline float int4_row(const int8_t *codes, const float *lanes, const float *terms,
+                             const uint8_t *packed, const uint16_t *scales, const uint16_t *mins,
+                             int64_t K, int group) {
+    __m512 acc = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    for (int64_t c = 0; c < K / 64; c++) {
+        _mm_prefetch((const char *)(packed + c * 32 + PREFETCH), _MM_HINT_T0);
+        __m256i bytes = _mm256_loadu_si256((const __m256i *)(packed + c * 32));
+        __m256i low = _mm256_and_si256(bytes, nibble);
+        __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+        __m512i weights = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+        __m512i dot = _mm512_dpbusd_epi32(zero, weights, _mm512_loadu_si512(codes + c * 64));
+        __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(lanes + c * 16));
+        acc = _mm512_fmadd_ps(scaled, chunk_scales(scales, c, group), acc);
+    }
+    __m512 offsets = _mm512_setzero_ps();
+    int64_t groups = K / group;
+    for (int64_t g = 0; g < groups; g += 16) {
+        __mmask16 valid = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+        __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, mins + g));
+        offsets = _mm512_fmadd_ps(m, _mm512_maskz_loadu_ps(valid, terms + g), offsets);
+    }
+    return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(offsets);
+}
+
+/* x float32 [M, K], packed uint8 [N, K/2] (layout above), scales and mins float16 [N, K/group],
+ * y float32 [M, N]. Returns 0, or 1 when K is not a multiple of 64, the group is neither 32
+ * nor 64, or memory runs out (nothing written). */
+int int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *packed, const uint16_t *scales,
+                const uint16_t *mins, int group, int64_t N, float *y, int threads) {
+    if (K % 64 != 0 || (group != 32 && group != 64)) return 1;
+    int64_t groups = K / group;
+    int8_t *codes = aligned_alloc(64, (size_t)(M * K + 64));
+    float *lanes = aligned_alloc(64, (size_t)(M * (K / 64) * 16 * sizeof(float) + 64));
+    float *terms = aligned_alloc(64, (size_t)(M * groups * sizeof(float) + 64));
+    if (!codes || !lanes || !terms) { free(codes); free(lanes); free(terms); return 1; }
+    quantize_rows(x, M, K, codes, lanes);
+    for (int64_t m = 0; m < M; m++)
+        group_terms(codes + m * K, lanes + m * (K / 64) * 16, K, group, terms + m * groups);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = int4_row(codes + m * K, lanes + m * (K / 64) * 16, terms + m * groups,
+                                    packed + n * (K / 2), scales + n * groups, mins + n * groups, K, group);
+    free(codes);
+    free(lanes);
+    free(terms);
+    return 0;
+}

@@ -1,0 +1,151 @@
+"""polymodal's own CPU kernels: int8 and int4 matrix products on AVX-512 VNNI integer dot
+instructions, for the quantized LLM's batch-1 decode (`polymodal.quantization`).
+
+Why our own: torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` widen each weight
+to float and read ~6 GB/s at batch 1 on 2 cores, so 4x fewer bytes than float32 bought only
+1.5x. These kernels quantize the activations in blocks of 32 (llama.cpp's Q8_0) and take
+byte dot products (vpdpbusd) instead; measured against torch's in benchmarks/RESULTS.md.
+
+The C source (`quantized_matmul.c`) is compiled on first use with the system's C compiler
+(`$CC`, default `cc`) for this CPU, into `$POLYMODAL_CACHE/kernels/` (default
+`~/.cache/polymodal`), keyed by the source's hash; later processes load that file. Where the
+CPU lacks AVX-512 VNNI (an AVX2 machine), no compiler is found, or `POLYMODAL_KERNELS=off`,
+`available()` is False and callers use torch's kernels; a failed build says so once on stderr.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from polymodal.gguf_cache import cache_root
+
+SOURCE = Path(__file__).with_name("quantized_matmul.c")
+# what the kernels execute: AVX-512 byte ops (bw, vl), VNNI dot products, float16 widening
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
+                 "-fopenmp", "-shared", "-fPIC")
+_pointer, _size = ctypes.c_void_p, ctypes.c_int64
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The first CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def available() -> bool:
+    """Whether this process can run the kernels (CPU, compiler, switch; see the module doc)."""
+    return _library() is not None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("POLYMODAL_KERNELS", "").lower() in ("off", "0", "false", "none"):
+        return None
+    if not set(REQUIRED_FLAGS) <= cpu_flags():
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    root = cache_root() or Path(tempfile.gettempdir()) / "polymodal"
+    target = root / "kernels" / f"quantized_matmul-{key}.so"
+    try:
+        if not target.is_file():
+            _compile(target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        print(f"polymodal: the int8/int4 kernels could not be built ({detail.strip().splitlines()[-1]}); "
+              f"using torch's slower kernels", file=sys.stderr)
+        return None
+    library.int8_linear.argtypes = [_pointer, _size, _size, _pointer, _pointer, _size, _pointer, ctypes.c_int]
+    library.int4_linear.argtypes = [_pointer, _size, _size, _pointer, _pointer, _pointer, ctypes.c_int,
+                                    _size, _pointer, ctypes.c_int]
+    return library
+
+
+def _compile(target: Path) -> None:
+    """Compile SOURCE into `target` atomically (a temp file beside it, then one rename), so that
+    two processes building at once never load a half-written library."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=target.parent)
+    os.close(handle)
+    try:
+        subprocess.run([os.environ.get("CC", "cc"), *COMPILE_FLAGS, "-o", temp, str(SOURCE)],
+                       check=True, capture_output=True, text=True, timeout=120)
+        os.replace(temp, target)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 @ (weight int8 [N, K] * scales float32 [N, 1])^T -> [M, N] float32,
+    the activations quantized to int8 per block of 32 inputs (llama.cpp's Q8_0).
+
+    Raises ValueError if K is not a multiple of 64 (callers check `supports(K)`) or the
+    kernels are unavailable.
+    """
+    rows, inputs = x.shape
+    out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+    library = _checked_library(inputs)
+    code = library.int8_linear(x.data_ptr(), rows, inputs, weight.data_ptr(), scales.data_ptr(),
+                               weight.shape[0], out.data_ptr(), torch.get_num_threads())
+    if code:
+        raise MemoryError("int8_linear: out of memory")
+    return out
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """x [M, K] float32 @ w^T -> [M, N] float32 with w = code * scale + min per group of
+    `group_size` (32 or 64) inputs: packed uint8 [N, K/2] in `int4_layout`, scales and mins
+    float16 [N, K/group]. Activations quantized as in `int8_linear`.
+
+    Raises ValueError if K is not a multiple of 64, the group is not 32 or 64, or the kernels
+    are unavailable.
+    """
+    rows, inputs = x.shape
+    if group_size not in (32, 64):
+        raise ValueError(f"int4_linear: group size 32 or 64, got {group_size}")
+    out = torch.empty(rows, packed.shape[0], dtype=torch.float32)
+    library = _checked_library(inputs)
+    code = library.int4_linear(x.data_ptr(), rows, inputs, packed.data_ptr(), scales.data_ptr(),
+                               mins.data_ptr(), group_size, packed.shape[0], out.data_ptr(),
+                               torch.get_num_threads())
+    if code:
+        raise MemoryError("int4_linear: out of memory")
+    return out
+
+
+def int4_layout(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] in 0..15 -> the kernel's uint8 [N, K/2]: per chunk of 64 inputs,
+    byte j holds input j (low nibble) and input j + 32 (high nibble)."""
+    rows, inputs = codes.shape
+    chunks = codes.view(rows, inputs // 64, 2, 32)
+    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(rows, inputs // 2).contiguous()
+
+
+def supports(inputs: int) -> bool:
+    """Whether a layer of `inputs` (K) runs on these kernels here."""
+    return inputs % 64 == 0 and available()
+
+
+def _checked_library(inputs: int) -> ctypes.CDLL:
+    library = _library()
+    if library is None or inputs % 64:
+        raise ValueError(f"quantized kernels: unavailable here or K={inputs} not a multiple of 64")
+    return library

@@ -1,0 +1,95 @@
+"""polymodal's int8/int4 VNNI kernels (issue 20 §1): exact against an emulation of their
+integer arithmetic, rows independent of the batch, the layers' two kernels agree, and the
+fallback where the CPU lacks VNNI."""
+
+import pytest
+import torch
+
+from polymodal.kernels import quantized_matmul
+from polymodal.quantization import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+
+needs_kernels = pytest.mark.skipif(not quantized_matmul.available(), reason="no AVX-512 VNNI (or no compiler) here")
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((output - reference).norm() / reference.norm()).item()
+
+
+def activations_as_the_kernel_sees_them(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] rounded as the kernel quantizes it: symmetric int8 per block of 32 inputs."""
+    blocks = x.view(x.shape[0], -1, 32)
+    scales = blocks.abs().amax(-1, keepdim=True) / 127
+    codes = torch.where(scales > 0, torch.round(blocks / scales), torch.zeros_like(blocks))
+    return (codes * scales).view_as(x)
+
+
+@needs_kernels
+@pytest.mark.parametrize("inputs, outputs", [(576, 192), (128, 37)])
+def test_int8_kernel_computes_exactly_the_quantized_activations_against_the_codes(inputs, outputs):
+    torch.manual_seed(0)
+    weight, x = torch.randn(outputs, inputs), torch.randn(5, inputs)
+    codes, scales = quantize_int8(weight)
+    output = quantized_matmul.int8_linear(x, codes, scales.float())
+    expected = activations_as_the_kernel_sees_them(x) @ (codes.float() * scales.float()[:, None]).t()
+    assert relative_error(output, expected) < 1e-5  # only float summation order differs
+    assert relative_error(output, x @ weight.t()) < 0.015  # and it is a good product
+
+
+@needs_kernels
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_kernel_computes_exactly_codes_times_scales_plus_mins(group_size):
+    torch.manual_seed(1)
+    weight, x = torch.randn(48, 256), torch.randn(3, 256)
+    codes, table = quantize_int4(weight, group_size)
+    scales, zeros = table.float().permute(1, 0, 2).unbind(-1)  # [N, K/group]
+    mins = (zeros - 8 * scales).half()
+    output = quantized_matmul.int4_linear(x, quantized_matmul.int4_layout(codes), scales.half().contiguous(),
+                                          mins.contiguous(), group_size)
+    dequantized = codes.float().view(48, -1, group_size) * scales[..., None] + mins.float()[..., None]
+    expected = activations_as_the_kernel_sees_them(x) @ dequantized.view(48, 256).t()
+    assert relative_error(output, expected) < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_each_row_is_the_same_alone_or_in_a_batch_and_both_kernels_agree(bits):
+    torch.manual_seed(2)
+    rows = 130 if bits == "int8" else 144  # int8: a last block of 2 rows; torch's int4 wants N % 16 == 0
+    weight, x = torch.randn(rows, 192), torch.randn(6, 192)
+    layer = Int8Linear.from_float(weight) if bits == "int8" else Int4Linear.from_float(weight, 32)
+    assert layer.own_kernel
+    batched = layer(x)
+    for row in range(6):  # bitwise: the engine's batched decode must equal one by one
+        assert torch.equal(layer(x[row:row + 1]), batched[row:row + 1])
+    layer.use_kernel(False)
+    torch_kernel = layer(x)  # torch's, on bfloat16 activations
+    assert not layer.own_kernel and relative_error(batched, torch_kernel) < 0.01
+
+
+def test_int4_layout_puts_inputs_j_and_j_plus_32_of_each_chunk_in_one_byte():
+    codes = torch.randint(0, 16, (3, 128), dtype=torch.uint8)
+    packed = quantized_matmul.int4_layout(codes).view(3, 2, 32)
+    chunks = codes.view(3, 2, 2, 32)
+    assert torch.equal(packed & 0x0F, chunks[:, :, 0]) and torch.equal(packed >> 4, chunks[:, :, 1])
+
+
+def test_without_vnni_or_when_switched_off_the_layers_run_torchs_kernels(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma f16c\n")  # an AVX2 machine
+    assert quantized_matmul.cpu_flags(cpuinfo) == {"fpu", "sse2", "avx2", "fma", "f16c"}
+    avx2_flags = quantized_matmul.cpu_flags(cpuinfo)
+    monkeypatch.setattr(quantized_matmul, "cpu_flags", lambda: avx2_flags)
+    quantized_matmul._library.cache_clear()
+    try:
+        assert not quantized_matmul.available()
+        torch.manual_seed(3)
+        weight, x = torch.randn(64, 128), torch.randn(2, 128)
+        layer = Int8Linear.from_float(weight)
+        assert not layer.own_kernel and relative_error(layer(x), x @ weight.t()) < 0.015
+        monkeypatch.undo()
+        monkeypatch.setenv("POLYMODAL_KERNELS", "off")
+        quantized_matmul._library.cache_clear()
+        assert not quantized_matmul.available()
+    finally:
+        monkeypatch.undo()
+        quantized_matmul._library.cache_clear()
