@@ -19,10 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.config import StageConfig
-from polymodal.data.datasets import format_options
 from polymodal.encoders.image_tokens import image_tokenizer_of
-from polymodal.errors import ConfigError, UserError
-from polymodal.objectives.base import StepLoss, TrainsStageParts
+from polymodal.errors import UserError
+from polymodal.objectives.base import (
+    StepLoss,
+    TrainsStageParts,
+    refuse_answered_data,
+    refuse_lm_loss_options,
+)
 from polymodal.processing.images import load_image
 from polymodal.registry import register_objective
 
@@ -61,13 +65,8 @@ class Autoencoding(TrainsStageParts):
     @classmethod
     def check(cls, stage: StageConfig) -> None:
         """Options of the next-token loss, and data the LLM answers, are refused by name."""
-        lm_only = [("share_prefix", stage.share_prefix is not None), ("loss_average", stage.loss_average != "token")]
-        for name, given in lm_only:
-            if given:
-                raise ConfigError(f"{name}: only for objective lm")
-        answered = [dataset for dataset in stage.data if format_options(dataset).answered_by_model]
-        if answered:
-            raise ConfigError(f"data: format {answered[0].format} is for objective lm (it needs the LLM's answers)")
+        refuse_lm_loss_options(stage)
+        refuse_answered_data(stage)
 
     # ------------------------------------------------------------ data
 

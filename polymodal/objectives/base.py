@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from polymodal.config import StageConfig
+from polymodal.data.datasets import format_options
+from polymodal.errors import ConfigError
 from polymodal.registry import OBJECTIVES
 
 
@@ -96,6 +98,31 @@ class TrainsStageParts:
 
     def stage_context(self) -> AbstractContextManager:
         return nullcontext()
+
+
+def refuse_lm_loss_options(stage: StageConfig) -> None:
+    """Refuse the next-token loss's own options (`share_prefix`, `loss_average`) in a stage
+    of another objective.
+
+    Raises:
+        ConfigError: naming the first such option the stage gives.
+    """
+    lm_only = [("share_prefix", stage.share_prefix is not None), ("loss_average", stage.loss_average != "token")]
+    for name, given in lm_only:
+        if given:
+            raise ConfigError(f"{name}: only for objective lm")
+
+
+def refuse_answered_data(stage: StageConfig) -> None:
+    """Refuse data whose samples' answers are the model's own (`answered_by_model`, replay):
+    only objective lm trains on the LLM's answers.
+
+    Raises:
+        ConfigError: naming the first such dataset's format.
+    """
+    answered = [dataset for dataset in stage.data if format_options(dataset).answered_by_model]
+    if answered:
+        raise ConfigError(f"data: format {answered[0].format} is for objective lm (it needs the LLM's answers)")
 
 
 def objective_for(stage: StageConfig, model: nn.Module) -> Objective:

@@ -11,9 +11,14 @@ from torch import nn
 from polymodal.config import ContrastiveConfig, StageConfig
 from polymodal.contrastive.losses import clip_loss, siglip_loss
 from polymodal.contrastive.model import DualEncoder
-from polymodal.data.datasets import format_options
-from polymodal.errors import ConfigError, UserError
-from polymodal.objectives.base import StepLoss, TrainsStageParts, encoder_is_frozen
+from polymodal.errors import UserError
+from polymodal.objectives.base import (
+    StepLoss,
+    TrainsStageParts,
+    encoder_is_frozen,
+    refuse_answered_data,
+    refuse_lm_loss_options,
+)
 from polymodal.objectives.features import FeatureCache
 from polymodal.processing.batch import PairBatch
 from polymodal.registry import register_objective
@@ -50,13 +55,8 @@ class Contrastive(TrainsStageParts):
         """Options of the LM's loss are refused; the contrastive options get their defaults."""
         stage.contrastive = stage.contrastive or ContrastiveConfig()
         # (`validation:` needs summed_loss, which this objective lacks: StageConfig refuses it)
-        lm_only = [("share_prefix", stage.share_prefix is not None), ("loss_average", stage.loss_average != "token")]
-        for name, given in lm_only:
-            if given:
-                raise ConfigError(f"{name}: only for objective lm")
-        answered = [dataset for dataset in stage.data if format_options(dataset).answered_by_model]
-        if answered:
-            raise ConfigError(f"data: format {answered[0].format} is for objective lm (it needs the LLM's answers)")
+        refuse_lm_loss_options(stage)
+        refuse_answered_data(stage)
 
     def _around(self, model: nn.Module) -> DualEncoder:
         if model.encoder is None:

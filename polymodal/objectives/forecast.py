@@ -25,10 +25,16 @@ from torch import nn
 
 from polymodal.config import StageConfig
 from polymodal.data.series_records import parse_values
-from polymodal.errors import ConfigError, UserError
+from polymodal.errors import UserError
 from polymodal.llm import merged_lora
 from polymodal.model import MultimodalLM
-from polymodal.objectives.base import StepLoss, encoder_is_frozen, module_device, part_groups
+from polymodal.objectives.base import (
+    StepLoss,
+    TrainsStageParts,
+    encoder_is_frozen,
+    module_device,
+    refuse_lm_loss_options,
+)
 from polymodal.objectives.features import FeatureCache
 from polymodal.processing.batch import Batch
 from polymodal.processing.collate import collate
@@ -56,7 +62,7 @@ class ForecastBatch:
 
 
 @register_objective("forecast")
-class Forecasting:
+class Forecasting(TrainsStageParts):
     """Mean squared error of the forecast head on the normalised future of each series."""
 
     unit = "series"
@@ -75,19 +81,9 @@ class Forecasting:
     @classmethod
     def check(cls, stage: StageConfig) -> None:
         """Options of the next-token loss are refused by name."""
-        lm_only = [("share_prefix", stage.share_prefix is not None), ("loss_average", stage.loss_average != "token")]
-        for name, given in lm_only:
-            if given:
-                raise ConfigError(f"{name}: only for objective lm")
+        refuse_lm_loss_options(stage)
 
     # ------------------------------------------------------------ parts
-
-    def set_trainable(self, module: nn.Module) -> None:
-        module.set_trainable(self.stage.train)
-
-    def parameter_groups(self, module: nn.Module) -> list[dict]:
-        return [{"params": params, "lr": self.stage.lr[part], "name": part}
-                for part, params in part_groups(module, self.stage) if params]
 
     def stage_context(self):
         """LoRA adapters folded into the LLM while they do not train (as objective lm)."""
