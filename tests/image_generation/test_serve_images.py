@@ -4,7 +4,6 @@ official openai client; chat answers that draw carry their images (plain, stream
 the chat page in a real browser)."""
 
 import base64
-import contextlib
 import io
 import shutil
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_serve import client, live_server
 from torch import nn
 
 from polymodal.engine.generate import Engine
@@ -120,31 +120,15 @@ def test_a_model_that_does_not_draw_a_flow_model_and_a_guided_drawing_on_one_slo
         BatchingEngine(drawing_model(), max_batch=1).submit_images(chat("Draw"), SamplingParams(guidance_scale=2.0))
 
 
-@contextlib.contextmanager
 def live(model, max_batch: int = 4, max_queue: int = 16):
-    from test_serve import LiveServer
-
-    from polymodal.engine.batching import BatchingEngine
-    from polymodal.serve.app import create_app
-    from polymodal.serve.media import MediaLimits
-
-    engine = BatchingEngine(model, max_batch=max_batch, max_queue=max_queue).start()
-    try:
-        with LiveServer(create_app(model, "tiny-draw", engine, MediaLimits())) as server:
-            server.model, server.engine = model, engine
-            yield server
-    finally:
-        engine.stop()
+    """A live server of `model` as "tiny-draw" (default media limits)."""
+    return live_server(model, "tiny-draw", max_batch=max_batch, max_queue=max_queue)
 
 
 @pytest.fixture(scope="module")
 def served():
     with live(drawing_model(begins=True)) as server:
         yield server
-
-
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
 def test_the_images_endpoint_through_the_openai_client(served):

@@ -64,22 +64,33 @@ def sharp_tiny_model():
 
 
 @contextlib.contextmanager
-def tiny_server(max_queue: int):
-    """A live server of `sharp_tiny_model` (batch 4, images up to 1000x1000, bodies to 2 MiB)."""
+def live_server(model, name: str, max_batch: int = 4, max_queue: int = 16, limits=None, **app_options):
+    """A live server of `model` (served as `name`) behind a started `BatchingEngine`, the
+    engine stopped on exit; the server carries `.model` and `.engine`. `limits`: the
+    `MediaLimits` (default ones unless given); `app_options` go to `create_app`."""
     from polymodal.engine.batching import BatchingEngine
     from polymodal.serve.app import create_app
     from polymodal.serve.media import MediaLimits
 
-    model = sharp_tiny_model()
-    engine = BatchingEngine(model, max_batch=4, max_queue=max_queue).start()
-    app = create_app(model, "tiny", engine, MediaLimits(max_image_pixels=1000 * 1000, max_images=2),
-                     max_body_bytes=2 * 1024 * 1024)
+    engine = BatchingEngine(model, max_batch=max_batch, max_queue=max_queue).start()
+    app = create_app(model, name, engine, limits or MediaLimits(), **app_options)
     try:
         with LiveServer(app) as server:
             server.model, server.engine = model, engine
             yield server
     finally:
         engine.stop()
+
+
+@contextlib.contextmanager
+def tiny_server(max_queue: int):
+    """A live server of `sharp_tiny_model` (batch 4, images up to 1000x1000, bodies to 2 MiB)."""
+    from polymodal.serve.media import MediaLimits
+
+    limits = MediaLimits(max_image_pixels=1000 * 1000, max_images=2)
+    with live_server(sharp_tiny_model(), "tiny", max_queue=max_queue, limits=limits,
+                     max_body_bytes=2 * 1024 * 1024) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
