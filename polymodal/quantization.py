@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 from torch import nn
@@ -47,6 +48,9 @@ COMPUTE_DTYPE = torch.bfloat16  # what the x86 kernels vectorize (see the module
 
 # The decoder's linear layers that quantize (Llama family names; Qwen2 and others share them).
 LAYER_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Each change of a layer's kernel operands gets a number never used before, so a kernel plan
+# (pointers into those operands) made for older ones is never reused.
+_OPERAND_VERSIONS = itertools.count(1)
 
 
 class Int8Linear(nn.Module):
@@ -71,10 +75,20 @@ class Int8Linear(nn.Module):
         """Run polymodal's kernel (`own`, where it supports this layer) or torch's."""
         self.own_kernel = own and quantized_matmul.supports(self.in_features)
         self.kernel_scales = self.scales.float() if self.own_kernel else None
+        self.operand_version = next(_OPERAND_VERSIONS)
+
+    def kernel_operands(self) -> tuple[torch.Tensor, ...]:
+        """What polymodal's kernel reads: (weight int8 [N, K], scales float32 [N])."""
+        return self.weight, self.kernel_scales
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.use_kernel(self.own_kernel)  # scales were copied in place: the float copy follows
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self.use_kernel(self.own_kernel)  # buffers may be new tensors (`.to`, `.share_memory`)
+        return result
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
@@ -90,11 +104,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.own_kernel:
-            flat = x.reshape(-1, self.in_features).float().contiguous()
-            out = quantized_matmul.int8_linear(flat, self.weight, self.kernel_scales).to(x.dtype)
-        else:
-            flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
+            return project(x, (self,))[0]
+        flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
@@ -150,6 +162,7 @@ class Int4Linear(nn.Module):
     def repack(self) -> None:
         """The running kernel's layout of `codes` (torch's depends on the CPU's vector width)."""
         codes = unpack_nibbles(self.codes)  # [N, K] in 0..15
+        self.operand_version = next(_OPERAND_VERSIONS)
         if not self.own_kernel:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
             self.kernel_scales = self.kernel_mins = None
@@ -159,19 +172,25 @@ class Int4Linear(nn.Module):
         self.kernel_scales = scales.half().contiguous()
         self.kernel_mins = (zeros - 8 * scales).half().contiguous()  # (q - 8) s + z = q s + min
 
+    def kernel_operands(self) -> tuple[torch.Tensor, ...]:
+        """What polymodal's kernel reads: (packed uint8 [N, K/2], scales and mins float16 [N, K/group])."""
+        return self.packed, self.kernel_scales, self.kernel_mins
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.repack()  # codes were copied in place: the kernel's copy follows them
 
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self.repack()  # buffers may be new tensors (`.to`, `.share_memory`)
+        return result
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.own_kernel:
-            flat = x.reshape(-1, self.in_features).float().contiguous()
-            out = quantized_matmul.int4_linear(flat, self.packed, self.kernel_scales, self.kernel_mins,
-                                               self.group_size).to(x.dtype)
-        else:
-            flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
-                                                             self.scales_and_zeros).to(x.dtype)
+            return project(x, (self,))[0]
+        flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
+                                                         self.scales_and_zeros).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
@@ -185,6 +204,50 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits=int4, "
                 f"group_size={self.group_size}")
+
+
+def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """x [..., K] through linear layers that share it (a layer's q, k and v; gate and up) ->
+    [x @ W_j^T + b_j, each [..., N_j]] in x's dtype. One call of polymodal's kernel when all
+    are quantized layers of one kind on it (one activation quantization, one parallel region:
+    the same numbers as calling them one by one, fewer calls per decode step); otherwise
+    each layer's own call."""
+    plan = _shared_plan(layers)
+    if plan is None:
+        return [layer(x) for layer in layers]
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    out = plan(flat.contiguous())
+    parts = (out,) if len(layers) == 1 else out.split(plan.sizes, dim=1)
+    results = []
+    for layer, part in zip(layers, parts):
+        if layer.bias is not None:
+            part = part + layer.bias
+        if x.dtype != torch.float32:
+            part = part.to(x.dtype)
+        results.append(part.view(*x.shape[:-1], part.shape[-1]))
+    return results
+
+
+def _shared_plan(layers: tuple[nn.Module, ...]) -> quantized_matmul.Plan | None:
+    """The kernel plan of these layers together (cached on the first, rebuilt when an
+    operand changes), or None when they do not all run polymodal's kernel of one kind."""
+    kind = type(layers[0])
+    if kind not in (Int8Linear, Int4Linear) or any(type(layer) is not kind or not layer.own_kernel
+                                                    for layer in layers):
+        return None
+    if kind is Int4Linear and len({layer.group_size for layer in layers}) > 1:
+        return None
+    versions = tuple(layer.operand_version for layer in layers)
+    plans = layers[0].__dict__.setdefault("_kernel_plans", {})
+    cached = plans.get(len(layers))
+    if cached is not None and cached[0] == versions:
+        return cached[1]
+    bits = "int8" if kind is Int8Linear else "int4"
+    plan = quantized_matmul.Plan(bits, [layer.kernel_operands() for layer in layers], getattr(layers[0], "group_size", 0))
+    plans[len(layers)] = (versions, plan)
+    return plan
 
 
 def use_kernels(model: nn.Module, own: bool) -> int:

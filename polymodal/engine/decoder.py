@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from polymodal.engine.kv_cache import KVCache
 from polymodal.fusion.context import current
+from polymodal.quantization import Int4Linear, Int8Linear, project
 
 LLAMA_FAMILY = {"llama", "qwen2", "mistral"}
 
@@ -176,11 +177,11 @@ def decoder_layer_step(decoder: LlamaDecoder, layer, index: int, hidden: torch.T
     """
     attention, heads, kv_heads, head_dim = layer.self_attn, decoder.heads, decoder.kv_heads, decoder.head_dim
     normed = rms_norm(layer.input_layernorm, hidden)
-    query = attention.q_proj(normed).view(-1, heads, head_dim)
-    key = attention.k_proj(normed).view(-1, kv_heads, head_dim)
-    both = torch.cat([query, key], dim=1)  # rotate queries and keys in one go: [N, H + H_kv, hd]
-    both = both * layout.cos + rotate_half(both) * layout.sin
-    value = attention.v_proj(normed).view(-1, kv_heads, head_dim)
+    # one kernel call for the three where they are quantized (polymodal.quantization.project)
+    query, key, value = project(normed, (attention.q_proj, attention.k_proj, attention.v_proj))
+    both = torch.cat([query.view(-1, heads, head_dim), key.view(-1, kv_heads, head_dim)], dim=1)
+    both = both * layout.cos + rotate_half(both) * layout.sin  # queries and keys rotated in one go: [N, H + H_kv, hd]
+    value = value.view(-1, kv_heads, head_dim)
     layout.store(cache, index, both[:, heads:], value)
     keys, values = cache.read(index, layout.rows, layout.span)  # [B, H_kv, span, hd]
     out = F.scaled_dot_product_attention(
@@ -188,4 +189,15 @@ def decoder_layer_step(decoder: LlamaDecoder, layer, index: int, hidden: torch.T
         attn_mask=layout.mask, enable_gqa=kv_heads != heads,
     )  # [B, H, T, hd]
     hidden = hidden + attention.o_proj(layout.to_tokens(out.transpose(1, 2)).reshape(len(hidden), -1))
-    return hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
+    return hidden + mlp_step(layer.mlp, rms_norm(layer.post_attention_layernorm, hidden))
+
+
+def mlp_step(mlp, normed: torch.Tensor) -> torch.Tensor:
+    """The layer's gated MLP on normed [N, D] -> [N, D]: down(act(gate(x)) * up(x)), as
+    transformers' LlamaMLP, with gate and up in one kernel call where both are quantized;
+    any other MLP module (a fusion's experts) runs as itself."""
+    gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+    if not isinstance(gate, (Int8Linear, Int4Linear)) or not hasattr(mlp, "act_fn"):
+        return mlp(normed)
+    gated, upward = project(normed, (gate, up))
+    return mlp.down_proj(mlp.act_fn(gated) * upward)

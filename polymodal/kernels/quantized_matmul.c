@@ -73,23 +73,43 @@ static inline void dot_rows(const int8_t *codes, const float *lanes, const int8_
     for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-/* Returns 0, or 1 when K is not a multiple of 64 or memory runs out (nothing written). */
-int int8_linear(const float *x, int64_t M, int64_t K, const int8_t *q, const float *s, int64_t N,
-                float *y, int threads) {
-    if (K % 64 != 0) return 1;
+/* Which matrix of `count` a global block index falls in: (matrix, its first row). Blocks are
+ * numbered matrix after matrix, `ROWS` rows each (a matrix's last block may hold fewer). */
+static inline int locate_block(int64_t block, int count, const int64_t *n, int64_t unit, int64_t *first) {
+    for (int j = 0; j < count; j++) {
+        int64_t blocks = (n[j] + unit - 1) / unit;
+        if (block < blocks) { *first = block * unit; return j; }
+        block -= blocks;
+    }
+    return -1;
+}
+
+/* `count` weight matrices against one input (q, k and v of a layer: one activation
+ * quantization, one parallel region): matrix j is q[j] int8 [n[j], K] with scales s[j] [n[j]]
+ * and writes columns offset_j .. offset_j + n[j] of y [M, ldy], offset_j = n[0] + ... + n[j-1].
+ * Returns 0, or 1 when K is not a multiple of 64, count is not 1..8 or memory runs out
+ * (nothing written). */
+int int8_linear(const float *x, int64_t M, int64_t K, int count, const int8_t *const *q,
+                const float *const *s, const int64_t *n, float *y, int64_t ldy, int threads) {
+    if (K % 64 != 0 || count < 1 || count > 8) return 1;
     int8_t *codes = aligned_alloc(64, (size_t)(M * K + 64));
     float *lanes = aligned_alloc(64, (size_t)(M * (K / 64) * 16 * sizeof(float) + 64));
     if (!codes || !lanes) { free(codes); free(lanes); return 1; }
     quantize_rows(x, M, K, codes, lanes);
-    int64_t blocks = (N + ROWS - 1) / ROWS;
+    int64_t blocks = 0, offsets[8] = {0};
+    for (int j = 0; j < count; j++) {
+        blocks += (n[j] + ROWS - 1) / ROWS;
+        if (j + 1 < count) offsets[j + 1] = offsets[j] + n[j];
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t block = 0; block < blocks; block++) {
-        int64_t first = block * ROWS;
-        int rows = (int)(N - first < ROWS ? N - first : ROWS);
+        int64_t first = 0;
+        int j = locate_block(block, count, n, ROWS, &first);
+        int rows = (int)(n[j] - first < ROWS ? n[j] - first : ROWS);
         float out[ROWS];
         for (int64_t m = 0; m < M; m++) {
-            dot_rows(codes + m * K, lanes + m * (K / 64) * 16, q + first * K, K, rows, out);
-            for (int r = 0; r < rows; r++) y[m * N + first + r] = out[r] * s[first + r];
+            dot_rows(codes + m * K, lanes + m * (K / 64) * 16, q[j] + first * K, K, rows, out);
+            for (int r = 0; r < rows; r++) y[m * ldy + offsets[j] + first + r] = out[r] * s[j][first + r];
         }
     }
     free(codes);
@@ -152,12 +172,13 @@ static inline float int4_row(const int8_t *codes, const float *lanes, const floa
     return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(offsets);
 }
 
-/* x float32 [M, K], packed uint8 [N, K/2] (layout above), scales and mins float16 [N, K/group],
- * y float32 [M, N]. Returns 0, or 1 when K is not a multiple of 64, the group is neither 32
- * nor 64, or memory runs out (nothing written). */
-int int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *packed, const uint16_t *scales,
-                const uint16_t *mins, int group, int64_t N, float *y, int threads) {
-    if (K % 64 != 0 || (group != 32 && group != 64)) return 1;
+/* As int8_linear, for `count` int4 matrices: packed[j] uint8 [n[j], K/2] (layout above),
+ * scales[j] and mins[j] float16 [n[j], K/group]. Returns 0, or 1 when K is not a multiple of
+ * 64, the group is neither 32 nor 64, count is not 1..8, or memory runs out (nothing written). */
+int int4_linear(const float *x, int64_t M, int64_t K, int count, const uint8_t *const *packed,
+                const uint16_t *const *scales, const uint16_t *const *mins, int group, const int64_t *n,
+                float *y, int64_t ldy, int threads) {
+    if (K % 64 != 0 || (group != 32 && group != 64) || count < 1 || count > 8) return 1;
     int64_t groups = K / group;
     int8_t *codes = aligned_alloc(64, (size_t)(M * K + 64));
     float *lanes = aligned_alloc(64, (size_t)(M * (K / 64) * 16 * sizeof(float) + 64));
@@ -166,11 +187,20 @@ int int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *packed, con
     quantize_rows(x, M, K, codes, lanes);
     for (int64_t m = 0; m < M; m++)
         group_terms(codes + m * K, lanes + m * (K / 64) * 16, K, group, terms + m * groups);
+    int64_t rows = 0, offsets[8] = {0};
+    for (int j = 0; j < count; j++) {
+        rows += n[j];
+        if (j + 1 < count) offsets[j + 1] = offsets[j] + n[j];
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++)
+    for (int64_t row = 0; row < rows; row++) {
+        int64_t r = 0;
+        int j = locate_block(row, count, n, 1, &r);
         for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = int4_row(codes + m * K, lanes + m * (K / 64) * 16, terms + m * groups,
-                                    packed + n * (K / 2), scales + n * groups, mins + n * groups, K, group);
+            y[m * ldy + offsets[j] + r] = int4_row(codes + m * K, lanes + m * (K / 64) * 16, terms + m * groups,
+                                                   packed[j] + r * (K / 2), scales[j] + r * groups,
+                                                   mins[j] + r * groups, K, group);
+    }
     free(codes);
     free(lanes);
     free(terms);

@@ -71,9 +71,10 @@ def _library() -> ctypes.CDLL | None:
         print(f"polymodal: the int8/int4 kernels could not be built ({detail.strip().splitlines()[-1]}); "
               f"using torch's slower kernels", file=sys.stderr)
         return None
-    library.int8_linear.argtypes = [_pointer, _size, _size, _pointer, _pointer, _size, _pointer, ctypes.c_int]
-    library.int4_linear.argtypes = [_pointer, _size, _size, _pointer, _pointer, _pointer, ctypes.c_int,
-                                    _size, _pointer, ctypes.c_int]
+    library.int8_linear.argtypes = [_pointer, _size, _size, ctypes.c_int, _pointer, _pointer, _pointer,
+                                    _pointer, _size, ctypes.c_int]
+    library.int4_linear.argtypes = [_pointer, _size, _size, ctypes.c_int, _pointer, _pointer, _pointer,
+                                    ctypes.c_int, _pointer, _pointer, _size, ctypes.c_int]
     return library
 
 
@@ -92,43 +93,79 @@ def _compile(target: Path) -> None:
             os.unlink(temp)
 
 
+class Plan:
+    """One kernel call over up to 8 weight matrices that share their input (a layer's q, k and v:
+    one activation quantization, one parallel region), with the matrices' pointers fixed.
+
+    The plan keeps the tensors it points into alive; whoever owns them builds a new plan when
+    they are replaced (`polymodal.quantization` does).
+
+    Call: x [M, K] float32, contiguous -> y [M, sum of N] float32, matrix j's outputs in
+    columns sizes[0] + ... + sizes[j-1] onwards.
+    """
+
+    MAX_MATRICES = 8  # the C side's limit
+
+    def __init__(self, bits: str, matrices: list[tuple[torch.Tensor, ...]], group_size: int = 0):
+        """matrices: int8 (weight int8 [N, K], scales float32 [N]) each, or int4 (packed uint8
+        [N, K/2] in `int4_layout`, scales float16 [N, K/group], mins float16 [N, K/group]).
+
+        Raises ValueError if the kernels are unavailable, K is not a multiple of 64, the
+        matrices do not share K, there are more than 8, or int4's group is not 32 or 64."""
+        inputs = {matrix[0].shape[1] * (2 if bits == "int4" else 1) for matrix in matrices}
+        if len(inputs) != 1 or not 1 <= len(matrices) <= self.MAX_MATRICES:
+            raise ValueError(f"quantized kernels: 1 to 8 matrices of one K, got {len(matrices)} of K {inputs}")
+        if bits == "int4" and group_size not in (32, 64):
+            raise ValueError(f"quantized kernels: int4 group size 32 or 64, got {group_size}")
+        self.library = _checked_library(inputs.pop())
+        self.bits, self.group_size, self.inputs = bits, group_size, matrices[0][0].shape[1] * (2 if bits == "int4" else 1)
+        self.tensors = [tensor.contiguous() for matrix in matrices for tensor in matrix]
+        self.sizes = [matrix[0].shape[0] for matrix in matrices]
+        self.outputs = sum(self.sizes)
+        count = len(matrices)
+        self.count = count
+        self._sizes = (ctypes.c_int64 * count)(*self.sizes)
+        # one array of pointers per operand kind: weights/packed, scales, (mins)
+        self._arrays = [(ctypes.c_void_p * count)(*(self.tensors[j * len(matrices[0]) + kind].data_ptr()
+                                                    for j in range(count)))
+                        for kind in range(len(matrices[0]))]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        out = torch.empty(rows, self.outputs, dtype=torch.float32)
+        arrays = [ctypes.addressof(array) for array in self._arrays]
+        threads = torch.get_num_threads()
+        if self.bits == "int8":
+            failed = self.library.int8_linear(x.data_ptr(), rows, self.inputs, self.count, *arrays,
+                                              ctypes.addressof(self._sizes), out.data_ptr(), self.outputs, threads)
+        else:
+            failed = self.library.int4_linear(x.data_ptr(), rows, self.inputs, self.count, *arrays, self.group_size,
+                                              ctypes.addressof(self._sizes), out.data_ptr(), self.outputs, threads)
+        if failed:
+            raise MemoryError(f"{self.bits}_linear: out of memory")
+        return out
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] float32 @ (weight int8 [N, K] * scales float32 [N, 1])^T -> [M, N] float32,
-    the activations quantized to int8 per block of 32 inputs (llama.cpp's Q8_0).
+    the activations quantized to int8 per block of 32 inputs (llama.cpp's Q8_0). A one-off
+    call; layers keep a `Plan`.
 
-    Raises ValueError if K is not a multiple of 64 (callers check `supports(K)`) or the
-    kernels are unavailable.
+    Raises ValueError if K is not a multiple of 64 or the kernels are unavailable.
     """
-    rows, inputs = x.shape
-    out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-    library = _checked_library(inputs)
-    code = library.int8_linear(x.data_ptr(), rows, inputs, weight.data_ptr(), scales.data_ptr(),
-                               weight.shape[0], out.data_ptr(), torch.get_num_threads())
-    if code:
-        raise MemoryError("int8_linear: out of memory")
-    return out
+    return Plan("int8", [(weight, scales)])(x.contiguous())
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                 group_size: int) -> torch.Tensor:
     """x [M, K] float32 @ w^T -> [M, N] float32 with w = code * scale + min per group of
     `group_size` (32 or 64) inputs: packed uint8 [N, K/2] in `int4_layout`, scales and mins
-    float16 [N, K/group]. Activations quantized as in `int8_linear`.
+    float16 [N, K/group]. Activations quantized as in `int8_linear`. A one-off call.
 
     Raises ValueError if K is not a multiple of 64, the group is not 32 or 64, or the kernels
     are unavailable.
     """
-    rows, inputs = x.shape
-    if group_size not in (32, 64):
-        raise ValueError(f"int4_linear: group size 32 or 64, got {group_size}")
-    out = torch.empty(rows, packed.shape[0], dtype=torch.float32)
-    library = _checked_library(inputs)
-    code = library.int4_linear(x.data_ptr(), rows, inputs, packed.data_ptr(), scales.data_ptr(),
-                               mins.data_ptr(), group_size, packed.shape[0], out.data_ptr(),
-                               torch.get_num_threads())
-    if code:
-        raise MemoryError("int4_linear: out of memory")
-    return out
+    return Plan("int4", [(packed, scales, mins)], group_size)(x.contiguous())
 
 
 def int4_layout(codes: torch.Tensor) -> torch.Tensor:

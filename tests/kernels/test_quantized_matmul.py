@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from polymodal.kernels import quantized_matmul
-from polymodal.quantization import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from polymodal.quantization import Int4Linear, Int8Linear, project, quantize_int4, quantize_int8
 
 needs_kernels = pytest.mark.skipif(not quantized_matmul.available(), reason="no AVX-512 VNNI (or no compiler) here")
 
@@ -93,3 +93,30 @@ def test_without_vnni_or_when_switched_off_the_layers_run_torchs_kernels(monkeyp
     finally:
         monkeypatch.undo()
         quantized_matmul._library.cache_clear()
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_layers_sharing_an_input_run_in_one_call_with_the_numbers_of_one_by_one(bits):
+    torch.manual_seed(4)
+
+    def layer(rows, bias):
+        weight, b = torch.randn(rows, 128), torch.randn(rows) if bias else None
+        return Int8Linear.from_float(weight, b) if bits == "int8" else Int4Linear.from_float(weight, 32, b)
+
+    layers = (layer(96, True), layer(32, False), layer(32, True))  # q, k, v with Qwen2-style biases
+    x = torch.randn(2, 3, 128)
+    fused = project(x, layers)
+    assert [tuple(out.shape) for out in fused] == [(2, 3, 96), (2, 3, 32), (2, 3, 32)]
+    for out, one in zip(fused, layers):
+        assert torch.equal(out, one(x))
+    plan = layers[0]._kernel_plans[3][1]
+    project(x, layers)
+    assert layers[0]._kernel_plans[3][1] is plan  # kept while the operands stand
+    replacement = layer(32, False)
+    layers[1].load_state_dict(replacement.state_dict())  # new weights: a new plan that reads them
+    assert torch.equal(project(x, layers)[1], replacement(x))
+    assert layers[0]._kernel_plans[3][1] is not plan
+    plain = torch.nn.Linear(128, 16)  # not quantized: every layer runs as itself
+    mixed = project(x, (layers[0], plain))
+    assert torch.equal(mixed[0], layers[0](x)) and torch.equal(mixed[1], plain(x))
