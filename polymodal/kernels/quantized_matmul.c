@@ -146,10 +146,14 @@ static inline __m512 chunk_scales(const uint16_t *scales, int64_t c, int group) 
     return _mm512_mask_blend_ps(0xFF00, first, second);
 }
 
-static inline float int4_row(const int8_t *codes, const float *lanes, const float *terms,
-                             const uint8_t *packed, const uint16_t *scales, const uint16_t *mins,
-                             int64_t K, int group) {
-    __m512 acc = _mm512_setzero_ps();
+/* One weight row against activation rows m0 .. m0 + tile - 1 (tile <= TILE): the row's codes
+ * are unpacked once per chunk for all of them. codes, lanes and terms point at row m0. */
+#define TILE 4
+static inline void int4_row(const int8_t *codes, const float *lanes, const float *terms, int tile,
+                            const uint8_t *packed, const uint16_t *scales, const uint16_t *mins,
+                            int64_t K, int group, float out[TILE]) {
+    __m512 acc[TILE];
+    for (int t = 0; t < TILE; t++) acc[t] = _mm512_setzero_ps();
     const __m512i zero = _mm512_setzero_si512();
     const __m256i nibble = _mm256_set1_epi8(0x0F);
     for (int64_t c = 0; c < K / 64; c++) {
@@ -158,18 +162,23 @@ static inline float int4_row(const int8_t *codes, const float *lanes, const floa
         __m256i low = _mm256_and_si256(bytes, nibble);
         __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
         __m512i weights = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
-        __m512i dot = _mm512_dpbusd_epi32(zero, weights, _mm512_loadu_si512(codes + c * 64));
-        __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(lanes + c * 16));
-        acc = _mm512_fmadd_ps(scaled, chunk_scales(scales, c, group), acc);
+        __m512 weight_scales = chunk_scales(scales, c, group);
+        for (int t = 0; t < tile; t++) {
+            __m512i dot = _mm512_dpbusd_epi32(zero, weights, _mm512_loadu_si512(codes + t * K + c * 64));
+            __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(lanes + (t * (K / 64) + c) * 16));
+            acc[t] = _mm512_fmadd_ps(scaled, weight_scales, acc[t]);
+        }
     }
-    __m512 offsets = _mm512_setzero_ps();
     int64_t groups = K / group;
-    for (int64_t g = 0; g < groups; g += 16) {
-        __mmask16 valid = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
-        __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, mins + g));
-        offsets = _mm512_fmadd_ps(m, _mm512_maskz_loadu_ps(valid, terms + g), offsets);
+    for (int t = 0; t < tile; t++) {
+        __m512 offsets = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; g += 16) {
+            __mmask16 valid = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+            __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, mins + g));
+            offsets = _mm512_fmadd_ps(m, _mm512_maskz_loadu_ps(valid, terms + t * groups + g), offsets);
+        }
+        out[t] = _mm512_reduce_add_ps(acc[t]) + _mm512_reduce_add_ps(offsets);
     }
-    return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(offsets);
 }
 
 /* As int8_linear, for `count` int4 matrices: packed[j] uint8 [n[j], K/2] (layout above),
@@ -196,10 +205,13 @@ int int4_linear(const float *x, int64_t M, int64_t K, int count, const uint8_t *
     for (int64_t row = 0; row < rows; row++) {
         int64_t r = 0;
         int j = locate_block(row, count, n, 1, &r);
-        for (int64_t m = 0; m < M; m++)
-            y[m * ldy + offsets[j] + r] = int4_row(codes + m * K, lanes + m * (K / 64) * 16, terms + m * groups,
-                                                   packed[j] + r * (K / 2), scales[j] + r * groups,
-                                                   mins[j] + r * groups, K, group);
+        float out[TILE];
+        for (int64_t m = 0; m < M; m += TILE) {
+            int tile = (int)(M - m < TILE ? M - m : TILE);
+            int4_row(codes + m * K, lanes + m * (K / 64) * 16, terms + m * groups, tile, packed[j] + r * (K / 2),
+                     scales[j] + r * groups, mins[j] + r * groups, K, group, out);
+            for (int t = 0; t < tile; t++) y[(m + t) * ldy + offsets[j] + r] = out[t];
+        }
     }
     free(codes);
     free(lanes);
