@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import weakref
 
 import torch
 from torch import nn
@@ -51,6 +52,9 @@ LAYER_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # Each change of a layer's kernel operands gets a number never used before, so a kernel plan
 # (pointers into those operands) made for older ones is never reused.
 _OPERAND_VERSIONS = itertools.count(1)
+# first layer of a group -> {group size: (operand versions, plan)}. Kept outside the layers so
+# that `copy.deepcopy` or pickling a model never carries pointers into the original's tensors.
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Int8Linear(nn.Module):
@@ -240,7 +244,7 @@ def _shared_plan(layers: tuple[nn.Module, ...]) -> quantized_matmul.Plan | None:
     if kind is Int4Linear and len({layer.group_size for layer in layers}) > 1:
         return None
     versions = tuple(layer.operand_version for layer in layers)
-    plans = layers[0].__dict__.setdefault("_kernel_plans", {})
+    plans = _PLANS.setdefault(layers[0], {})
     cached = plans.get(len(layers))
     if cached is not None and cached[0] == versions:
         return cached[1]
@@ -248,6 +252,14 @@ def _shared_plan(layers: tuple[nn.Module, ...]) -> quantized_matmul.Plan | None:
     plan = quantized_matmul.Plan(bits, [layer.kernel_operands() for layer in layers], getattr(layers[0], "group_size", 0))
     plans[len(layers)] = (versions, plan)
     return plan
+
+
+def kernel_plan(layers: tuple[nn.Module, ...]) -> quantized_matmul.Plan | None:
+    """The plan `project` last used for these layers, if it still holds (for tests)."""
+    cached = _PLANS.get(layers[0], {}).get(len(layers))
+    if cached is None or cached[0] != tuple(getattr(layer, "operand_version", None) for layer in layers):
+        return None
+    return cached[1]
 
 
 def use_kernels(model: nn.Module, own: bool) -> int:

@@ -2,11 +2,20 @@
 integer arithmetic, rows independent of the batch, the layers' two kernels agree, and the
 fallback where the CPU lacks VNNI."""
 
+import copy
+
 import pytest
 import torch
 
 from polymodal.kernels import quantized_matmul
-from polymodal.quantization import Int4Linear, Int8Linear, project, quantize_int4, quantize_int8
+from polymodal.quantization import (
+    Int4Linear,
+    Int8Linear,
+    kernel_plan,
+    project,
+    quantize_int4,
+    quantize_int8,
+)
 
 needs_kernels = pytest.mark.skipif(not quantized_matmul.available(), reason="no AVX-512 VNNI (or no compiler) here")
 
@@ -110,13 +119,16 @@ def test_layers_sharing_an_input_run_in_one_call_with_the_numbers_of_one_by_one(
     assert [tuple(out.shape) for out in fused] == [(2, 3, 96), (2, 3, 32), (2, 3, 32)]
     for out, one in zip(fused, layers):
         assert torch.equal(out, one(x))
-    plan = layers[0]._kernel_plans[3][1]
+    plan = kernel_plan(layers)
     project(x, layers)
-    assert layers[0]._kernel_plans[3][1] is plan  # kept while the operands stand
+    assert plan is not None and kernel_plan(layers) is plan  # kept while the operands stand
+    copies = copy.deepcopy(layers)  # a copy never reads the original's tensors
+    assert kernel_plan(copies) is None
     replacement = layer(32, False)
     layers[1].load_state_dict(replacement.state_dict())  # new weights: a new plan that reads them
     assert torch.equal(project(x, layers)[1], replacement(x))
-    assert layers[0]._kernel_plans[3][1] is not plan
+    assert kernel_plan(layers) is not plan
+    assert torch.equal(project(x, copies)[1], fused[1])
     plain = torch.nn.Linear(128, 16)  # not quantized: every layer runs as itself
     mixed = project(x, (layers[0], plain))
     assert torch.equal(mixed[0], layers[0](x)) and torch.equal(mixed[1], plain(x))
