@@ -5,6 +5,8 @@ and say by how much").
 For each side: the 210 layer products of one step (30 layers of q 576x576, k and v 192x576,
 o 576x576, gate and up 1536x576, down 576x1536; random weights), M activation rows, median
 of `--repeats` passes; weight bytes read per pass / time = GB/s. Sides run interleaved.
+"int8 plan only" calls polymodal's kernel straight (a `quantized_matmul.Plan` per layer, x
+already float32), without the layer's Python around it: the kernel's own speed.
 
     python benchmarks/quantized_matmul.py [--rows 1 8 64] [--repeats 30] [--threads 2]
 """
@@ -31,7 +33,9 @@ def sides(weights: list[torch.Tensor]) -> dict:
     int4 = [Int4Linear.from_float(w, 32) for w in weights]
     result = {"float32": (weights, 4 * count)}
     if quantized_matmul.available():
-        result |= {"int8 polymodal": (int8, count), "int4 polymodal": (int4, count * 5 // 8)}
+        result |= {"int8 polymodal": (int8, count), "int4 polymodal": (int4, count * 5 // 8),
+                   "int8 plan only": ([quantized_matmul.Plan("int8", [layer.kernel_operands()]) for layer in int8],
+                                      count)}
         int8 = [Int8Linear.from_float(w) for w in weights]
         int4 = [Int4Linear.from_float(w, 32) for w in weights]
         for layer in int8 + int4:
@@ -42,7 +46,10 @@ def sides(weights: list[torch.Tensor]) -> dict:
 def one_pass(layers, inputs) -> float:
     start = time.perf_counter()
     for layer, x in zip(layers, inputs):
-        F.linear(x, layer) if isinstance(layer, torch.Tensor) else layer(x)
+        if isinstance(layer, torch.Tensor):
+            F.linear(x, layer)
+        else:
+            layer(x)
     return time.perf_counter() - start
 
 
@@ -70,7 +77,7 @@ def main() -> None:
                     times[name].append(one_pass(layers, inputs))
             medians = {name: statistics.median(values) for name, values in times.items()}
             for name, (_, size) in by_side.items():
-                peer = name.replace("polymodal", "torch")
+                peer = name.replace("polymodal", "torch").replace("plan only", "torch")
                 ratio = f"{medians[peer] / medians[name]:.2f}x" if peer != name else ""
                 print(f"{name:<16} {rows:>4} {medians[name] * 1e3:>8.2f} {size / medians[name] / 1e9:>6.1f} {ratio:>8}")
 
