@@ -16,7 +16,7 @@ batch-1 decode streams from memory once per token, shrink 4x (int8) or ~7x (int4
 
 Kernels. On a CPU with AVX-512 VNNI, `polymodal.kernels.quantized_matmul` (compiled on first
 use) quantizes the activations to int8 in blocks of 32 (llama.cpp's Q8_0) and takes integer
-dot products: at batch 1 it streams the weights ~3x faster than torch's kernels
+dot products: at batch 1 its products run 1.5-2x faster than torch's kernels
 (benchmarks/RESULTS.md). Elsewhere, or with `POLYMODAL_KERNELS=off`, torch's kernels run:
 on x86 they are vectorized (AVX-512 or AVX2) for bfloat16 activations only (float32 ones
 fall to a scalar loop ~10x slower), so activations enter them in bfloat16 (torch's own
@@ -77,9 +77,10 @@ class Int8Linear(nn.Module):
 
     def use_kernel(self, own: bool) -> None:
         """Run polymodal's kernel (`own`, where it supports this layer) or torch's."""
-        self.own_kernel = own and quantized_matmul.supports(self.in_features)
+        self.own_kernel = own and self.weight.is_cpu and quantized_matmul.supports(self.in_features)
         self.kernel_scales = self.scales.float() if self.own_kernel else None
         self.operand_version = next(_OPERAND_VERSIONS)
+        _PLANS.pop(self, None)  # a plan of the old operands would keep them alive
 
     def kernel_operands(self) -> tuple[torch.Tensor, ...]:
         """What polymodal's kernel reads: (weight int8 [N, K], scales float32 [N])."""
@@ -87,6 +88,8 @@ class Int8Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with torch.no_grad():
+            self.weight.clamp_(-127, 127)  # -128 has no int8 negation, which the kernel needs
         self.use_kernel(self.own_kernel)  # scales were copied in place: the float copy follows
 
     def _apply(self, fn, recurse=True):
@@ -160,21 +163,23 @@ class Int4Linear(nn.Module):
 
     def use_kernel(self, own: bool) -> None:
         """Run polymodal's kernel (`own`, where it supports this layer) or torch's."""
-        self.own_kernel = own and quantized_matmul.supports(self.in_features) and self.group_size in (32, 64)
+        self.own_kernel = (own and self.codes.is_cpu and quantized_matmul.supports(self.in_features)
+                           and self.group_size in (32, 64))
         self.repack()
 
     def repack(self) -> None:
         """The running kernel's layout of `codes` (torch's depends on the CPU's vector width)."""
         codes = unpack_nibbles(self.codes)  # [N, K] in 0..15
-        self.operand_version = next(_OPERAND_VERSIONS)
         if not self.own_kernel:
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-            self.kernel_scales = self.kernel_mins = None
-            return
-        scales, zeros = self.scales_and_zeros.float().permute(1, 0, 2).unbind(-1)  # [N, K/group] each
-        self.packed = quantized_matmul.int4_layout(codes)
-        self.kernel_scales = scales.half().contiguous()
-        self.kernel_mins = (zeros - 8 * scales).half().contiguous()  # (q - 8) s + z = q s + min
+            operands = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1), None, None
+        else:
+            scales, zeros = self.scales_and_zeros.float().permute(1, 0, 2).unbind(-1)  # [N, K/group] each
+            operands = (quantized_matmul.int4_layout(codes), scales.half().contiguous(),
+                        (zeros - 8 * scales).half().contiguous())  # (q - 8) s + z = q s + min
+        # all three in place before the new version, so a concurrent caller never pairs them wrongly
+        self.packed, self.kernel_scales, self.kernel_mins = operands
+        self.operand_version = next(_OPERAND_VERSIONS)
+        _PLANS.pop(self, None)
 
     def kernel_operands(self) -> tuple[torch.Tensor, ...]:
         """What polymodal's kernel reads: (packed uint8 [N, K/2], scales and mins float16 [N, K/group])."""
@@ -219,6 +224,9 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor
     plan = _shared_plan(layers)
     if plan is None:
         return [layer(x) for layer in layers]
+    if x.requires_grad and torch.is_grad_enabled():
+        raise UserError("quantized LLM layers compute without gradients (inference only): train the "
+                        "float model, then quantize it")
     flat = x.reshape(-1, x.shape[-1])
     if flat.dtype != torch.float32:
         flat = flat.float()
@@ -241,12 +249,15 @@ def _shared_plan(layers: tuple[nn.Module, ...]) -> quantized_matmul.Plan | None:
     if kind not in (Int8Linear, Int4Linear) or any(type(layer) is not kind or not layer.own_kernel
                                                     for layer in layers):
         return None
+    if len(layers) > quantized_matmul.Plan.MAX_MATRICES or len({layer.in_features for layer in layers}) > 1:
+        return None
     if kind is Int4Linear and len({layer.group_size for layer in layers}) > 1:
         return None
     versions = tuple(layer.operand_version for layer in layers)
     plans = _PLANS.setdefault(layers[0], {})
-    cached = plans.get(len(layers))
-    if cached is not None and cached[0] == versions:
+    cached = plans.pop(len(layers), None)
+    if cached is not None and cached[0] == versions and cached[1].valid():
+        plans[len(layers)] = cached
         return cached[1]
     bits = "int8" if kind is Int8Linear else "int4"
     plan = quantized_matmul.Plan(bits, [layer.kernel_operands() for layer in layers], getattr(layers[0], "group_size", 0))

@@ -40,7 +40,8 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *codes, f
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
             float scale = amax / 127.0f;
             __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-            /* round half to even, as MXCSR's default; saturation never bites (|v| <= amax) */
+            /* round half to even, as MXCSR's default; |v| <= amax keeps codes in [-127, 127] (a block
+             * whose amax is below ~4e-37 saturates: 127 / amax overflows; its products are ~0) */
             __m512i low_codes = _mm512_cvtps_epi32(_mm512_mul_ps(low, inverse));
             __m512i high_codes = _mm512_cvtps_epi32(_mm512_mul_ps(high, inverse));
             _mm_storeu_si128((__m128i *)(codes + m * K + b * BLOCK), _mm512_cvtsepi32_epi8(low_codes));
@@ -92,8 +93,8 @@ static inline int locate_block(int64_t block, int count, const int64_t *n, int64
 int int8_linear(const float *x, int64_t M, int64_t K, int count, const int8_t *const *q,
                 const float *const *s, const int64_t *n, float *y, int64_t ldy, int threads) {
     if (K % 64 != 0 || count < 1 || count > 8) return 1;
-    int8_t *codes = aligned_alloc(64, (size_t)(M * K + 64));
-    float *lanes = aligned_alloc(64, (size_t)(M * (K / 64) * 16 * sizeof(float) + 64));
+    int8_t *codes = malloc((size_t)(M * K + 64));
+    float *lanes = malloc((size_t)(M * (K / 64) * 16 * sizeof(float) + 64));
     if (!codes || !lanes) { free(codes); free(lanes); return 1; }
     quantize_rows(x, M, K, codes, lanes);
     int64_t blocks = 0, offsets[8] = {0};
@@ -189,9 +190,9 @@ int int4_linear(const float *x, int64_t M, int64_t K, int count, const uint8_t *
                 float *y, int64_t ldy, int threads) {
     if (K % 64 != 0 || (group != 32 && group != 64) || count < 1 || count > 8) return 1;
     int64_t groups = K / group;
-    int8_t *codes = aligned_alloc(64, (size_t)(M * K + 64));
-    float *lanes = aligned_alloc(64, (size_t)(M * (K / 64) * 16 * sizeof(float) + 64));
-    float *terms = aligned_alloc(64, (size_t)(M * groups * sizeof(float) + 64));
+    int8_t *codes = malloc((size_t)(M * K + 64));
+    float *lanes = malloc((size_t)(M * (K / 64) * 16 * sizeof(float) + 64));
+    float *terms = malloc((size_t)(M * groups * sizeof(float) + 64));
     if (!codes || !lanes || !terms) { free(codes); free(lanes); free(terms); return 1; }
     quantize_rows(x, M, K, codes, lanes);
     for (int64_t m = 0; m < M; m++)

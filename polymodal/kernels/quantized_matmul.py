@@ -8,7 +8,8 @@ byte dot products (vpdpbusd) instead; measured against torch's in benchmarks/RES
 
 The C source (`quantized_matmul.c`) is compiled on first use with the system's C compiler
 (`$CC`, default `cc`) for this CPU, into `$POLYMODAL_CACHE/kernels/` (default
-`~/.cache/polymodal`), keyed by the source's hash; later processes load that file. Where the
+`~/.cache/polymodal`; with `POLYMODAL_CACHE=off`, a private temporary folder), keyed by the
+source's hash; later processes load that file. Where the
 CPU lacks AVX-512 VNNI (an AVX2 machine), no compiler is found, or `POLYMODAL_KERNELS=off`,
 `available()` is False and callers use torch's kernels; a failed build says so once on stderr.
 """
@@ -60,15 +61,16 @@ def _library() -> ctypes.CDLL | None:
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
-    root = cache_root() or Path(tempfile.gettempdir()) / "polymodal"
+    # with the cache off, a private folder: a shared, predictable path could be planted
+    root = cache_root() or Path(tempfile.mkdtemp(prefix="polymodal-"))
     target = root / "kernels" / f"quantized_matmul-{key}.so"
     try:
         if not target.is_file():
             _compile(target)
         library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", None) or str(error)
-        print(f"polymodal: the int8/int4 kernels could not be built ({detail.strip().splitlines()[-1]}); "
+        detail = (getattr(error, "stderr", None) or "").strip() or str(error) or type(error).__name__
+        print(f"polymodal: the int8/int4 kernels could not be built ({detail.splitlines()[-1]}); "
               f"using torch's slower kernels", file=sys.stderr)
         return None
     library.int8_linear.argtypes = [_pointer, _size, _size, ctypes.c_int, _pointer, _pointer, _pointer,
@@ -97,8 +99,9 @@ class Plan:
     """One kernel call over up to 8 weight matrices that share their input (a layer's q, k and v:
     one activation quantization, one parallel region), with the matrices' pointers fixed.
 
-    The plan keeps the tensors it points into alive; whoever owns them builds a new plan when
-    they are replaced (`polymodal.quantization` does).
+    The plan holds the tensors it points into and records their data pointers: `valid()` is
+    False once one has moved (`.data =`, `set_`), and the caller builds a new plan
+    (`polymodal.quantization` does).
 
     Call: x [M, K] float32, contiguous -> y [M, sum of N] float32, matrix j's outputs in
     columns sizes[0] + ... + sizes[j-1] onwards.
@@ -119,7 +122,10 @@ class Plan:
             raise ValueError(f"quantized kernels: int4 group size 32 or 64, got {group_size}")
         self.library = _checked_library(inputs.pop())
         self.bits, self.group_size, self.inputs = bits, group_size, matrices[0][0].shape[1] * (2 if bits == "int4" else 1)
+        if any(not tensor.is_cpu for matrix in matrices for tensor in matrix):
+            raise ValueError("quantized kernels: operands must be on the CPU")
         self.tensors = [tensor.contiguous() for matrix in matrices for tensor in matrix]
+        self._pointers = [tensor.data_ptr() for tensor in self.tensors]
         self.sizes = [matrix[0].shape[0] for matrix in matrices]
         self.outputs = sum(self.sizes)
         count = len(matrices)
@@ -130,7 +136,15 @@ class Plan:
                                                     for j in range(count)))
                         for kind in range(len(matrices[0]))]
 
+    def valid(self) -> bool:
+        """Whether every operand still lives where the plan points."""
+        return all(tensor.data_ptr() == pointer for tensor, pointer in zip(self.tensors, self._pointers))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not (x.dim() == 2 and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous()
+                and x.shape[1] == self.inputs):
+            raise ValueError(f"quantized kernels: x must be float32 [M, {self.inputs}], contiguous, on the "
+                             f"CPU; got {x.dtype} {tuple(x.shape)} on {x.device}")
         rows = x.shape[0]
         out = torch.empty(rows, self.outputs, dtype=torch.float32)
         arrays = [ctypes.addressof(array) for array in self._arrays]
@@ -153,7 +167,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 
     Raises ValueError if K is not a multiple of 64 or the kernels are unavailable.
     """
-    return Plan("int8", [(weight, scales)])(x.contiguous())
+    return Plan("int8", [(weight, scales)])(x.float().contiguous())
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
@@ -165,7 +179,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
     Raises ValueError if K is not a multiple of 64, the group is not 32 or 64, or the kernels
     are unavailable.
     """
-    return Plan("int4", [(packed, scales, mins)], group_size)(x.contiguous())
+    return Plan("int4", [(packed, scales, mins)], group_size)(x.float().contiguous())
 
 
 def int4_layout(codes: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from polymodal.errors import UserError
 from polymodal.kernels import quantized_matmul
 from polymodal.quantization import (
     Int4Linear,
@@ -132,3 +133,22 @@ def test_layers_sharing_an_input_run_in_one_call_with_the_numbers_of_one_by_one(
     plain = torch.nn.Linear(128, 16)  # not quantized: every layer runs as itself
     mixed = project(x, (layers[0], plain))
     assert torch.equal(mixed[0], layers[0](x)) and torch.equal(mixed[1], plain(x))
+
+
+@needs_kernels
+def test_moved_operands_wrong_inputs_and_gradients_are_caught_not_read_blindly():
+    torch.manual_seed(5)
+    layer, x = Int8Linear.from_float(torch.randn(64, 128)), torch.randn(2, 128)
+    layer(x)
+    fresh = Int8Linear.from_float(torch.randn(64, 128))
+    layer.weight.data = fresh.weight.clone()  # new memory under the same tensors: the plan is rebuilt
+    layer.kernel_scales.data = fresh.kernel_scales.clone()
+    assert torch.equal(layer(x), fresh(x))
+    with pytest.raises(ValueError, match="float32 \\[M, 128\\]"):
+        quantized_matmul.Plan("int8", [layer.kernel_operands()])(torch.randn(2, 64))
+    with pytest.raises(UserError, match="without gradients"):
+        layer(x.requires_grad_())
+    state = layer.state_dict()
+    state["weight"][0, 0] = -128  # a code outside what quantize_int8 makes: clamped on load
+    layer.load_state_dict(state)
+    assert layer.weight.min() >= -127
