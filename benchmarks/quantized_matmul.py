@@ -29,18 +29,20 @@ SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 57
 def sides(weights: list[torch.Tensor]) -> dict:
     """name -> (layers, bytes of weights one pass reads)."""
     count = sum(w.numel() for w in weights)
-    int8 = [Int8Linear.from_float(w) for w in weights]
-    int4 = [Int4Linear.from_float(w, 32) for w in weights]
-    result = {"float32": (weights, 4 * count)}
-    if quantized_matmul.available():
-        result |= {"int8 polymodal": (int8, count), "int4 polymodal": (int4, count * 5 // 8),
-                   "int8 plan only": ([quantized_matmul.Plan("int8", [layer.kernel_operands()]) for layer in int8],
-                                      count)}
+
+    def quantized(kernel: str) -> dict:
         int8 = [Int8Linear.from_float(w) for w in weights]
         int4 = [Int4Linear.from_float(w, 32) for w in weights]
         for layer in int8 + int4:
-            layer.use_kernel(False)
-    return result | {"int8 torch": (int8, count), "int4 torch": (int4, count * 5 // 8)}
+            layer.use_kernel(kernel == "polymodal")
+        return {f"int8 {kernel}": (int8, count), f"int4 {kernel}": (int4, count * 5 // 8)}
+
+    result = {"float32": (weights, 4 * count)}
+    if quantized_matmul.available():
+        result |= quantized("polymodal")
+        int8 = result["int8 polymodal"][0]
+        result["int8 plan only"] = ([quantized_matmul.Plan("int8", [layer.kernel_operands()]) for layer in int8], count)
+    return result | quantized("torch")
 
 
 def one_pass(layers, inputs) -> float:

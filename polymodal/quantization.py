@@ -73,7 +73,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, dtype=COMPUTE_DTYPE))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("kernel_scales", None, persistent=False)
-        self.use_kernel(quantized_matmul.supports(in_features))
+        self.use_kernel(True)  # where this CPU and shape allow
 
     def use_kernel(self, own: bool) -> None:
         """Run polymodal's kernel (`own`, where it supports this layer) or torch's."""
@@ -147,7 +147,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("kernel_scales", None, persistent=False)
         self.register_buffer("kernel_mins", None, persistent=False)
-        self.use_kernel(quantized_matmul.supports(in_features) and group_size in (32, 64))
+        self.use_kernel(True)  # where this CPU, shape and group size allow
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> Int4Linear:
@@ -173,13 +173,17 @@ class Int4Linear(nn.Module):
         if not self.own_kernel:
             operands = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1), None, None
         else:
-            scales, zeros = self.scales_and_zeros.float().permute(1, 0, 2).unbind(-1)  # [N, K/group] each
+            scales, zeros = self._group_scales_and_zeros()
             operands = (quantized_matmul.int4_layout(codes), scales.half().contiguous(),
                         (zeros - 8 * scales).half().contiguous())  # (q - 8) s + z = q s + min
         # all three in place before the new version, so a concurrent caller never pairs them wrongly
         self.packed, self.kernel_scales, self.kernel_mins = operands
         self.operand_version = next(_OPERAND_VERSIONS)
         _PLANS.pop(self, None)
+
+    def _group_scales_and_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales, zeros) float32 [N, K/group] each, from the stored [K/group, N, 2] table."""
+        return self.scales_and_zeros.float().permute(1, 0, 2).unbind(-1)
 
     def kernel_operands(self) -> tuple[torch.Tensor, ...]:
         """What polymodal's kernel reads: (packed uint8 [N, K/2], scales and mins float16 [N, K/group])."""
@@ -207,7 +211,7 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The float weight [N, K] this layer computes with: (q - 8) * s + z per group."""
         codes = unpack_nibbles(self.codes).float().view(self.out_features, -1, self.group_size)
-        scales, zeros = self.scales_and_zeros.float().permute(1, 0, 2).unbind(-1)  # [N, K/group] each
+        scales, zeros = self._group_scales_and_zeros()
         return ((codes - 8) * scales[..., None] + zeros[..., None]).view(self.out_features, -1)
 
     def extra_repr(self) -> str:
@@ -253,24 +257,22 @@ def _shared_plan(layers: tuple[nn.Module, ...]) -> quantized_matmul.Plan | None:
         return None
     if kind is Int4Linear and len({layer.group_size for layer in layers}) > 1:
         return None
-    versions = tuple(layer.operand_version for layer in layers)
-    plans = _PLANS.setdefault(layers[0], {})
-    cached = plans.pop(len(layers), None)
-    if cached is not None and cached[0] == versions and cached[1].valid():
-        plans[len(layers)] = cached
-        return cached[1]
-    bits = "int8" if kind is Int8Linear else "int4"
-    plan = quantized_matmul.Plan(bits, [layer.kernel_operands() for layer in layers], getattr(layers[0], "group_size", 0))
-    plans[len(layers)] = (versions, plan)
+    plan = kernel_plan(layers)
+    if plan is None:  # none yet, or made for older operands: this one replaces it
+        bits = "int8" if kind is Int8Linear else "int4"
+        plan = quantized_matmul.Plan(bits, [layer.kernel_operands() for layer in layers],
+                                     getattr(layers[0], "group_size", 0))
+        _PLANS.setdefault(layers[0], {})[len(layers)] = (tuple(layer.operand_version for layer in layers), plan)
     return plan
 
 
 def kernel_plan(layers: tuple[nn.Module, ...]) -> quantized_matmul.Plan | None:
-    """The plan `project` last used for these layers, if it still holds (for tests)."""
+    """The cached plan of these layers together while it holds (the same operand versions and
+    pointers), else None."""
     cached = _PLANS.get(layers[0], {}).get(len(layers))
     if cached is None or cached[0] != tuple(getattr(layer, "operand_version", None) for layer in layers):
         return None
-    return cached[1]
+    return cached[1] if cached[1].valid() else None
 
 
 def use_kernels(model: nn.Module, own: bool) -> int:

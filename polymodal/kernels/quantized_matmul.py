@@ -115,13 +115,13 @@ class Plan:
 
         Raises ValueError if the kernels are unavailable, K is not a multiple of 64, the
         matrices do not share K, there are more than 8, or int4's group is not 32 or 64."""
-        inputs = {matrix[0].shape[1] * (2 if bits == "int4" else 1) for matrix in matrices}
+        inputs = {matrix[0].shape[1] * (2 if bits == "int4" else 1) for matrix in matrices}  # int4: 2 per byte
         if len(inputs) != 1 or not 1 <= len(matrices) <= self.MAX_MATRICES:
             raise ValueError(f"quantized kernels: 1 to 8 matrices of one K, got {len(matrices)} of K {inputs}")
         if bits == "int4" and group_size not in (32, 64):
             raise ValueError(f"quantized kernels: int4 group size 32 or 64, got {group_size}")
-        self.library = _checked_library(inputs.pop())
-        self.bits, self.group_size, self.inputs = bits, group_size, matrices[0][0].shape[1] * (2 if bits == "int4" else 1)
+        self.bits, self.group_size, self.inputs = bits, group_size, inputs.pop()
+        self.library = _checked_library(self.inputs)
         if any(not tensor.is_cpu for matrix in matrices for tensor in matrix):
             raise ValueError("quantized kernels: operands must be on the CPU")
         self.tensors = [tensor.contiguous() for matrix in matrices for tensor in matrix]
@@ -131,10 +131,10 @@ class Plan:
         count = len(matrices)
         self.count = count
         self._sizes = (ctypes.c_int64 * count)(*self.sizes)
-        # one array of pointers per operand kind: weights/packed, scales, (mins)
-        self._arrays = [(ctypes.c_void_p * count)(*(self.tensors[j * len(matrices[0]) + kind].data_ptr()
-                                                    for j in range(count)))
-                        for kind in range(len(matrices[0]))]
+        # one array of pointers per operand kind: weights/packed, scales, (mins); passed by address
+        kinds = len(matrices[0])
+        self._arrays = [(ctypes.c_void_p * count)(*self._pointers[kind::kinds]) for kind in range(kinds)]
+        self._addresses = [ctypes.addressof(array) for array in self._arrays]
 
     def valid(self) -> bool:
         """Whether every operand still lives where the plan points."""
@@ -147,7 +147,7 @@ class Plan:
                              f"CPU; got {x.dtype} {tuple(x.shape)} on {x.device}")
         rows = x.shape[0]
         out = torch.empty(rows, self.outputs, dtype=torch.float32)
-        arrays = [ctypes.addressof(array) for array in self._arrays]
+        arrays = self._addresses
         threads = torch.get_num_threads()
         if self.bits == "int8":
             failed = self.library.int8_linear(x.data_ptr(), rows, self.inputs, self.count, *arrays,
