@@ -1,8 +1,9 @@
 """Decode speed against the peers and the memory-bandwidth limit, in one run (issue 20 §2).
 
-Sides: polymodal float32, int8 and int4 (polymodal.quantization, LM head included), int8 and
-int4 each on polymodal's VNNI kernels and on torch's (`int8 torch kernel`: what polymodal's
-own kernels win, measured side by side); transformers `generate` float32; llama.cpp (llama-cpp-python, built from source in its own
+Sides: polymodal float32, int8 and int4 (polymodal.quantization, LM head included; the
+decoding step in one C call, engine.decoder_kernel), float32 and int8 with the step layer by
+layer in torch ops (`eager step`), int8 and int4 on torch's kernels (`int8 torch kernel`:
+what polymodal's own kernels win, measured side by side); transformers `generate` float32; llama.cpp (llama-cpp-python, built from source in its own
 venv by benchmarks/llamacpp_env.sh, driven through benchmarks/llamacpp_decode.py in a
 subprocess) on the shipped SmolLM2 GGUF (Q4_1) and a Q8_0 requantization of it.
 
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 
 from polymodal.config import ModelConfig, QuantizationConfig, from_dict
+from polymodal.engine.decoder_kernel import eager_steps
 from polymodal.engine.generate import Engine
 from polymodal.engine.sampling import SamplingParams
 from polymodal.model import MultimodalLM
@@ -78,6 +80,13 @@ def ours(generator: Engine, batch_prompts: list[dict], new_tokens: int) -> float
     elapsed = time.perf_counter() - start
     assert all(len(r.token_ids) == new_tokens for r in results)
     return elapsed
+
+
+def eager(generator: Engine, batch_prompts: list[dict], new_tokens: int) -> float:
+    """`ours` with the decoding step run layer by layer in torch ops (engine.decoder), not in
+    one C call (engine.decoder_kernel)."""
+    with eager_steps():
+        return ours(generator, batch_prompts, new_tokens)
 
 
 @torch.inference_mode()
@@ -198,6 +207,8 @@ def sides_for(models: dict, batch: int, llamacpp: LlamaCpp | None, prompt: int) 
     batch_prompts = prompts(batch)
     engines = {name: Engine(model) for name, model in models.items()}
     sides = {f"polymodal {name}": (lambda n, name=name: ours(engines[name], batch_prompts, n)) for name in models}
+    for name in ("float32", "int8"):  # the layers one torch op at a time, as before the C step
+        sides[f"polymodal {name} eager step"] = lambda n, name=name: eager(engines[name], batch_prompts, n)
     sides["transformers float32"] = lambda n: theirs(models["float32"], batch_prompts, n)
     if llamacpp is not None:
         for name in ("llama.cpp Q4_1", "llama.cpp Q8_0"):
@@ -220,6 +231,8 @@ def summary(rates: dict, step_bytes: dict, bandwidth: dict) -> dict:
         "b1_int4_vs_llamacpp_q4": ratio("polymodal int4", "llama.cpp Q4_1"),
         "b1_int8_own_vs_torch_kernel": ratio("polymodal int8", "polymodal int8 torch kernel"),
         "b1_int4_own_vs_torch_kernel": ratio("polymodal int4", "polymodal int4 torch kernel"),
+        "b1_int8_step_vs_eager_step": ratio("polymodal int8", "polymodal int8 eager step"),
+        "b1_fp32_step_vs_eager_step": ratio("polymodal float32", "polymodal float32 eager step"),
     }
     for batch, by_side in rates.items():
         for side, rate in by_side.items():
@@ -251,6 +264,8 @@ def main() -> None:
             use_kernels(models[f"{bits} torch kernel"], False)
     step_bytes = {f"polymodal {name}": streamed_bytes(model.llm.model) for name, model in models.items()}
     step_bytes["transformers float32"] = step_bytes["polymodal float32"]
+    for name in ("float32", "int8"):
+        step_bytes[f"polymodal {name} eager step"] = step_bytes[f"polymodal {name}"]
     with tempfile.TemporaryDirectory() as folder:
         llamacpp, gguf_sizes, why = start_llamacpp(args.llamacpp_python, args.threads, Path(folder))
         step_bytes |= gguf_sizes

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from polymodal.engine.decoder_kernel import UNCHECKED, decoder_step, run_step, steps_enabled
 from polymodal.engine.kv_cache import KVCache
 from polymodal.fusion.context import current
+from polymodal.kernels.decoder_step import DecoderStep
 from polymodal.quantization import Int4Linear, Int8Linear, project
 
 LLAMA_FAMILY = {"llama", "qwen2", "mistral"}
@@ -124,6 +126,7 @@ class LlamaDecoder:
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.fused_step: DecoderStep | None | object = UNCHECKED  # the one-call step while decoding
 
     @staticmethod
     def supports(model) -> bool:
@@ -153,8 +156,18 @@ class LlamaDecoder:
     def run(self, hidden: torch.Tensor, cache: KVCache, layout: TokenLayout) -> torch.Tensor:
         """hidden [N, D] of the new tokens -> the last layer's output [N, D] (before the final
         norm); writes each layer's keys and values into `cache`. A fusion call running
-        (`fusion.context`) gets its block before each layer; its hooks run in the step."""
+        (`fusion.context`) gets its block before each layer; its hooks run in the step.
+        One new token per row outside a fusion call runs as one C call where it covers the
+        model (`engine.decoder_kernel`), the same arithmetic as the eager layers; whether it
+        does is checked at the first such step after each prefill (~0.2 ms), not at every step."""
         fusion_call = current()
+        if layout.grid[1] != 1 or layout.real is not None:
+            self.fused_step = UNCHECKED  # a prefill or an admission: look at the model again at the next step
+        elif fusion_call is None and steps_enabled():
+            if self.fused_step is UNCHECKED:
+                self.fused_step = decoder_step(self)  # every layer in one C call, where it covers the model
+            if self.fused_step is not None:
+                return run_step(self.fused_step, hidden, cache, layout)
         for index, layer in enumerate(self.layers):
             if fusion_call is not None:
                 hidden = fusion_call.state.fusion.before_layer(index, hidden)

@@ -6,7 +6,8 @@ to float and read ~6 GB/s at batch 1 on 2 cores, so 4x fewer bytes than float32 
 1.5x. These kernels quantize the activations in blocks of 32 (llama.cpp's Q8_0) and take
 byte dot products (vpdpbusd) instead; measured against torch's in benchmarks/RESULTS.md.
 
-The C source (`quantized_matmul.c`) is compiled on first use with the system's C compiler
+The C sources (`quantized_matmul.c`, and `decoder_step.c`, a whole decoding step that calls
+them: `polymodal.kernels.decoder_step`) are compiled on first use with the system's C compiler
 (`$CC`, default `cc`) for this CPU, into `$POLYMODAL_CACHE/kernels/` (default
 `~/.cache/polymodal`; with `POLYMODAL_CACHE=off`, a private temporary folder), keyed by the
 source's hash; later processes load that file. Where the
@@ -29,7 +30,8 @@ import torch
 
 from polymodal.gguf_cache import cache_root
 
-SOURCE = Path(__file__).with_name("quantized_matmul.c")
+# one library: the products, and the decoder step that calls them (decoder_step.c)
+SOURCES = (Path(__file__).with_name("quantized_matmul.c"), Path(__file__).with_name("decoder_step.c"))
 # what the kernels execute: AVX-512 byte ops (bw, vl), VNNI dot products, float16 widening
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
@@ -53,13 +55,18 @@ def available() -> bool:
     return _library() is not None
 
 
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (built on first call), or None where they cannot run here."""
+    return _library()
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("POLYMODAL_KERNELS", "").lower() in ("off", "0", "false", "none"):
         return None
     if not set(REQUIRED_FLAGS) <= cpu_flags():
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
     # with the cache off, a private folder: a shared, predictable path could be planted
     root = cache_root() or Path(tempfile.mkdtemp(prefix="polymodal-"))
@@ -77,17 +84,19 @@ def _library() -> ctypes.CDLL | None:
                                     _pointer, _size, ctypes.c_int]
     library.int4_linear.argtypes = [_pointer, _size, _size, ctypes.c_int, _pointer, _pointer, _pointer,
                                     ctypes.c_int, _pointer, _pointer, _size, ctypes.c_int]
+    library.llama_decode_step.argtypes = [_pointer, ctypes.c_int, _pointer, _pointer, _size, _pointer, _pointer,
+                                          _pointer, _pointer, _pointer, _size, _pointer, _pointer, ctypes.c_int]
     return library
 
 
 def _compile(target: Path) -> None:
-    """Compile SOURCE into `target` atomically (a temp file beside it, then one rename), so that
+    """Compile SOURCES into `target` atomically (a temp file beside it, then one rename), so that
     two processes building at once never load a half-written library."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=target.parent)
     os.close(handle)
     try:
-        subprocess.run([os.environ.get("CC", "cc"), *COMPILE_FLAGS, "-o", temp, str(SOURCE)],
+        subprocess.run([os.environ.get("CC", "cc"), *COMPILE_FLAGS, "-o", temp, *map(str, SOURCES), "-lm"],
                        check=True, capture_output=True, text=True, timeout=120)
         os.replace(temp, target)
     finally:

@@ -273,11 +273,14 @@ def test_the_batch_runner_and_the_slots_run_one_decoder_layer_step_with_the_same
     """A left-padded batch in the runner and the same prompts admitted one by one into slots
     (different lengths, decoding side by side) give the same logits, through one step function."""
     from polymodal.engine import decoder
+    from polymodal.engine.decoder import LlamaDecoder
+    from polymodal.engine.decoder_kernel import decoder_step
     from polymodal.engine.slots import SlotCache
 
-    calls = []
-    step = decoder.decoder_layer_step
+    calls, one_call = [], []
+    step, run = decoder.decoder_layer_step, decoder.run_step
     monkeypatch.setattr(decoder, "decoder_layer_step", lambda *args: calls.append(args[2]) or step(*args))
+    monkeypatch.setattr(decoder, "run_step", lambda *args: one_call.append(args[3]) or run(*args))
     llm, embed = model.llm.model, model.llm.model.get_input_embeddings()
     lengths = [7, 3, 5]
     prompts = [torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
@@ -294,7 +297,11 @@ def test_the_batch_runner_and_the_slots_run_one_decoder_layer_step_with_the_same
             torch.testing.assert_close(slots.step(tokens), batched, rtol=1e-4, atol=1e-4)
             tokens = batched.argmax(-1)
     layers = len(llm.model.layers)
-    assert len(calls) == layers * (1 + 3 + 4 + 4)  # runner prefill, 3 admits, 4 steps each
+    # runner prefill, 3 admits, then 4 steps each, all layers in one C call where the kernels run
+    with torch.no_grad():
+        covered = decoder_step(LlamaDecoder(llm)) is not None  # an AVX-512 VNNI CPU and the model's shapes
+    assert len(one_call) == (4 + 4 if covered else 0)
+    assert len(calls) + layers * len(one_call) == layers * (1 + 3 + 4 + 4)
     assert set(calls) == set(range(layers))
 
 

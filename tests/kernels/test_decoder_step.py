@@ -1,0 +1,163 @@
+"""The decoding step in one C call (issue 20 §2): the eager step's numbers (float32 up to float
+rounding; int8 and int4 up to the rare activation code that rounds the other way), for a
+left-padded batch and for the server's slots; the eager step wherever it does not cover the
+model; operands that would write outside the cache refused before the call."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from polymodal.config import QuantizationConfig
+from polymodal.engine.decoder import LlamaDecoder
+from polymodal.engine.decoder_kernel import decoder_step, eager_steps
+from polymodal.engine.runners import LlamaRunner
+from polymodal.engine.slots import SlotCache
+from polymodal.kernels import quantized_matmul
+from polymodal.quantization import quantize_language_model
+
+needs_kernels = pytest.mark.skipif(not quantized_matmul.available(), reason="no AVX-512 VNNI (or no compiler) here")
+
+
+def tiny_llm(bits: str, bias: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=128, intermediate_size=192, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=bias,
+                         max_position_embeddings=64)
+    llm = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # larger weights than the default init, so that rows and steps differ
+        for parameter in llm.parameters():
+            parameter.normal_(0, 0.2)
+    if bits != "float32":
+        quantize_language_model(llm, QuantizationConfig(bits=bits, group_size=32))
+    return llm
+
+
+def runner_states(llm, eager: bool, steps: int = 6) -> torch.Tensor:
+    """The last hidden states [steps, 2, D] of a left-padded batch of two decoding `steps` tokens."""
+    torch.manual_seed(1)
+    embeds, mask = torch.randn(2, 5, 128), torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    with torch.inference_mode():
+        runner = LlamaRunner(llm)
+        runner.output_hidden = True
+        runner.prefill(embeds, mask, 5 + steps)
+        states = []
+        for step in range(steps):
+            tokens = torch.tensor([3 + step, 40 + step])
+            if eager:
+                with eager_steps():
+                    states.append(runner.step(tokens))
+            else:
+                states.append(runner.step(tokens))
+    return torch.stack(states)
+
+
+def relative_errors(output: torch.Tensor, reference: torch.Tensor) -> list[float]:
+    return [((o - r).norm() / r.norm()).item() for o, r in zip(output, reference)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", ["float32", "int8", "int4"])
+def test_the_one_call_step_computes_what_the_eager_step_does(bits):
+    llm = tiny_llm(bits, bias=bits == "float32")  # q/k/v/o biases, as Qwen2 has on q/k/v
+    with torch.inference_mode():
+        step = decoder_step(LlamaDecoder(llm))
+    assert step is not None and step.kind == bits
+    fused, eager = runner_states(llm, eager=False), runner_states(llm, eager=True)
+    errors = relative_errors(fused, eager)
+    if bits == "float32":
+        assert max(errors) < 1e-5
+    else:  # the same arithmetic; a float rounding apart, an activation code can round the other way
+        assert max(errors) < 1e-2 and sorted(errors)[len(errors) // 2] < 1e-5
+
+
+@needs_kernels
+def test_the_servers_slots_of_different_lengths_step_as_the_eager_step():
+    llm = tiny_llm("int8")
+    torch.manual_seed(2)
+    prompts = [torch.randn(length, 128) for length in (3, 7, 5)]
+    results = []
+    for eager in (False, True):
+        with torch.inference_mode():
+            slots = SlotCache(llm, max_batch=3, max_length=32, initial_length=4)  # grows while decoding
+            for prompt in prompts:
+                slots.admit(prompt[None])
+            logits = []
+            for step in range(5):
+                tokens = torch.tensor([5 + step, 6, 7 + 2 * step])
+                if eager:
+                    with eager_steps():
+                        logits.append(slots.step(tokens))
+                else:
+                    logits.append(slots.step(tokens))
+        results.append(torch.stack(logits))
+    assert max(relative_errors(*results)) < 1e-2
+    assert sorted(relative_errors(*results))[2] < 1e-5
+
+
+@needs_kernels
+def test_the_eager_step_serves_where_the_one_call_step_does_not_cover_the_model(monkeypatch):
+    llm = tiny_llm("int8")
+    decoder = LlamaDecoder(llm)
+    assert decoder_step(decoder) is None  # gradients on: the eager step, which records them
+    with torch.inference_mode():
+        step = decoder_step(decoder)
+        assert step is not None and decoder_step(decoder) is step  # kept, not rebuilt
+        with eager_steps():
+            assert decoder_step(decoder) is None
+        handle = llm.model.layers[1].self_attn.q_proj.register_forward_hook(lambda *args: None)
+        assert decoder_step(decoder) is None  # only the eager step would call the hook
+        handle.remove()
+        assert decoder_step(decoder) is not None
+        attention = llm.model.layers[2].self_attn
+        attention.o_proj = nn.Linear(128, 128, bias=False)  # int8 and float32 mixed
+        assert decoder_step(decoder) is None
+    monkeypatch.setenv("POLYMODAL_KERNELS", "off")
+    quantized_matmul._library.cache_clear()
+    try:
+        with torch.inference_mode():
+            assert decoder_step(LlamaDecoder(tiny_llm("float32"))) is None
+    finally:
+        monkeypatch.undo()
+        quantized_matmul._library.cache_clear()
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", ["float32", "int8"])
+def test_new_weights_rebuild_the_step_and_it_reads_them(bits):
+    llm = tiny_llm(bits)
+    with torch.inference_mode():
+        first = decoder_step(LlamaDecoder(llm))
+    other = tiny_llm(bits)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(0.5)
+    if bits == "float32":  # a tensor swapped under the step: it must not read the old one
+        for name, parameter in llm.named_parameters():
+            parameter.data = dict(other.named_parameters())[name].data.clone()
+    else:
+        llm.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        second = decoder_step(LlamaDecoder(llm))
+    assert second is not None and second is not first
+    assert max(relative_errors(runner_states(llm, eager=False), runner_states(other, eager=True))) < 1e-2
+
+
+@needs_kernels
+def test_a_slot_outside_the_cache_is_refused_before_anything_is_written():
+    llm = tiny_llm("int8")
+    with torch.inference_mode():
+        step = decoder_step(LlamaDecoder(llm))
+        keys = [torch.zeros(2, 2, 8, 32) for _ in range(3)]
+        values = [torch.zeros(2, 2, 8, 32) for _ in range(3)]
+        mask = torch.ones(2, 8, dtype=torch.bool)
+        table = torch.ones(1, 32)
+        for rows, slots, span in (([2], [0], 8), ([0], [8], 8), ([0], [5], 4), ([-1], [0], 8)):
+            with pytest.raises(ValueError, match="do not match"):
+                step(torch.randn(1, 128), keys, values, mask, torch.tensor(rows), torch.tensor(slots), span, table,
+                     table)
+        assert all(not tensor.any() for tensor in [*keys, *values])
+        with pytest.raises(ValueError, match="do not match"):  # a half-precision cache
+            step(torch.randn(1, 128), [k.half() for k in keys], values, mask, torch.tensor([0]), torch.tensor([0]), 8,
+                 table, table)
