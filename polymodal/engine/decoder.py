@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from polymodal.engine.decoder_kernel import UNCHECKED, decoder_step, run_step, steps_enabled
+from polymodal.engine.decoder_kernel import UNCHECKED, decoder_step, head_plan, run_step, steps_enabled
 from polymodal.engine.kv_cache import KVCache
 from polymodal.fusion.context import current
 from polymodal.kernels.decoder_step import DecoderStep
@@ -175,8 +175,14 @@ class LlamaDecoder:
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The last layer's output [B, D] -> next-token logits [B, V]."""
-        return self.lm_head(rms_norm(self.body.norm, hidden))
+        """The last layer's output [B, D] -> next-token logits [B, V]. While a float32 model
+        decodes in one C call, its LM head runs on the same float32 product."""
+        normed = rms_norm(self.body.norm, hidden)
+        if isinstance(self.fused_step, DecoderStep) and self.fused_step.kind == "float32":
+            plan = head_plan(self)
+            if plan is not None:
+                return plan(normed.contiguous())
+        return self.lm_head(normed)
 
 
 def decoder_layer_step(decoder: LlamaDecoder, layer, index: int, hidden: torch.Tensor, cache: KVCache,

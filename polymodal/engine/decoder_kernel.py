@@ -29,6 +29,7 @@ from polymodal.quantization import Int4Linear, Int8Linear
 # decoder body (the transformers model under the LM head) -> (its modules, their operand versions, the
 # tensors the step reads, step or None)
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LM head -> (its weight, float32 plan)
 _ENABLED = [True]
 UNCHECKED = object()  # a decoder whose step has not been looked up since its last prefill
 ACTIVATIONS = ("silu", "swish")
@@ -80,6 +81,24 @@ def decoder_step(decoder) -> DecoderStep | None:
     step = _build(decoder, modules)
     _STEPS[decoder.body] = (modules, versions, tensors, step)
     return step
+
+
+def head_plan(decoder) -> quantized_matmul.Plan | None:
+    """A float32 plan of the decoder's LM head (a plain bias-free float32 `nn.Linear`, no hooks;
+    ~1.15x torch's F.linear at batch 1), else None. Checked at every call: one module."""
+    head = decoder.lm_head
+    if (type(head) is not nn.Linear or head.bias is not None or head.weight.dtype != torch.float32
+            or _hooked((head,)) or not steps_enabled()):
+        return None
+    cached = _HEADS.get(head)
+    if cached is not None and cached[0] is head.weight and cached[1].valid():
+        return cached[1]
+    try:
+        plan = quantized_matmul.Plan("float32", [(head.weight,)])
+    except ValueError:  # kernels unavailable, K not a multiple of 64, not on the CPU
+        return None
+    _HEADS[head] = (head.weight, plan)
+    return plan
 
 
 def run_step(step: DecoderStep, hidden: torch.Tensor, cache: KVCache, layout) -> torch.Tensor:

@@ -56,7 +56,7 @@ typedef struct {
 #define F32_ROWS 4
 #define F32_PREFETCH 4096
 
-static int float32_linear(const float *x, int64_t M, int64_t K, int count, const float *const *w,
+int float32_linear(const float *x, int64_t M, int64_t K, int count, const float *const *w,
                           const int64_t *n, float *y, int64_t ldy, int threads) {
     if (K % 16 != 0 || count < 1 || count > 8) return 1;
     int64_t blocks = 0, offsets[8] = {0}, starts[9] = {0};

@@ -84,6 +84,8 @@ def _library() -> ctypes.CDLL | None:
                                     _pointer, _size, ctypes.c_int]
     library.int4_linear.argtypes = [_pointer, _size, _size, ctypes.c_int, _pointer, _pointer, _pointer,
                                     ctypes.c_int, _pointer, _pointer, _size, ctypes.c_int]
+    library.float32_linear.argtypes = [_pointer, _size, _size, ctypes.c_int, _pointer, _pointer, _pointer, _size,
+                                       ctypes.c_int]
     library.llama_decode_step.argtypes = [_pointer, ctypes.c_int, _pointer, _pointer, _size, _pointer, _pointer,
                                           _pointer, _pointer, _pointer, _size, _pointer, _pointer, ctypes.c_int]
     return library
@@ -119,8 +121,10 @@ class Plan:
     MAX_MATRICES = 8  # the C side's limit
 
     def __init__(self, bits: str, matrices: list[tuple[torch.Tensor, ...]], group_size: int = 0):
-        """matrices: int8 (weight int8 [N, K], scales float32 [N]) each, or int4 (packed uint8
-        [N, K/2] in `int4_layout`, scales float16 [N, K/group], mins float16 [N, K/group]).
+        """matrices: int8 (weight int8 [N, K], scales float32 [N]) each, int4 (packed uint8
+        [N, K/2] in `int4_layout`, scales float16 [N, K/group], mins float16 [N, K/group]), or
+        float32 (weight float32 [N, K]: the float product of decoder_step.c, ~1.15x torch's
+        F.linear on SmolLM2's LM head at batch 1).
 
         Raises ValueError if the kernels are unavailable, K is not a multiple of 64, the
         matrices do not share K, there are more than 8, or int4's group is not 32 or 64."""
@@ -158,7 +162,10 @@ class Plan:
         out = torch.empty(rows, self.outputs, dtype=torch.float32)
         arrays = self._addresses
         threads = torch.get_num_threads()
-        if self.bits == "int8":
+        if self.bits == "float32":
+            failed = self.library.float32_linear(x.data_ptr(), rows, self.inputs, self.count, *arrays,
+                                                 ctypes.addressof(self._sizes), out.data_ptr(), self.outputs, threads)
+        elif self.bits == "int8":
             failed = self.library.int8_linear(x.data_ptr(), rows, self.inputs, self.count, *arrays,
                                               ctypes.addressof(self._sizes), out.data_ptr(), self.outputs, threads)
         else:

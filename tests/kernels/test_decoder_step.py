@@ -3,6 +3,8 @@ rounding; int8 and int4 up to the rare activation code that rounds the other way
 left-padded batch and for the server's slots; the eager step wherever it does not cover the
 model; operands that would write outside the cache refused before the call."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from torch import nn
@@ -10,10 +12,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from polymodal.config import QuantizationConfig
 from polymodal.engine.decoder import LlamaDecoder
-from polymodal.engine.decoder_kernel import decoder_step, eager_steps
+from polymodal.engine.decoder_kernel import decoder_step, eager_steps, head_plan
 from polymodal.engine.runners import LlamaRunner
 from polymodal.engine.slots import SlotCache
 from polymodal.kernels import quantized_matmul
+from polymodal.kernels.decoder_step import DecoderStep
 from polymodal.quantization import quantize_language_model
 
 needs_kernels = pytest.mark.skipif(not quantized_matmul.available(), reason="no AVX-512 VNNI (or no compiler) here")
@@ -161,3 +164,23 @@ def test_a_slot_outside_the_cache_is_refused_before_anything_is_written():
         with pytest.raises(ValueError, match="do not match"):  # a half-precision cache
             step(torch.randn(1, 128), [k.half() for k in keys], values, mask, torch.tensor([0]), torch.tensor([0]), 8,
                  table, table)
+
+
+@needs_kernels
+def test_a_float32_models_lm_head_runs_on_the_same_product_while_decoding():
+    llm = tiny_llm("float32")
+    decoder = LlamaDecoder(llm)
+    with torch.inference_mode():
+        assert head_plan(decoder) is not None
+        logits = []
+        for eager in (False, True):
+            runner = LlamaRunner(llm)
+            runner.prefill(torch.randn(1, 4, 128, generator=torch.Generator().manual_seed(3)),
+                           torch.ones(1, 4, dtype=torch.long), 8)
+            with eager_steps() if eager else nullcontext():
+                logits.append(runner.step(torch.tensor([7])))
+            assert isinstance(runner.decoder.fused_step, DecoderStep) != eager
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+    llm.lm_head.register_forward_hook(lambda *args: None)
+    with torch.inference_mode():
+        assert head_plan(decoder) is None  # a hook only the module's own call runs
