@@ -166,7 +166,7 @@ class LlamaDecoder:
         elif fusion_call is None and steps_enabled():
             if self.fused_step is UNCHECKED:
                 self.fused_step = decoder_step(self)  # every layer in one C call, where it covers the model
-            if self.fused_step is not None:
+            if self.fused_step is not None and self.fused_step.covers(len(hidden)):
                 return run_step(self.fused_step, hidden, cache, layout)
         for index, layer in enumerate(self.layers):
             if fusion_call is not None:
@@ -178,7 +178,8 @@ class LlamaDecoder:
         """The last layer's output [B, D] -> next-token logits [B, V]. While a float32 model
         decodes in one C call, its LM head runs on the same float32 product."""
         normed = rms_norm(self.body.norm, hidden)
-        if isinstance(self.fused_step, DecoderStep) and self.fused_step.kind == "float32":
+        step = self.fused_step
+        if isinstance(step, DecoderStep) and step.kind == "float32" and step.covers(len(hidden)):
             plan = head_plan(self)
             if plan is not None:
                 return plan(normed.contiguous())

@@ -20,6 +20,11 @@ import torch
 from polymodal.kernels import quantized_matmul
 
 KINDS = {"float32": 0, "int8": 1, "int4": 2}
+# Above this many rows the float32 product (4 rows of weights against one activation row at a
+# time) loses to torch's GEMM, which reuses each weight across rows in registers: SmolLM2's
+# step, one call vs eager, was 1.33x at 8 rows, 1.02x at 16, 0.78x at 32, 0.65x at 64 (2 cores,
+# 2026-11-30). The int8/int4 products won at every batch tried (1.13-1.26x at 32 and 64 rows).
+FLOAT32_MAX_ROWS = 16
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down")  # the C struct's order
 _pointer = ctypes.c_void_p
 
@@ -90,6 +95,7 @@ class DecoderStep:
         self._pointers = [tensor.data_ptr() for tensor in self.tensors]
         self.shape = _Shape(hidden, intermediate, 0, heads, kv_heads, head_dim, KINDS[kind], group_size, eps)
         self.count, self.hidden, self.kind = len(layers), hidden, kind
+        self.max_rows = FLOAT32_MAX_ROWS if kind == "float32" else None
 
     def _hold(self, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> int | None:
         """Keep `tensor` alive and return its address, after checking what C will read."""
@@ -116,6 +122,10 @@ class DecoderStep:
         if None in pointers[:1 if kind == "float32" else 2 if kind == "int8" else 3]:
             raise ValueError(f"decoder step: a {kind} matrix lacks an operand")
         return _Matrix(*pointers, self._hold(bias, (rows,), torch.float32), rows)
+
+    def covers(self, rows: int) -> bool:
+        """Whether a call of `rows` new tokens is faster here than the eager step."""
+        return self.max_rows is None or rows <= self.max_rows
 
     def valid(self) -> bool:
         """Whether every operand still lives where the step points."""

@@ -16,7 +16,7 @@ from polymodal.engine.decoder_kernel import decoder_step, eager_steps, head_plan
 from polymodal.engine.runners import LlamaRunner
 from polymodal.engine.slots import SlotCache
 from polymodal.kernels import quantized_matmul
-from polymodal.kernels.decoder_step import DecoderStep
+from polymodal.kernels.decoder_step import FLOAT32_MAX_ROWS, DecoderStep
 from polymodal.quantization import quantize_language_model
 
 needs_kernels = pytest.mark.skipif(not quantized_matmul.available(), reason="no AVX-512 VNNI (or no compiler) here")
@@ -184,3 +184,11 @@ def test_a_float32_models_lm_head_runs_on_the_same_product_while_decoding():
     llm.lm_head.register_forward_hook(lambda *args: None)
     with torch.inference_mode():
         assert head_plan(decoder) is None  # a hook only the module's own call runs
+
+
+@needs_kernels
+def test_large_float32_batches_decode_on_the_eager_step_where_torchs_gemm_is_faster():
+    with torch.inference_mode():
+        float32, int8 = decoder_step(LlamaDecoder(tiny_llm("float32"))), decoder_step(LlamaDecoder(tiny_llm("int8")))
+    assert float32.covers(FLOAT32_MAX_ROWS) and not float32.covers(FLOAT32_MAX_ROWS + 1)
+    assert int8.covers(256)
