@@ -136,6 +136,11 @@ class LlamaDecoder:
         sliding = getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
         return config.model_type in LLAMA_FAMILY and not sliding
 
+    def forget_step(self) -> None:
+        """A new prefill (a generation, a slot's admission): build the one-call step again from
+        the model as it is at the next decoding step (engine.decoder_kernel)."""
+        self.fused_step = UNCHECKED
+
     @property
     def layers(self):
         return self.body.layers
@@ -159,14 +164,15 @@ class LlamaDecoder:
         (`fusion.context`) gets its block before each layer; its hooks run in the step.
         One new token per row outside a fusion call runs as one C call where it covers the
         model (`engine.decoder_kernel`), the same arithmetic as the eager layers; whether it
-        does is checked at the first such step after each prefill (~0.2 ms), not at every step."""
+        does is decided at the first such step after each prefill (`forget_step`)."""
         fusion_call = current()
         if layout.grid[1] != 1 or layout.real is not None:
-            self.fused_step = UNCHECKED  # a prefill or an admission: look at the model again at the next step
+            self.forget_step()  # a prefill or an admission: look at the model again at the next step
         elif fusion_call is None and steps_enabled():
             if self.fused_step is UNCHECKED:
                 self.fused_step = decoder_step(self)  # every layer in one C call, where it covers the model
-            if self.fused_step is not None and self.fused_step.covers(len(hidden)):
+            if (self.fused_step is not None and self.fused_step.covers(len(hidden))
+                    and hidden.dtype == cache.keys[0].dtype == torch.float32):
                 return run_step(self.fused_step, hidden, cache, layout)
         for index, layer in enumerate(self.layers):
             if fusion_call is not None:

@@ -5,16 +5,16 @@ hooks on those modules. `LlamaDecoder.run` calls it for one new token per row ou
 fusion call; everything else (prefill, LoRA kept beside the layers, a fusion inside the
 decoder, gradients, `POLYMODAL_KERNELS=off`) runs the eager step (`engine.decoder`).
 
-The step is built once per model and kept beside it (a weak map). A decoder looks it up at
-its first decoding step after each prefill (a generation, a server slot's admission), checked
-against the model's current modules and tensors, so loading weights or swapping a layer
-rebuilds it; within a generation it is reused unchecked, and since it holds aliases of every
-operand, a weight swapped mid-generation is read stale, never from freed memory.
+A decoder builds its step (~2 ms for SmolLM2's 30 layers) at its first decoding step after
+each prefill (a generation, a server slot's admission; `LlamaDecoder.forget_step`), from the
+model's modules as they are then, so weights loaded or layers swapped between generations
+are always read; within a generation the step is reused unchecked, and since it holds
+aliases of every operand, a weight swapped mid-generation is read stale, never from freed
+memory. Nothing is cached beyond the decoder, so no step keeps a model's old weights alive.
 """
 
 from __future__ import annotations
 
-import operator
 import weakref
 from contextlib import contextmanager
 
@@ -26,9 +26,6 @@ from polymodal.kernels import quantized_matmul
 from polymodal.kernels.decoder_step import DecoderStep, LayerWeights
 from polymodal.quantization import Int4Linear, Int8Linear
 
-# decoder body (the transformers model under the LM head) -> (its modules, their operand versions, the
-# tensors the step reads, step or None)
-_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LM head -> (its weight, float32 plan)
 _ENABLED = [True]
 UNCHECKED = object()  # a decoder whose step has not been looked up since its last prefill
@@ -47,8 +44,7 @@ def eager_steps():
 
 def layer_modules(layer: nn.Module) -> tuple[nn.Module | None, ...]:
     """(input norm, post-attention norm, q, k, v, o, gate, up, down) of a Llama decoder layer,
-    None where the layer lacks one (a fusion's experts in place of the MLP). Read from the
-    modules' own tables: this runs every step, and nn.Module's attribute lookup costs ~1 us."""
+    None where the layer lacks one (a fusion's experts in place of the MLP)."""
     children = layer._modules
     attention, mlp = children.get("self_attn"), children.get("mlp")
     attention = {} if attention is None else attention._modules
@@ -59,28 +55,22 @@ def layer_modules(layer: nn.Module) -> tuple[nn.Module | None, ...]:
 
 
 def steps_enabled() -> bool:
-    """Whether the one-call step may run now: not inside `eager_steps`, no gradients recorded."""
-    return _ENABLED[-1] and not torch.is_grad_enabled()
+    """Whether the one-call step may run now: not inside `eager_steps`, no gradients recorded,
+    no CPU autocast (under which the eager step would compute in bfloat16)."""
+    return _ENABLED[-1] and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
 
 
 def decoder_step(decoder) -> DecoderStep | None:
-    """The C step of this `LlamaDecoder`'s model, or None where it does not cover the model
-    (~0.2 ms: every module and tensor checked against the cached step)."""
+    """A C step of this `LlamaDecoder`'s model as it is now, or None where it does not cover
+    the model."""
     if not steps_enabled() or not quantized_matmul.available():
         return None
     modules = tuple(module for layer in decoder.layers for module in layer_modules(layer))
-    if _hooked(modules):
+    containers = tuple(module for layer in decoder.layers
+                       for module in (layer, layer._modules.get("self_attn"), layer._modules.get("mlp")))
+    if any(module is None for module in modules) or _hooked(modules + containers):
         return None
-    versions = tuple(module.__dict__.get("operand_version") for module in modules if module is not None)
-    tensors = _tensors(modules)
-    cached = _STEPS.get(decoder.body)
-    if (cached is not None and cached[0] == modules and cached[1] == versions
-            and len(cached[2]) == len(tensors) and all(map(operator.is_, cached[2], tensors))):  # the very tensor objects (`is`: == compares values)
-        if cached[3] is None or cached[3].valid():  # and each still at its address (a `.data =` moves it)
-            return cached[3]
-    step = _build(decoder, modules)
-    _STEPS[decoder.body] = (modules, versions, tensors, step)
-    return step
+    return _build(decoder, modules)
 
 
 def head_plan(decoder) -> quantized_matmul.Plan | None:
@@ -111,7 +101,7 @@ def run_step(step: DecoderStep, hidden: torch.Tensor, cache: KVCache, layout) ->
 
 def _build(decoder, modules: tuple[nn.Module, ...]) -> DecoderStep | None:
     config = decoder.body.config
-    if any(module is None for module in modules) or getattr(config, "hidden_act", None) not in ACTIVATIONS:
+    if getattr(config, "hidden_act", None) not in ACTIVATIONS:
         return None
     kind, group = _kind(modules)
     if kind is None:
@@ -148,18 +138,11 @@ def _kind(modules: tuple[nn.Module, ...]) -> tuple[str | None, int]:
 
 
 def _operands(module: nn.Module) -> tuple[torch.Tensor | None, ...]:
-    """(weight, scales, mins, bias) as `LayerWeights` documents: the module's own tensors (not
-    detached copies), so that the step's address checks follow a `.data =` on them."""
+    """(weight, scales, mins, bias) as `LayerWeights` documents."""
     if isinstance(module, (Int8Linear, Int4Linear)):
         operands = module.kernel_operands()
         return (*operands, *(None,) * (3 - len(operands)), module.bias)
     return module.weight, None, None, module.bias
-
-
-def _tensors(modules: tuple[nn.Module | None, ...]) -> tuple[torch.Tensor | None, ...]:
-    """Every parameter and buffer of `modules`, read from their tables (this runs every step)."""
-    return tuple(tensor for module in modules if module is not None
-                 for table in (module._parameters, module._buffers) for tensor in table.values())
 
 
 def _hooked(modules: tuple[nn.Module, ...]) -> bool:

@@ -121,6 +121,7 @@ class LlamaRunner:
         self.cache = self.decoder.empty_cache(embeds.shape[0], max_length, embeds)
         self.rotary = self.decoder.rotary_table(max_length, embeds)
         self.length = 0
+        self.decoder.forget_step()  # a new generation: the model is looked at again
 
     def _forward(self, hidden: torch.Tensor, positions: torch.Tensor, real: torch.Tensor | None = None,
                  input_ids: torch.Tensor | None = None) -> torch.Tensor:

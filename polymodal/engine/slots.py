@@ -95,6 +95,7 @@ class SlotCache:
         if self._active == self.max_batch:
             raise RuntimeError("no free slot")
         length, row = embeds.shape[1], self._active
+        self.decoder.forget_step()  # a new prompt: the model is looked at again
         self._reserve(row + 1, length)
         self.kv.key_mask[row] = False  # what a row that ran here before left
         slots = torch.arange(length)[None]  # [1, T]: slots and positions alike

@@ -171,11 +171,14 @@ class DecoderStep:
                       for t in (*keys, *values))
               and key_mask.dtype == torch.bool and tuple(key_mask.shape) == (rows, capacity)
               and key_mask.is_contiguous() and 0 < span <= capacity)
+        ok = ok and key_mask.is_cpu
         for index, upper in ((cache_rows, rows), (slots, span)):
             ok = ok and index.dtype == torch.int64 and tuple(index.shape) == (batch,) and index.is_contiguous()
+            ok = ok and index.is_cpu
             ok = ok and batch > 0 and 0 <= int(index.min()) and int(index.max()) < upper
         for table in (cos, sin):
-            ok = ok and table.dtype == torch.float32 and tuple(table.shape) == (batch, head_dim) and table.is_contiguous()
+            ok = (ok and table.dtype == torch.float32 and tuple(table.shape) == (batch, head_dim) and table.is_cpu
+                  and table.is_contiguous())
         if not ok:
             raise ValueError(f"decoder step: operands do not match the model or the cache (hidden "
                              f"{tuple(hidden.shape)}, cache {tuple(keys[0].shape)}, span {span})")

@@ -37,6 +37,9 @@ REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma
 COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
                  "-fopenmp", "-shared", "-fPIC")
 _pointer, _size = ctypes.c_void_p, ctypes.c_int64
+# what each kind of Plan reads per matrix (the C side trusts it)
+OPERAND_DTYPES = {"float32": (torch.float32,), "int8": (torch.int8, torch.float32),
+                  "int4": (torch.uint8, torch.float16, torch.float16)}
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -127,12 +130,16 @@ class Plan:
         F.linear on SmolLM2's LM head at batch 1).
 
         Raises ValueError if the kernels are unavailable, K is not a multiple of 64, the
-        matrices do not share K, there are more than 8, or int4's group is not 32 or 64."""
+        matrices do not share K, there are more than 8, an operand has another dtype, or
+        int4's group is not 32 or 64."""
         inputs = {matrix[0].shape[1] * (2 if bits == "int4" else 1) for matrix in matrices}  # int4: 2 per byte
         if len(inputs) != 1 or not 1 <= len(matrices) <= self.MAX_MATRICES:
             raise ValueError(f"quantized kernels: 1 to 8 matrices of one K, got {len(matrices)} of K {inputs}")
         if bits == "int4" and group_size not in (32, 64):
             raise ValueError(f"quantized kernels: int4 group size 32 or 64, got {group_size}")
+        kinds = OPERAND_DTYPES.get(bits)
+        if kinds is None or any(tuple(tensor.dtype for tensor in matrix) != kinds for matrix in matrices):
+            raise ValueError(f"quantized kernels: {bits} matrices are {kinds} tuples")
         self.bits, self.group_size, self.inputs = bits, group_size, inputs.pop()
         self.library = _checked_library(self.inputs)
         if any(not tensor.is_cpu for matrix in matrices for tensor in matrix):

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from polymodal.config import QuantizationConfig
 from polymodal.engine.decoder import LlamaDecoder
@@ -22,12 +22,14 @@ from polymodal.quantization import quantize_language_model
 needs_kernels = pytest.mark.skipif(not quantized_matmul.available(), reason="no AVX-512 VNNI (or no compiler) here")
 
 
-def tiny_llm(bits: str, bias: bool = False) -> LlamaForCausalLM:
+def tiny_llm(bits: str, bias: bool = False, arch: str = "llama", **sizes) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=128, intermediate_size=192, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, attention_bias=bias,
-                         max_position_embeddings=64)
-    llm = LlamaForCausalLM(config).eval()
+    settings = dict(vocab_size=100, hidden_size=128, intermediate_size=192, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64) | sizes
+    if arch == "qwen2":  # biases on q, k and v
+        llm = Qwen2ForCausalLM(Qwen2Config(**settings)).eval()
+    else:
+        llm = LlamaForCausalLM(LlamaConfig(attention_bias=bias, **settings)).eval()
     with torch.no_grad():  # larger weights than the default init, so that rows and steps differ
         for parameter in llm.parameters():
             parameter.normal_(0, 0.2)
@@ -36,15 +38,16 @@ def tiny_llm(bits: str, bias: bool = False) -> LlamaForCausalLM:
     return llm
 
 
-def runner_states(llm, eager: bool, steps: int = 6) -> torch.Tensor:
+def runner_states(llm, eager: bool, steps: int = 6, prompt: int = 5) -> torch.Tensor:
     """The last hidden states [steps, 2, D] of a left-padded batch of two decoding `steps` tokens."""
     torch.manual_seed(1)
-    embeds, mask = torch.randn(2, 5, 128), torch.ones(2, 5, dtype=torch.long)
+    embeds = torch.randn(2, prompt, llm.config.hidden_size)
+    mask = torch.ones(2, prompt, dtype=torch.long)
     mask[1, :2] = 0
     with torch.inference_mode():
         runner = LlamaRunner(llm)
         runner.output_hidden = True
-        runner.prefill(embeds, mask, 5 + steps)
+        runner.prefill(embeds, mask, prompt + steps)
         states = []
         for step in range(steps):
             tokens = torch.tensor([3 + step, 40 + step])
@@ -73,6 +76,19 @@ def test_the_one_call_step_computes_what_the_eager_step_does(bits):
         assert max(errors) < 1e-5
     else:  # the same arithmetic; a float rounding apart, an activation code can round the other way
         assert max(errors) < 1e-2 and sorted(errors)[len(errors) // 2] < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits, arch, sizes", [
+    ("float32", "llama", {"hidden_size": 192, "num_attention_heads": 8, "num_key_value_heads": 2}),  # hd 24
+    ("int8", "llama", {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 96}),  # H*hd != D
+    ("int4", "qwen2", {}),
+])
+def test_other_shapes_and_a_span_past_16_slots_step_as_the_eager_step(bits, arch, sizes):
+    llm = tiny_llm(bits, arch=arch, **sizes)
+    fused, eager = runner_states(llm, eager=False, prompt=20), runner_states(llm, eager=True, prompt=20)
+    errors = relative_errors(fused, eager)  # 20-26 slots: the vectorized softmax and its masked tail
+    assert max(errors) < 1e-2 and sorted(errors)[len(errors) // 2] < 1e-5
 
 
 @needs_kernels
@@ -105,14 +121,16 @@ def test_the_eager_step_serves_where_the_one_call_step_does_not_cover_the_model(
     decoder = LlamaDecoder(llm)
     assert decoder_step(decoder) is None  # gradients on: the eager step, which records them
     with torch.inference_mode():
-        step = decoder_step(decoder)
-        assert step is not None and decoder_step(decoder) is step  # kept, not rebuilt
+        assert decoder_step(decoder) is not None
         with eager_steps():
             assert decoder_step(decoder) is None
         handle = llm.model.layers[1].self_attn.q_proj.register_forward_hook(lambda *args: None)
         assert decoder_step(decoder) is None  # only the eager step would call the hook
         handle.remove()
         assert decoder_step(decoder) is not None
+        handle = llm.model.layers[0].mlp.register_forward_hook(lambda module, args, output: output * 0)
+        assert decoder_step(decoder) is None  # a hook on a module around the projections, too
+        handle.remove()
         attention = llm.model.layers[2].self_attn
         attention.o_proj = nn.Linear(128, 128, bias=False)  # int8 and float32 mixed
         assert decoder_step(decoder) is None
@@ -145,6 +163,30 @@ def test_new_weights_rebuild_the_step_and_it_reads_them(bits):
         second = decoder_step(LlamaDecoder(llm))
     assert second is not None and second is not first
     assert max(relative_errors(runner_states(llm, eager=False), runner_states(other, eager=True))) < 1e-2
+
+
+@needs_kernels
+def test_a_one_token_admission_after_new_weights_reads_them():
+    llm, other = tiny_llm("float32"), tiny_llm("float32")
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(0.5)
+    torch.manual_seed(4)
+    prompt, token = torch.randn(1, 3, 128), torch.randn(1, 1, 128)
+    with torch.inference_mode():
+        slots = SlotCache(llm, max_batch=1, max_length=16)
+        slots.admit(prompt)
+        slots.step(torch.tensor([5]))  # a step built from llm's first weights
+        slots.release(0)
+        for name, parameter in llm.named_parameters():  # a reload by `.data =`
+            parameter.data = dict(other.named_parameters())[name].data.clone()
+        admitted = slots.admit(token)  # one token, no padding: shaped as a decoding step
+        stepped = slots.step(torch.tensor([6]))
+        with eager_steps():
+            reference = SlotCache(other, max_batch=1, max_length=16)
+            expected = reference.admit(token), reference.step(torch.tensor([6]))
+    torch.testing.assert_close(admitted, expected[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stepped, expected[1], rtol=1e-4, atol=1e-4)
 
 
 @needs_kernels

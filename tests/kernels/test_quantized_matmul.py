@@ -152,3 +152,12 @@ def test_moved_operands_wrong_inputs_and_gradients_are_caught_not_read_blindly()
     state["weight"][0, 0] = -128  # a code outside what quantize_int8 makes: clamped on load
     layer.load_state_dict(state)
     assert layer.weight.min() >= -127
+
+
+@needs_kernels
+def test_a_plan_refuses_operands_of_another_kind_before_c_reads_them():
+    weight = torch.zeros(64, 128, dtype=torch.int8)
+    for bits, matrix in (("float32", (weight,)), ("float32", (weight.float(), torch.ones(64))),
+                         ("int8", (weight, torch.ones(64, dtype=torch.bfloat16))), ("int2", (weight,))):
+        with pytest.raises(ValueError, match="tuples"):
+            quantized_matmul.Plan(bits, [matrix])
