@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from polymodal.engine.decoder_kernel import UNCHECKED, decoder_step, head_plan, run_step, steps_enabled
+from polymodal.engine.decoder_kernel import (
+    UNCHECKED,
+    decoder_step,
+    head_plan,
+    run_step,
+    steps_enabled,
+)
 from polymodal.engine.kv_cache import KVCache
 from polymodal.fusion.context import current
 from polymodal.kernels.decoder_step import DecoderStep
@@ -126,7 +132,7 @@ class LlamaDecoder:
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.fused_step: DecoderStep | None | object = UNCHECKED  # the one-call step while decoding
+        self.fused_step: DecoderStep | object | None = UNCHECKED  # the one-call step while decoding
 
     @staticmethod
     def supports(model) -> bool:

@@ -175,7 +175,7 @@ class DecoderStep:
         for index, upper in ((cache_rows, rows), (slots, span)):
             ok = ok and index.dtype == torch.int64 and tuple(index.shape) == (batch,) and index.is_contiguous()
             ok = ok and index.is_cpu
-            ok = ok and batch > 0 and 0 <= int(index.min()) and int(index.max()) < upper
+            ok = ok and batch > 0 and int(index.min()) >= 0 and int(index.max()) < upper
         for table in (cos, sin):
             ok = (ok and table.dtype == torch.float32 and tuple(table.shape) == (batch, head_dim) and table.is_cpu
                   and table.is_contiguous())

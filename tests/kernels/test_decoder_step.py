@@ -24,8 +24,8 @@ needs_kernels = pytest.mark.skipif(not quantized_matmul.available(), reason="no 
 
 def tiny_llm(bits: str, bias: bool = False, arch: str = "llama", **sizes) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    settings = dict(vocab_size=100, hidden_size=128, intermediate_size=192, num_hidden_layers=3,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64) | sizes
+    settings = {"vocab_size": 100, "hidden_size": 128, "intermediate_size": 192, "num_hidden_layers": 3,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64} | sizes
     if arch == "qwen2":  # biases on q, k and v
         llm = Qwen2ForCausalLM(Qwen2Config(**settings)).eval()
     else:
