@@ -113,15 +113,16 @@ def prompt_length(model: MultimodalLM, batch: int) -> int:
 def streamed_bytes(causal_lm: torch.nn.Module) -> int:
     """Weight bytes one decode step reads: every parameter and buffer once, but the input
     embeddings only when they are the (tied) LM head (a lookup reads one row per token), and
-    not the saved forms a quantized layer's running kernel does not read (Int4Linear's codes:
-    it reads its packed copy; with polymodal's kernels, the bfloat16 scales too)."""
+    not the saved forms a quantized layer's running kernel does not read (Int4Linear's codes and
+    float16 scales and mins: each kernel reads its own layout of them; with polymodal's
+    kernels, Int8Linear's bfloat16 scales)."""
     embeddings = causal_lm.get_input_embeddings().weight
     tied = getattr(causal_lm.get_output_embeddings(), "weight", None) is embeddings
     seen, total = set(), 0
     unread = set()
     for layer in causal_lm.modules():
         if isinstance(layer, Int4Linear):
-            unread |= {id(layer.codes)} | ({id(layer.scales_and_zeros)} if layer.own_kernel else set())
+            unread |= {id(layer.codes), id(layer.scales_and_mins)}  # each kernel reads its own copies
         elif isinstance(layer, Int8Linear) and layer.own_kernel:
             unread.add(id(layer.scales))
     for tensor in [*causal_lm.parameters(), *causal_lm.buffers()]:

@@ -10,9 +10,12 @@ batch-1 decode streams from memory once per token, shrink 4x (int8) or ~7x (int4
 - int8: w ≈ q * s, q in [-127, 127], s = max|w_row| / 127 per output row (symmetric, from
   the weights). Kernel: `torch.ops.aten._weight_int8pack_mm(x, q, s)` (x @ (q * s)^T).
 - int4: per row and group of `group_size` inputs, w ≈ q * s + min with q in [0, 15],
-  s = (max - min) / 15 (asymmetric). The kernel (`_weight_int4pack_mm_for_cpu`, torch's
-  "tinygemm" layout from gpt-fast) reads (q - 8) * s + z with z = min + 8 s, so the stored
-  scale/zero table is [K / group, N, 2] of (s, z).
+  s = (max - min) / 15 (asymmetric), s and min stored in float16 (llama.cpp's Q4_1 with
+  groups of 32: a model dequantized from a Q4_1 GGUF, as SmolLM2 here, requantizes to the
+  very same codes, scales and mins, so its int4 weights are the file's own, lossless). torch's
+  kernel (`_weight_int4pack_mm_for_cpu`, the "tinygemm" layout from gpt-fast) reads
+  (q - 8) * s + z with z = min + 8 s in bfloat16: a table [K / group, N, 2] of (s, z) built
+  from those when it runs.
 
 Kernels. On a CPU with AVX-512 VNNI, `polymodal.kernels.quantized_matmul` (compiled on first
 use) quantizes the activations to int8 in blocks of 32 (llama.cpp's Q8_0) and takes integer
@@ -21,7 +24,7 @@ dot products: at batch 1 its products run 1.5-2x faster than torch's kernels
 on x86 they are vectorized (AVX-512 or AVX2) for bfloat16 activations only (float32 ones
 fall to a scalar loop ~10x slower), so activations enter them in bfloat16 (torch's own
 choice in gpt-fast/torchao), accumulate in float32, and come back in the caller's dtype.
-Scales are stored in bfloat16 either way.
+int8's scales are stored in bfloat16, int4's scales and mins in float16.
 
 The int4 kernel's packed layout depends on the CPU's vector width (64 rows per block with
 AVX-512, 32 with AVX2), so what is saved is the portable form (two codes per byte, low
@@ -130,10 +133,12 @@ class Int4Linear(nn.Module):
     """`nn.Linear` with 4-bit weights, a scale and a zero per group of `group_size` inputs.
 
     Buffers: codes uint8 [N, K/2] (portable: two 4-bit codes per byte, low nibble first;
-    saved), scales_and_zeros bfloat16 [K/group, N, 2] (saved), bias [N] or None (saved), and
-    the running kernel's own layout, rebuilt from those (not saved): `packed` uint8 for
+    saved), scales_and_mins float16 [N, K/group, 2] (w = code * scale + min; saved), bias [N]
+    or None (saved), and the running kernel's own layout, rebuilt from those (not saved):
+    `packed` uint8 and `torch_table` bfloat16 [K/group, N, 2] of (scale, min + 8 scale) for
     torch's; or `packed` uint8 [N, K/2] (`quantized_matmul.int4_layout`) with `kernel_scales`
-    and `kernel_mins` float16 [N, K/group] (w = code * scale + min) for polymodal's.
+    and `kernel_mins` float16 [N, K/group] for polymodal's. A model saved before float16
+    (scales_and_zeros bfloat16 [K/group, N, 2] of (s, z)) loads, converted.
     forward: x [..., K] float -> [..., N] in x's dtype (as Int8Linear's).
     """
 
@@ -141,10 +146,11 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("codes", torch.full((out_features, in_features // 2), 0x88, dtype=torch.uint8))
-        self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2,
-                                                             dtype=COMPUTE_DTYPE))
+        self.register_buffer("scales_and_mins", torch.zeros(out_features, in_features // group_size, 2,
+                                                            dtype=torch.float16))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("packed", None, persistent=False)
+        self.register_buffer("torch_table", None, persistent=False)
         self.register_buffer("kernel_scales", None, persistent=False)
         self.register_buffer("kernel_mins", None, persistent=False)
         self.use_kernel(True)  # where this CPU, shape and group size allow
@@ -153,9 +159,9 @@ class Int4Linear(nn.Module):
     def from_float(cls, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> Int4Linear:
         """Quantize a float weight [N, K] in groups of `group_size` inputs (and keep its bias)."""
         layer = cls(weight.shape[1], weight.shape[0], group_size, bias is not None)
-        codes, scales_and_zeros = quantize_int4(weight, group_size)
+        codes, scales_and_mins = quantize_int4(weight, group_size)
         layer.codes.copy_(pack_nibbles(codes))
-        layer.scales_and_zeros.copy_(scales_and_zeros)
+        layer.scales_and_mins.copy_(scales_and_mins)
         if bias is not None:
             layer.bias.copy_(bias.detach().float())
         layer.repack()
@@ -170,26 +176,27 @@ class Int4Linear(nn.Module):
     def repack(self) -> None:
         """The running kernel's layout of `codes` (torch's depends on the CPU's vector width)."""
         codes = unpack_nibbles(self.codes)  # [N, K] in 0..15
+        scales, mins = self.scales_and_mins.unbind(-1)  # float16 [N, K/group] each
         if not self.own_kernel:
-            operands = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1), None, None
+            table = torch.stack([scales.float(), mins.float() + 8 * scales.float()], dim=-1)  # q s + min = (q - 8) s + z
+            operands = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1),
+                        table.permute(1, 0, 2).to(COMPUTE_DTYPE).contiguous(), None, None)
         else:
-            scales, zeros = self._group_scales_and_zeros()
-            operands = (quantized_matmul.int4_layout(codes), scales.half().contiguous(),
-                        (zeros - 8 * scales).half().contiguous())  # (q - 8) s + z = q s + min
-        # all three in place before the new version, so a concurrent caller never pairs them wrongly
-        self.packed, self.kernel_scales, self.kernel_mins = operands
+            operands = quantized_matmul.int4_layout(codes), None, scales.contiguous(), mins.contiguous()
+        # all in place before the new version, so a concurrent caller never pairs them wrongly
+        self.packed, self.torch_table, self.kernel_scales, self.kernel_mins = operands
         self.operand_version = next(_OPERAND_VERSIONS)
         _PLANS.pop(self, None)
-
-    def _group_scales_and_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scales, zeros) float32 [N, K/group] each, from the stored [K/group, N, 2] table."""
-        return self.scales_and_zeros.float().permute(1, 0, 2).unbind(-1)
 
     def kernel_operands(self) -> tuple[torch.Tensor, ...]:
         """What polymodal's kernel reads: (packed uint8 [N, K/2], scales and mins float16 [N, K/group])."""
         return self.packed, self.kernel_scales, self.kernel_mins
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = state_dict.pop(prefix + "scales_and_zeros", None)  # saved before float16: (s, z) bfloat16 [K/g, N, 2]
+        if old is not None and prefix + "scales_and_mins" not in state_dict:
+            scales, zeros = old.float().permute(1, 0, 2).unbind(-1)
+            state_dict[prefix + "scales_and_mins"] = torch.stack([scales, zeros - 8 * scales], dim=-1).half()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.repack()  # codes were copied in place: the kernel's copy follows them
 
@@ -203,16 +210,17 @@ class Int4Linear(nn.Module):
             return project(x, (self,))[0]
         flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
-                                                         self.scales_and_zeros).to(x.dtype)
+                                                         self.torch_table).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
-        """The float weight [N, K] this layer computes with: (q - 8) * s + z per group."""
+        """The float weight [N, K] this layer computes with (polymodal's kernel: q * s + min per
+        group; torch's rounds s and min + 8 s to bfloat16 first)."""
         codes = unpack_nibbles(self.codes).float().view(self.out_features, -1, self.group_size)
-        scales, zeros = self._group_scales_and_zeros()
-        return ((codes - 8) * scales[..., None] + zeros[..., None]).view(self.out_features, -1)
+        scales, mins = self.scales_and_mins.float().unbind(-1)
+        return (codes * scales[..., None] + mins[..., None]).view(self.out_features, -1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits=int4, "
@@ -295,18 +303,19 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] float -> (codes uint8 [N, K] in [0, 15], scales_and_zeros bfloat16
-    [K / group_size, N, 2]): per row and group, asymmetric min/max, w ≈ (q - 8) * s + z.
-    The codes are rounded against the scale and zero as stored in bfloat16."""
+    """weight [N, K] float -> (codes uint8 [N, K] in [0, 15], scales_and_mins float16
+    [N, K / group_size, 2]): per row and group, asymmetric min/max, w ≈ q * s + min, as
+    llama.cpp's Q4_1 (ggml-quants.c, quantize_row_q4_1_ref). The codes are rounded against the
+    scale and min as stored in float16 (scales at least 2^-24, float16's smallest step)."""
     weight = weight.detach().float()
     rows, inputs = weight.shape
     groups = weight.view(rows, inputs // group_size, group_size)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, K/group]
-    scales = ((high - low) / 15).clamp(min=1e-8).to(COMPUTE_DTYPE).float()
-    zeros = (low + 8 * scales).to(COMPUTE_DTYPE).float()
-    codes = torch.round((groups - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15)
-    table = torch.stack([scales, zeros], dim=-1).permute(1, 0, 2).to(COMPUTE_DTYPE).contiguous()
-    return codes.view(rows, inputs).to(torch.uint8), table  # table: [K/group, N, 2]
+    scales = ((high - low) / 15).clamp(min=2**-24, max=65504).half().float()
+    mins = low.clamp(-65504, 65504).half().float()
+    codes = torch.round((groups - mins[..., None]) / scales[..., None]).clamp(0, 15)
+    table = torch.stack([scales, mins], dim=-1).half()
+    return codes.view(rows, inputs).to(torch.uint8), table
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,36 @@ def test_int4_codes_are_stored_portably_and_reload_into_the_kernel_layout():
     assert torch.equal(fresh(x), layer(x))
 
 
+def q4_1_weights(rows: int, inputs: int) -> torch.Tensor:
+    """Weights as a Q4_1 GGUF dequantizes to (llama.cpp's ggml-quants.c, quantize_row_q4_1_ref):
+    per 32 inputs d = (max - min) / 15 and m = min kept in float16, codes 0..15 from the
+    unrounded d; w = q d + m."""
+    torch.manual_seed(2)
+    groups = torch.randn(rows, inputs // 32, 32)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    codes = torch.floor((groups - low) / ((high - low) / 15) + 0.5).clamp(max=15)
+    return (codes * ((high - low) / 15).half().float() + low.half().float()).view(rows, inputs)
+
+
+def test_int4_of_a_q4_1_models_weights_is_those_weights_exactly():
+    weight = q4_1_weights(48, 256)
+    layer = Int4Linear.from_float(weight, 32)
+    assert torch.equal(layer.dequantized(), weight)  # the file's own codes, scales and mins: lossless
+    assert layer.scales_and_mins.dtype == torch.float16
+    x = torch.randn(2, 256)  # and the layer computes with them (bfloat16 activations or int8 blocks)
+    assert relative_error(layer(x), x @ weight.t()) < 0.01
+
+
+def test_an_int4_layer_saved_with_bfloat16_scales_and_zeros_loads():
+    layer = Int4Linear.from_float(torch.randn(32, 64), 32)
+    scales, mins = layer.scales_and_mins.float().unbind(-1)  # [N, K/g]
+    old = {"codes": layer.codes, "scales_and_zeros": torch.stack([scales, mins + 8 * scales], -1)
+           .permute(1, 0, 2).bfloat16()}  # the format before float16: (s, z) [K/g, N, 2], w = (q - 8) s + z
+    fresh = Int4Linear(64, 32, 32)
+    fresh.load_state_dict(old)
+    assert relative_error(fresh.dequantized(), layer.dequantized()) < 0.01
+
+
 def quantized_tiny(settings, **llm):
     model = tiny_model(llm={"source": "tiny:llama", **llm})
     torch.manual_seed(0)
