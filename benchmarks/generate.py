@@ -252,7 +252,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--group-size", type=int, default=32, help="int4's inputs per scale and zero")
+    parser.add_argument("--group-size", type=int, default=32, help="int4's inputs per scale and minimum")
     parser.add_argument("--llamacpp-python", default="/work/llamacpp-venv/bin/python")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -12,10 +12,13 @@ batch-1 decode streams from memory once per token, shrink 4x (int8) or ~7x (int4
 - int4: per row and group of `group_size` inputs, w ≈ q * s + min with q in [0, 15],
   s = (max - min) / 15 (asymmetric), s and min stored in float16 (llama.cpp's Q4_1 with
   groups of 32: a model dequantized from a Q4_1 GGUF, as SmolLM2 here, requantizes to the
-  very same codes, scales and mins, so its int4 weights are the file's own, lossless). torch's
+  very same codes, scales and mins, so its int4 weights are the file's own, lossless; a file
+  quantized by llama.cpp's reference path, not with an importance matrix, whose min and
+  scale come from a search). torch's
   kernel (`_weight_int4pack_mm_for_cpu`, the "tinygemm" layout from gpt-fast) reads
   (q - 8) * s + z with z = min + 8 s in bfloat16: a table [K / group, N, 2] of (s, z) built
-  from those when it runs.
+  from those when it runs (so on torch's kernel the grid is rounded twice: once to float16,
+  once to bfloat16).
 
 Kernels. On a CPU with AVX-512 VNNI, `polymodal.kernels.quantized_matmul` (compiled on first
 use) quantizes the activations to int8 in blocks of 32 (llama.cpp's Q8_0) and takes integer
@@ -130,7 +133,7 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """`nn.Linear` with 4-bit weights, a scale and a zero per group of `group_size` inputs.
+    """`nn.Linear` with 4-bit weights, a scale and a minimum per group of `group_size` inputs.
 
     Buffers: codes uint8 [N, K/2] (portable: two 4-bit codes per byte, low nibble first;
     saved), scales_and_mins float16 [N, K/group, 2] (w = code * scale + min; saved), bias [N]
@@ -193,17 +196,28 @@ class Int4Linear(nn.Module):
         return self.packed, self.kernel_scales, self.kernel_mins
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        old = state_dict.pop(prefix + "scales_and_zeros", None)  # saved before float16: (s, z) bfloat16 [K/g, N, 2]
-        if old is not None and prefix + "scales_and_mins" not in state_dict:
-            scales, zeros = old.float().permute(1, 0, 2).unbind(-1)
-            state_dict[prefix + "scales_and_mins"] = torch.stack([scales, zeros - 8 * scales], dim=-1).half()
+        old_key, key = prefix + "scales_and_zeros", prefix + "scales_and_mins"
+        if old_key in state_dict and key not in state_dict:  # saved before float16: (s, z) bfloat16 [K/g, N, 2]
+            scales, zeros = state_dict.pop(old_key).float().permute(1, 0, 2).unbind(-1)
+            state_dict[key] = torch.stack([scales, zeros - 8 * scales], dim=-1).half()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._keep_float16()  # an `assign=True` load takes the saved tensor as it is
         self.repack()  # codes were copied in place: the kernel's copy follows them
 
     def _apply(self, fn, recurse=True):
+        grid = self.scales_and_mins
         result = super()._apply(fn, recurse)
+        if self.scales_and_mins.dtype != torch.float16:  # `.float()`, `.to(dtype)` cast every float buffer:
+            self.scales_and_mins = grid.to(self.scales_and_mins.device)  # keep the grid itself (see below)
         self.repack()  # buffers may be new tensors (`.to`, `.share_memory`)
         return result
+
+    def _keep_float16(self) -> None:
+        """scales_and_mins stays float16 whatever the module is cast to or loaded from: it is
+        the saved grid (Q4_1's), which the codes were rounded against, and what polymodal's
+        kernel reads."""
+        if self.scales_and_mins.dtype != torch.float16:
+            self.scales_and_mins = self.scales_and_mins.half()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.own_kernel:
@@ -329,12 +343,16 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantizable(linear: nn.Linear, settings: QuantizationConfig) -> bool:
-    """Whether the CPU kernels take this layer's shape: K a multiple of 16 (their vector
-    loads), and for int4 also of the group size, with N a multiple of 16 (column blocks)."""
+    """Whether the CPU kernels take this layer: K a multiple of 16 (their vector loads), and for
+    int4 also of the group size, with N a multiple of 16 (column blocks) and weights within
+    float16's range (int4's scales and minimums are float16; a group whose range is below
+    ~1e-3 gets a subnormal scale, as in llama.cpp's Q4_1)."""
     if linear.in_features % 16:
         return False
     if settings.bits == "int8":
         return True
+    if linear.weight.detach().abs().max() > torch.finfo(torch.float16).max:
+        return False
     return linear.in_features % settings.group_size == 0 and linear.out_features % 16 == 0
 
 

@@ -81,6 +81,8 @@ def test_an_int4_layer_saved_with_bfloat16_scales_and_zeros_loads():
            .permute(1, 0, 2).bfloat16()}  # the format before float16: (s, z) [K/g, N, 2], w = (q - 8) s + z
     fresh = Int4Linear(64, 32, 32)
     fresh.load_state_dict(old)
+    scales, zeros = old["scales_and_zeros"].float().permute(1, 0, 2).unbind(-1)
+    assert torch.equal(fresh.scales_and_mins, torch.stack([scales, zeros - 8 * scales], -1).half())
     assert relative_error(fresh.dequantized(), layer.dequantized()) < 0.01
 
 
@@ -181,3 +183,20 @@ def test_training_a_quantized_model_is_refused_in_one_line(capsys, tmp_path):
     assert "stages[0].train: llm cannot train on a quantized model (model.quantization: int8)" in err.splitlines()[-1]
     with pytest.raises(ConfigError, match="a model quantized with merge_lora has no LoRA adapters"):
         from_dict(ModelConfig, {"llm": {"source": "tiny:llama", "lora": {"r": 2}}, "quantization": {"bits": "int8", "merge_lora": True}})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_int4_layer_cast_to_another_dtype_keeps_its_float16_grid_and_runs(dtype):
+    layer = Int4Linear.from_float(q4_1_weights(32, 64), 32)
+    x = torch.randn(2, 64)
+    before = layer(x)
+    layer.to(dtype)  # casts every float buffer; the grid must stay what the codes were rounded against
+    assert layer.scales_and_mins.dtype == torch.float16
+    torch.testing.assert_close(layer(x), before)
+
+
+def test_an_int4_state_with_both_the_old_and_the_new_grid_reports_the_old_as_unexpected():
+    layer = Int4Linear.from_float(torch.randn(32, 64), 32)
+    state = {**layer.state_dict(), "scales_and_zeros": torch.zeros(2, 32, 2, dtype=torch.bfloat16)}
+    with pytest.raises(RuntimeError, match="scales_and_zeros"):
+        Int4Linear(64, 32, 32).load_state_dict(state)

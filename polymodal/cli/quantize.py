@@ -17,7 +17,7 @@ def add_parser(commands) -> None:
     add_model_out_arguments(parser, "a saved model directory (or a recipe / LLM source)")
     parser.add_argument("--bits", default="int8", metavar="BITS", help="int8 (per channel, the default) or int4")
     parser.add_argument("--group-size", type=int, default=32, metavar="N",
-                        help="int4: inputs per scale and zero (default 32)")
+                        help="int4: inputs per scale and minimum (default 32)")
     parser.set_defaults(run=run)
 
 

@@ -122,8 +122,8 @@ int int8_linear(const float *x, int64_t M, int64_t K, int count, const int8_t *c
  * Layout (repacked from the portable codes by polymodal.kernels): per row, per chunk of 64
  * inputs, 32 bytes whose byte j holds input j in its low nibble and input j + 32 in its high
  * nibble, so one 256-bit load, a mask and a shift give the chunk's 64 codes in input order.
- * scales and mins: float16 [N, K / group] (one instruction to widen; 3 more mantissa bits than
- * the bfloat16 scales polymodal stores, so those convert exactly). */
+ * scales and mins: float16 [N, K / group], as polymodal stores them (llama.cpp's Q4_1 keeps
+ * the same; one instruction to widen). */
 
 /* Per activation row and group: the sum over its blocks of scale * (sum of codes), so that
  * the mins' term of a row is one short dot product: sum_g min_g * terms[g]. */
