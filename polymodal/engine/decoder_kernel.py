@@ -2,8 +2,10 @@
 Llama-family layers whose seven projections are all polymodal's int8 kernels, all its int4
 kernels (one group size), or all plain float32 `nn.Linear`; RMSNorm; a SiLU-gated MLP; no
 hooks on those modules. `LlamaDecoder.run` calls it for one new token per row outside a
-fusion call; everything else (prefill, LoRA kept beside the layers, a fusion inside the
-decoder, gradients, `POLYMODAL_KERNELS=off`) runs the eager step (`engine.decoder`).
+fusion call (LoRA adapters merged into their layers, as the engine merges them while
+generating, count as those layers); everything else (prefill, LoRA kept beside the layers, a
+fusion inside the decoder, gradients, `POLYMODAL_KERNELS=off`) runs the eager step
+(`engine.decoder`).
 
 A decoder builds its step (~2 ms for SmolLM2's 30 layers) at its first decoding step after
 each prefill (a generation, a server slot's admission; `LlamaDecoder.forget_step`), from the
@@ -70,7 +72,10 @@ def decoder_step(decoder) -> DecoderStep | None:
                        for module in (layer, layer._modules.get("self_attn"), layer._modules.get("mlp")))
     if any(module is None for module in modules) or _hooked(modules + containers):
         return None
-    return _build(decoder, modules)
+    computing = tuple(_merged_base(module) for module in modules)
+    if _hooked(computing):
+        return None
+    return _build(decoder, computing)
 
 
 def head_plan(decoder) -> quantized_matmul.Plan | None:
@@ -120,6 +125,20 @@ def _build(decoder, modules: tuple[nn.Module, ...]) -> DecoderStep | None:
         return DecoderStep(kind, layers, decoder.heads, decoder.kv_heads, decoder.head_dim, eps.pop(), group)
     except ValueError:  # a shape or dtype the C step does not take: the eager step serves
         return None
+
+
+def _merged_base(module: nn.Module) -> nn.Module:
+    """The layer that computes `module`'s output: a peft LoRA layer whose adapters are merged
+    into its base weights (the engine merges them while generating, `llm.merged_lora`) runs
+    its base layer alone (peft's `Linear.forward`); anything else is itself. Adapters kept
+    beside their layer are not unwrapped, so such a model runs the eager step."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return module
+    if isinstance(module, LoraLayer) and module.merged and not module.disable_adapters:
+        return module.get_base_layer()
+    return module
 
 
 def _kind(modules: tuple[nn.Module, ...]) -> tuple[str | None, int]:

@@ -234,3 +234,24 @@ def test_large_float32_batches_decode_on_the_eager_step_where_torchs_gemm_is_fas
         float32, int8 = decoder_step(LlamaDecoder(tiny_llm("float32"))), decoder_step(LlamaDecoder(tiny_llm("int8")))
     assert float32.covers(FLOAT32_MAX_ROWS) and not float32.covers(FLOAT32_MAX_ROWS + 1)
     assert int8.covers(256)
+
+
+@needs_kernels
+def test_lora_merged_for_generation_decodes_in_one_call_and_kept_adapters_do_not():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from polymodal.llm import merged_lora
+
+    llm = inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), tiny_llm("float32"))
+    with torch.no_grad():  # peft starts B at zero: an update that changes the answers
+        for name, parameter in llm.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2)
+    with torch.inference_mode():
+        assert decoder_step(LlamaDecoder(llm)) is None  # adapters beside their layers: eager
+        reference = runner_states(llm, eager=True)
+    with merged_lora(llm):  # as the engine generates
+        with torch.inference_mode():
+            assert decoder_step(LlamaDecoder(llm)) is not None
+        fused = runner_states(llm, eager=False)
+    assert max(relative_errors(fused, reference)) < 1e-5
