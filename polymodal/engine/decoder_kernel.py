@@ -3,9 +3,9 @@ Llama-family layers whose seven projections are all polymodal's int8 kernels, al
 kernels (one group size), or all plain float32 `nn.Linear`; RMSNorm; a SiLU-gated MLP; no
 hooks on those modules. `LlamaDecoder.run` calls it for one new token per row outside a
 fusion call (LoRA adapters merged into their layers, as the engine merges them while
-generating, count as those layers); everything else (prefill, LoRA kept beside the layers, a
-fusion inside the decoder, gradients, `POLYMODAL_KERNELS=off`) runs the eager step
-(`engine.decoder`).
+generating, count as those layers; one adapter kept beside its layer, int4's default, runs in
+the call too); everything else (prefill, a fusion inside the decoder, gradients,
+`POLYMODAL_KERNELS=off`) runs the eager step (`engine.decoder`).
 
 A decoder builds its step (~2 ms for SmolLM2's 30 layers) at its first decoding step after
 each prefill (a generation, a server slot's admission; `LlamaDecoder.forget_step`), from the
@@ -72,10 +72,10 @@ def decoder_step(decoder) -> DecoderStep | None:
                        for module in (layer, layer._modules.get("self_attn"), layer._modules.get("mlp")))
     if any(module is None for module in modules) or _hooked(modules + containers):
         return None
-    computing = tuple(_merged_base(module) for module in modules)
-    if _hooked(computing):
+    computing = [_computing(module) for module in modules]
+    if _hooked(tuple(base for base, _, _ in computing) + tuple(part for *_, parts in computing for part in parts)):
         return None
-    return _build(decoder, computing)
+    return _build(decoder, tuple(base for base, _, _ in computing), [lora for _, lora, _ in computing])
 
 
 def head_plan(decoder) -> quantized_matmul.Plan | None:
@@ -104,7 +104,7 @@ def run_step(step: DecoderStep, hidden: torch.Tensor, cache: KVCache, layout) ->
                 layout.sin[:, 0].contiguous())
 
 
-def _build(decoder, modules: tuple[nn.Module, ...]) -> DecoderStep | None:
+def _build(decoder, modules: tuple[nn.Module, ...], adapters: list[tuple | None]) -> DecoderStep | None:
     config = decoder.body.config
     if getattr(config, "hidden_act", None) not in ACTIVATIONS:
         return None
@@ -118,7 +118,9 @@ def _build(decoder, modules: tuple[nn.Module, ...]) -> DecoderStep | None:
                    for norm in norms):
             return None
         eps.update(norm.variance_epsilon for norm in norms)
-        layers.append(LayerWeights(norms[0].weight, norms[1].weight, tuple(_operands(module) for module in projections)))
+        layers.append(LayerWeights(norms[0].weight, norms[1].weight,
+                                   tuple((*_operands(module), lora) for module, lora
+                                         in zip(projections, adapters[start + 2:start + 9]))))
     if len(eps) != 1:
         return None
     try:
@@ -127,18 +129,31 @@ def _build(decoder, modules: tuple[nn.Module, ...]) -> DecoderStep | None:
         return None
 
 
-def _merged_base(module: nn.Module) -> nn.Module:
-    """The layer that computes `module`'s output: a peft LoRA layer whose adapters are merged
-    into its base weights (the engine merges them while generating, `llm.merged_lora`) runs
-    its base layer alone (peft's `Linear.forward`); anything else is itself. Adapters kept
-    beside their layer are not unwrapped, so such a model runs the eager step."""
+def _computing(module: nn.Module) -> tuple[nn.Module, tuple | None, tuple[nn.Module, ...]]:
+    """(the layer that computes `module`'s product, its LoRA adapter kept beside it or None,
+    the adapter's modules) as peft's `Linear.forward` computes it: merged adapters (the engine
+    merges them while generating, `llm.merged_lora`) leave the base layer alone; one active
+    unmerged adapter (int4 keeps them so) adds scale * B(A x). Anything else peft does (DoRA,
+    several adapters, dropout while training, adapter bias) is returned as the wrapper itself,
+    which no kind covers, so such a model runs the eager step."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
-        return module
-    if isinstance(module, LoraLayer) and module.merged and not module.disable_adapters:
-        return module.get_base_layer()
-    return module
+        return module, None, ()
+    if not isinstance(module, LoraLayer) or module.disable_adapters:
+        return module, None, ()
+    base = module.get_base_layer()
+    if module.merged:
+        return base, None, ()
+    adapters = list(module.active_adapters)
+    if len(adapters) != 1 or adapters[0] not in module.lora_A:
+        return module, None, ()
+    name = adapters[0]
+    down, up, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+    if (module.use_dora.get(name) or getattr(module, "lora_bias", {}).get(name)
+            or (dropout.training and not isinstance(dropout, nn.Identity))):
+        return module, None, ()
+    return base, (down.weight, up.weight, module.scaling[name]), (down, up, dropout)
 
 
 def _kind(modules: tuple[nn.Module, ...]) -> tuple[str | None, int]:

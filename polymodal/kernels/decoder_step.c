@@ -32,12 +32,20 @@ int int4_linear(const float *x, int64_t M, int64_t K, int count, const uint8_t *
 enum { KIND_FLOAT32 = 0, KIND_INT8 = 1, KIND_INT4 = 2 };
 
 /* One linear layer: float32 weight [N, K]; or int8 weight [N, K] and float32 scales [N]; or
- * int4 packed uint8 [N, K/2] with float16 scales and mins [N, K/group]. bias [N] or NULL. */
+ * int4 packed uint8 [N, K/2] with float16 scales and mins [N, K/group]. bias [N] or NULL.
+ * A LoRA adapter kept beside it (peft's Linear, unmerged): y += lora_scale * B (A x) with
+ * lora_a float32 [rank, K] and lora_b float32 [N, rank]; rank 0 for none. */
 typedef struct {
     const void *weight, *scales, *mins;
     const float *bias;
     int64_t rows;
+    const float *lora_a, *lora_b;
+    int64_t rank;
+    float lora_scale;
 } Matrix;
+
+static void lora_add(const float *x, int64_t M, int64_t K, int count, const Matrix *const *ms, float *y,
+                     int64_t ldy, float *down, int threads);
 
 typedef struct {
     const float *input_norm, *post_attention_norm; /* [D] */
@@ -106,11 +114,18 @@ static int linear(const Shape *shape, const float *x, int64_t M, int64_t K, int 
                              (const uint16_t *const *)mins, shape->group, n, y, ldy, threads);
     else
         failed = float32_linear(x, M, K, count, (const float *const *)weights, n, y, ldy, threads);
-    int64_t offset = 0;
+    int64_t offset = 0, ranks = 0;
     for (int j = 0; j < count && !failed; offset += n[j], j++) {
+        ranks += ms[j]->rank;
         if (ms[j]->bias == NULL) continue;
         for (int64_t m = 0; m < M; m++)
             for (int64_t i = 0; i < n[j]; i++) y[m * ldy + offset + i] += ms[j]->bias[i];
+    }
+    if (!failed && ranks > 0) {
+        float *down = malloc(sizeof(float) * M * ranks);
+        if (down == NULL) return 1;
+        lora_add(x, M, K, count, ms, y, ldy, down, threads);
+        free(down);
     }
     return failed;
 }
@@ -173,6 +188,36 @@ static inline float dot(const float *a, const float *b, int n) {
     float sum = _mm512_reduce_add_ps(acc);
     for (; d < n; d++) sum += a[d] * b[d];
     return sum;
+}
+
+/* y [M, ldy] += scale_j * (x A_j^T) B_j^T for each matrix j with an adapter: the rank-r
+ * projections down [M, sum of ranks] first (one parallel region), then up into each output
+ * column (another). */
+static void lora_add(const float *x, int64_t M, int64_t K, int count, const Matrix *const *ms, float *y,
+                     int64_t ldy, float *down, int threads) {
+    int64_t first_rank[9] = {0}, first_row[9] = {0};
+    for (int j = 0; j < count; j++) {
+        first_rank[j + 1] = first_rank[j] + ms[j]->rank;
+        first_row[j + 1] = first_row[j] + ms[j]->rows;
+    }
+    int64_t ranks = first_rank[count], rows = first_row[count];
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t task = 0; task < M * ranks; task++) {
+        int64_t m = task / ranks, r = task % ranks;
+        int j = 0;
+        while (r >= first_rank[j + 1]) j++;
+        const Matrix *mat = ms[j];
+        down[task] = dot(mat->lora_a + (r - first_rank[j]) * K, x + m * K, (int)K) * mat->lora_scale;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t row = 0; row < rows; row++) {
+        int j = 0;
+        while (row >= first_row[j + 1]) j++;
+        const Matrix *mat = ms[j];
+        if (mat->rank == 0) continue;
+        const float *up = mat->lora_b + (row - first_row[j]) * mat->rank;
+        for (int64_t m = 0; m < M; m++) y[m * ldy + row] += dot(up, down + m * ranks + first_rank[j], (int)mat->rank);
+    }
 }
 
 /* Attention of each row's one query per head over its cache row's slots 0..span-1 that

@@ -31,7 +31,8 @@ _pointer = ctypes.c_void_p
 
 class _Matrix(ctypes.Structure):
     _fields_ = [("weight", _pointer), ("scales", _pointer), ("mins", _pointer), ("bias", _pointer),
-                ("rows", ctypes.c_int64)]
+                ("rows", ctypes.c_int64), ("lora_a", _pointer), ("lora_b", _pointer), ("rank", ctypes.c_int64),
+                ("lora_scale", ctypes.c_float)]
 
 
 class _Layer(ctypes.Structure):
@@ -47,10 +48,11 @@ class _Shape(ctypes.Structure):
 @dataclass
 class LayerWeights:
     """One decoder layer's operands. Norm weights float32 [D]; `matrices`: for each of MATRICES
-    (weight, scales, mins, bias): float32 (weight [N, K], None, None, bias); int8 (weight int8
-    [N, K], scales float32 [N], None, bias); int4 (packed uint8 [N, K/2] in
-    `quantized_matmul.int4_layout`, scales and mins float16 [N, K/group], bias). bias float32
-    [N] or None."""
+    (weight, scales, mins, bias, lora): float32 (weight [N, K], None, None, bias, lora); int8
+    (weight int8 [N, K], scales float32 [N], None, bias, lora); int4 (packed uint8 [N, K/2] in
+    `quantized_matmul.int4_layout`, scales and mins float16 [N, K/group], bias, lora). bias
+    float32 [N] or None; lora: None, or a LoRA adapter kept beside the layer (peft),
+    (A float32 [r, K], B float32 [N, r], scale) adding scale * B (A x)."""
 
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
@@ -109,7 +111,7 @@ class DecoderStep:
         return tensor.data_ptr()
 
     def _matrix(self, kind: str, operands: tuple, rows: int, inputs: int, group_size: int) -> _Matrix:
-        weight, scales, mins, bias = operands
+        weight, scales, mins, bias, lora = operands
         if kind == "float32":
             pointers = (self._hold(weight, (rows, inputs), torch.float32), None, None)
         elif kind == "int8":
@@ -121,7 +123,13 @@ class DecoderStep:
                         self._hold(scales, groups, torch.float16), self._hold(mins, groups, torch.float16))
         if None in pointers[:1 if kind == "float32" else 2 if kind == "int8" else 3]:
             raise ValueError(f"decoder step: a {kind} matrix lacks an operand")
-        return _Matrix(*pointers, self._hold(bias, (rows,), torch.float32), rows)
+        adapter = (None, None, 0, 0.0)
+        if lora is not None:
+            down, up, scale = lora
+            rank = down.shape[0]
+            adapter = (self._hold(down, (rank, inputs), torch.float32), self._hold(up, (rows, rank), torch.float32),
+                       rank, float(scale))
+        return _Matrix(*pointers, self._hold(bias, (rows,), torch.float32), rows, *adapter)
 
     def covers(self, rows: int) -> bool:
         """Whether a call of `rows` new tokens is faster here than the eager step."""

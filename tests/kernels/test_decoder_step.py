@@ -236,20 +236,39 @@ def test_large_float32_batches_decode_on_the_eager_step_where_torchs_gemm_is_fas
     assert int8.covers(256)
 
 
-@needs_kernels
-def test_lora_merged_for_generation_decodes_in_one_call_and_kept_adapters_do_not():
+def tiny_lora_llm(bits: str):
     from peft import LoraConfig, inject_adapter_in_model
-
-    from polymodal.llm import merged_lora
 
     llm = inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), tiny_llm("float32"))
     with torch.no_grad():  # peft starts B at zero: an update that changes the answers
         for name, parameter in llm.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.2)
+    if bits != "float32":  # adapters kept in float beside the quantized layers (int4's default)
+        quantize_language_model(llm, QuantizationConfig(bits=bits, group_size=32, merge_lora=False))
+    return llm
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", ["float32", "int4"])
+def test_lora_adapters_kept_beside_their_layers_run_in_the_one_call(bits):
+    llm = tiny_lora_llm(bits)
     with torch.inference_mode():
-        assert decoder_step(LlamaDecoder(llm)) is None  # adapters beside their layers: eager
-        reference = runner_states(llm, eager=True)
+        assert decoder_step(LlamaDecoder(llm)) is not None
+    fused, eager = runner_states(llm, eager=False), runner_states(llm, eager=True)
+    errors = relative_errors(fused, eager)
+    assert max(errors) < (1e-5 if bits == "float32" else 1e-2) and sorted(errors)[len(errors) // 2] < 1e-5
+    llm.model.layers[0].self_attn.q_proj.lora_A["default"].register_forward_hook(lambda *args: None)
+    with torch.inference_mode():
+        assert decoder_step(LlamaDecoder(llm)) is None  # a hook inside the adapter: eager
+
+
+@needs_kernels
+def test_lora_merged_for_generation_decodes_in_one_call_as_its_base_layers():
+    from polymodal.llm import merged_lora
+
+    llm = tiny_lora_llm("float32")
+    reference = runner_states(llm, eager=True)
     with merged_lora(llm):  # as the engine generates
         with torch.inference_mode():
             assert decoder_step(LlamaDecoder(llm)) is not None
