@@ -70,10 +70,11 @@ def decoder_step(decoder) -> DecoderStep | None:
     modules = tuple(module for layer in decoder.layers for module in layer_modules(layer))
     containers = tuple(module for layer in decoder.layers
                        for module in (layer, layer._modules.get("self_attn"), layer._modules.get("mlp")))
-    if any(module is None for module in modules) or _hooked(modules + containers):
+    if any(module is None for module in modules):
         return None
     computing = [_computing(module) for module in modules]
-    if _hooked(tuple(base for base, _, _ in computing) + tuple(part for *_, parts in computing for part in parts)):
+    adapter_parts = tuple(part for *_, parts in computing for part in parts)
+    if _hooked(modules + containers + tuple(base for base, _, _ in computing) + adapter_parts):
         return None
     return _build(decoder, tuple(base for base, _, _ in computing), [lora for _, lora, _ in computing])
 
