@@ -116,12 +116,10 @@ class MultimodalLM(nn.Module):
     def _image_output(self, config: ModelConfig) -> tuple[nn.Module | None, ImageCodes | None, ImageFlow | None]:
         """The image tokenizer, and the LLM's image-code tokens (kind tokens) or its flow head
         (kind flow: markers' rows and MAR's head) of a model that draws (after LoRA and the
-        placeholders: the new ids follow every text row)."""
+        placeholders: the new ids follow every text row). Quantization, applied after, leaves
+        their embedding and head (`CodeHead`, the text rows with the image rows) in float."""
         if config.image_output is None:
             return None, None, None
-        if config.quantization is not None:
-            raise UserError("model.quantization: a model that draws images (image_output) cannot be "
-                            "quantized: its image-code embedding and head replace the LM head")
         from polymodal.encoders.image_tokenizer import ImageTokenizer
 
         tokenizer = ImageTokenizer(config.image_output.tokenizer)

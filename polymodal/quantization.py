@@ -401,7 +401,9 @@ def quantize_language_model(causal_lm: nn.Module, settings: QuantizationConfig) 
     layer adds B(A(x)) to what its base layer returns, whatever that layer is).
 
     Returns the number of layers replaced. Layers whose shape the kernel refuses (int4: see
-    `quantizable`) stay float.
+    `quantizable`) stay float, and so does a head that is not a plain `nn.Linear`: a drawing
+    model's `CodeHead` adds the image tokens' rows to the text rows, and a quantized text head in
+    its place would drop them.
     """
     replaced = 0
     for name, module in list(causal_lm.named_modules()):
@@ -418,7 +420,7 @@ def quantize_language_model(causal_lm: nn.Module, settings: QuantizationConfig) 
         replaced += 1
     head = causal_lm.get_output_embeddings()
     head_settings = dataclasses.replace(settings, bits=settings.head) if settings.head != "float" else None
-    if head_settings is not None and isinstance(head, nn.Linear) and quantizable(head, head_settings):
+    if head_settings is not None and type(head) is nn.Linear and quantizable(head, head_settings):
         causal_lm.config.tie_word_embeddings = False  # never re-tied onto the float embeddings
         causal_lm.set_output_embeddings(quantized_linear(head, head_settings))
         replaced += 1

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -42,6 +43,8 @@ from polymodal.engine.sampling import SamplingParams, choice_seed, choose_next
 from polymodal.engine.slots import SlotCache
 from polymodal.engine.text import TextTracker
 from polymodal.errors import UserError, check_context_length
+
+logger = logging.getLogger(__name__)
 
 MAX_ADMITS_PER_STEP = 4  # new prompts prefilled between two decode steps, so running ones keep going
 
@@ -259,7 +262,8 @@ class BatchingEngine:
                     self._admit()
                     if self.rows:
                         self._step()
-                except Exception:  # a failed step fails its requests, not the server
+                except Exception as error:  # a failed step fails its requests, not the server
+                    _log(error, f"a decoding step of {len(self.rows)} rows")
                     self._fail_running("generation failed")
 
     def _fail_running(self, message: str) -> None:
@@ -287,6 +291,7 @@ class BatchingEngine:
                            drawn=[[]] if request.draws else [])
                 logits = [self._prefill(request.input_ids, request.media)]
             except Exception as error:
+                _log(error, "a prompt's prefill")
                 request.queue.put(("error", _one_line(error)))
                 continue
             self.rows.append(row)
@@ -294,6 +299,7 @@ class BatchingEngine:
                 try:
                     logits.append(self._prefill(request.unconditional["input_ids"], request.unconditional["media"]))
                 except Exception as error:
+                    _log(error, "an unconditional prompt's prefill")
                     self._release(first, None, _one_line(error))
                     continue
                 row.twin = _Row(request, row.tracker, None, is_twin=True)
@@ -325,6 +331,7 @@ class BatchingEngine:
                 twin = None if row.twin is None else logits[where[id(row.twin)]]
                 reason = self._advance(row, logits[k], int(self.cache.lengths[first + k]), twin)
             except Exception as error:
+                _log(error, "choosing a row's next token")
                 done.append((row, None, f"generation failed: {_one_line(error)}"))
                 continue
             if reason:
@@ -503,6 +510,13 @@ def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
     if "\ufffd" in text and all(character in decoder for character in piece):
         return [decoder[character] for character in piece]
     return list(text.encode("utf-8"))
+
+
+def _log(error: Exception, where: str) -> None:
+    """The server's log gets the traceback of an unexpected failure (its client gets one line:
+    a 500 must not hide its cause from whoever runs the server); a user's mistake is not logged."""
+    if not isinstance(error, UserError):
+        logger.error("%s failed: %s", where, _one_line(error), exc_info=error)
 
 
 def _one_line(error: Exception) -> str:

@@ -91,3 +91,25 @@ def test_chat_saves_the_images_an_answer_draws_and_prints_their_paths(capsys, tm
     code, out, _ = run(capsys, "chat", "any", "--image-dir", folder, "--max-new-tokens", 35)
     saved = [line.removeprefix("image: ") for line in out.splitlines() if line.startswith("image: ")]
     assert code == 0 and len(saved) == 2 and len(set(saved)) == 2 and len(list(folder.glob("*.png"))) == 3
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_a_quantized_drawing_model_keeps_its_image_rows_and_draws_and_chats(capsys, tmp_path, saved, bits):
+    from polymodal.image_generation.codes import CodeHead
+    from polymodal.model import MultimodalLM
+    from polymodal.quantization import Int4Linear, Int8Linear
+
+    code, _, err = run(capsys, "quantize", saved[1], tmp_path / bits, "--bits", bits)
+    assert code == 0, err
+    model = MultimodalLM.from_pretrained(tmp_path / bits)
+    decoder = model.llm.model
+    q_proj = decoder.model.layers[0].self_attn.q_proj
+    assert isinstance(getattr(q_proj, "base_layer", q_proj), Int8Linear if bits == "int8" else Int4Linear)
+    head = decoder.get_output_embeddings()  # the text head with the image tokens' rows, in float
+    assert type(head) is CodeHead and head.weight.dtype == torch.float32
+    text_vocab = head.out_features
+    assert decoder(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[-1] == text_vocab + head.codes.out_features
+    code, _, err = run(capsys, "generate", tmp_path / bits, "Draw a red circle.", "--out", tmp_path / "x.png")
+    assert code == 0 and Image.open(tmp_path / "x.png").size == (SIZE, SIZE), err
+    code, out, err = run(capsys, "chat", tmp_path / bits, "--max-new-tokens", 5, "hi")
+    assert code == 0 and out.endswith("\n") and "Traceback" not in err, err

@@ -152,6 +152,3 @@ def test_save_and_load_draw_the_same(tmp_path):
 def test_errors_are_one_line():
     with pytest.raises(UserError, match="does not draw"):
         Engine(MultimodalLM(from_dict(ModelConfig, {"llm": {"source": "tiny:llama"}}))).generate_images(PROMPTS)
-    with pytest.raises(UserError, match="cannot be quantized"):
-        MultimodalLM(from_dict(ModelConfig, {"llm": {"source": "tiny:llama"}, "image_output": {"tokenizer": TOKENIZER},
-                                             "quantization": {"bits": "int8"}}))

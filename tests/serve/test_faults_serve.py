@@ -98,7 +98,7 @@ def test_the_largest_seed_with_n_two_wraps_and_the_second_choice_is_seed_zeros(s
     assert choice_seed(-1, 1) == 0 and choice_seed(5, 2) == 7
 
 
-def test_any_error_in_one_row_fails_that_request_alone(monkeypatch):
+def test_any_error_in_one_row_fails_that_request_alone_and_the_log_says_why(monkeypatch, caplog):
     from polymodal.engine import batching
 
     engine = batching.BatchingEngine(sharp_tiny_model(), max_batch=3).start()
@@ -117,6 +117,8 @@ def test_any_error_in_one_row_fails_that_request_alone(monkeypatch):
         bad_start = engine.submit(prompt, bad_seed)
         assert [e[0] for e in bad_row.events(timeout=30)][-1] == "error"
         assert [e[0] for e in bad_start.events(timeout=30)][-1] == "error"
+        logged = [record for record in caplog.records if record.name == "polymodal.engine.batching"]
+        assert any("boom" in record.getMessage() and record.exc_info for record in logged)  # the 500's cause
         events = list(good.events(timeout=30))
         assert events[-1][0] == "done" and events[-1][1].completion_tokens == 20
         monkeypatch.setattr(batching, "logprob_entry", real_entry)
