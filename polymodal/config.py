@@ -119,8 +119,11 @@ class ImageTokenizerConfig:
     autoencoder whose latent grid is quantised to discrete codes, pixels [N, 3, S, S] ->
     codes [N, (S / downsample)^2] -> pixels. `fsq`: finite scalar quantisation (Mentzer et
     al., ICLR 2024), `levels` values per latent channel, codebook = their product;
-    `continuous`: no quantiser, `latent_dim` floats per cell (MAR's latents). Trained by
-    `objective: autoencoder` (part `image_tokenizer`)."""
+    `continuous`: no quantiser, `latent_dim` floats per cell (MAR's latents). With `tokens`,
+    a 1-D tokenization instead (TiTok, Yu et al., 2024, "An Image is Worth 32 Tokens for
+    Reconstruction and Generation"): the grid's features map to `tokens` global latents, each
+    quantised alike, so every code speaks of the whole image. Trained by `objective:
+    autoencoder` (part `image_tokenizer`)."""
 
     kind: Literal["fsq", "continuous"] = "fsq"
     image_size: int = 64
@@ -128,6 +131,8 @@ class ImageTokenizerConfig:
     levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # FSQ: 1000 codes
     channels: list[int] = field(default_factory=lambda: [64, 128, 128])  # conv widths, one per halving
     latent_dim: int = 16  # continuous: floats per cell
+    tokens: int | None = None  # 1-D: this many global codes per image instead of one per grid cell
+    token_width: int = 512  # 1-D: the MLP between the grid's features and the global latents
 
     def __post_init__(self):
         if self.downsample < 1 or self.downsample & (self.downsample - 1) or self.image_size % self.downsample:
@@ -143,11 +148,15 @@ class ImageTokenizerConfig:
                               f"{self.downsample}), got {self.channels}")
         if self.latent_dim < 1:
             raise ConfigError(f"latent_dim: must be at least 1, got {self.latent_dim}")
+        if self.tokens is not None and not 1 <= self.tokens <= 256:
+            raise ConfigError(f"tokens: global codes per image, 1 to 256, got {self.tokens}")
+        if self.token_width < 1:
+            raise ConfigError(f"token_width: must be at least 1, got {self.token_width}")
 
     @property
     def num_codes(self) -> int:
-        """Codes (tokens) per image: the latent grid's cells."""
-        return (self.image_size // self.downsample) ** 2
+        """Codes (tokens) per image: `tokens` when 1-D, else the latent grid's cells."""
+        return self.tokens or (self.image_size // self.downsample) ** 2
 
 
 @dataclass

@@ -239,17 +239,9 @@ def train_judge(train_folder: Path, test_folder: Path, settings: JudgeSettings |
     network.train()
     bar = tqdm(total=settings.epochs * steps_per_epoch, desc="training the judge", unit="step",
                disable=not progress, leave=False)
-    for _ in range(settings.epochs):
-        for images, shape_labels, color_labels in training_batches(pixels, shapes, colors, settings, generator):
-            shape_logits, color_logits = network(images)
-            loss = (F.cross_entropy(shape_logits, shape_labels, ignore_index=IGNORE)
-                    + F.cross_entropy(color_logits, color_labels, ignore_index=IGNORE))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    with torch.enable_grad():  # a judge trained on first use may be asked for under no_grad
+        for _ in range(settings.epochs):
+            _fit_epoch(network, optimizer, schedule, bar, pixels, shapes, colors, settings, generator)
     bar.close()
     seconds = time.perf_counter() - started
     judge = Judge(network, {"accuracy": {}})
@@ -258,6 +250,20 @@ def train_judge(train_folder: Path, test_folder: Path, settings: JudgeSettings |
     judge.info = {"accuracy": accuracy, "test_images": counts, "train_images": len(pixels),
                   "train_seconds": round(seconds, 1), "settings": dataclasses.asdict(settings)}
     return judge
+
+
+def _fit_epoch(network, optimizer, schedule, bar, pixels, shapes, colors, settings, generator) -> None:
+    """One epoch of the judge's training (both heads' cross-entropy, unknown labels ignored)."""
+    for images, shape_labels, color_labels in training_batches(pixels, shapes, colors, settings, generator):
+        shape_logits, color_logits = network(images)
+        loss = (F.cross_entropy(shape_logits, shape_labels, ignore_index=IGNORE)
+                + F.cross_entropy(color_logits, color_labels, ignore_index=IGNORE))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
 def measure_accuracy(judge: Judge, folder: Path, limit: int | None = None) -> tuple[dict, dict]:

@@ -40,7 +40,8 @@ def test_labels_come_from_the_questions():
 
 @needs_package("easy_vqa")
 def test_trains_a_few_steps_and_classifies():
-    judge = train_judge(easy_vqa_folder("train"), easy_vqa_folder("test"), SMALL, progress=False)
+    with torch.no_grad():  # as an eval that asks for the judge on first use: it trains all the same
+        judge = train_judge(easy_vqa_folder("train"), easy_vqa_folder("test"), SMALL, progress=False)
     shapes, colors = judge.classify(torch.rand(7, 3, 64, 64))
     assert shapes.shape == (7,) and colors.shape == (7,) and shapes.dtype == torch.long
     assert shapes.max() <= NO_SHAPE and colors.max() <= NO_COLOR

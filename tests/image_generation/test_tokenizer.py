@@ -60,6 +60,28 @@ def test_codes_round_trip_through_the_levels_and_are_deterministic_per_image():
     assert set(latents.flatten().tolist()) <= {-1.0, -0.5, 0.0, 0.5, 1.0}
 
 
+@pytest.mark.parametrize("kind", ["fsq", "continuous"])
+def test_a_1d_tokenizer_gives_global_tokens_each_reading_the_whole_image(kind):
+    model = tokenizer(tokens=5, token_width=32, kind=kind, latent_dim=2)
+    images = pixels(3)
+    latents = model.encode_latents(images)
+    assert model.num_codes == 5 and latents.shape == (3, 5, 3 if kind == "fsq" else 2)
+    with torch.no_grad():
+        assert model.decode_latents(latents).shape == (3, 3, 16, 16)
+    corner = images.clone()
+    corner[0, :, 0, 0] = 1 - corner[0, :, 0, 0]  # one pixel of the first image changes
+    moved = (model.encode_latents(corner) - latents)[0].abs().sum(-1)  # [K]
+    if kind == "fsq":
+        codes = model.encode(images)
+        assert codes.shape == (3, 5) and torch.equal(model.quantizer.indices_to_codes(codes), latents)
+        with torch.no_grad():
+            assert torch.allclose(model.decode(codes), model(images)[0])
+    else:  # one cell's pixel reaches every token (a grid tokenizer's would move one latent)
+        assert bool((moved > 0).all())
+    with pytest.raises(ConfigError, match="tokens: global codes per image, 1 to 256, got 0"):
+        ImageTokenizerConfig(**TINY, tokens=0)
+
+
 def test_a_continuous_tokenizer_has_bounded_latents_and_no_codes():
     model = tokenizer(kind="continuous", latent_dim=6)
     assert (model.codebook_size, model.latent_dim, model.num_codes) == (0, 6, 16)
