@@ -16,12 +16,15 @@
  * Shapes: hidden float32 [M, D] (one new token per row, updated in place); keys and values of
  * each layer float32 [cache_rows, H_kv, slots, hd]; key_mask uint8 [cache_rows, slots]; cos
  * and sin float32 [M, hd] at each token's position.
+ *
+ * Vector code is written on simd.h's vf (16 floats with AVX-512, 8 with AVX2).
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "simd.h"
 
 int int8_linear(const float *x, int64_t M, int64_t K, int count, const int8_t *const *q,
                 const float *const *s, const int64_t *n, float *y, int64_t ldy, int threads);
@@ -81,16 +84,16 @@ int float32_linear(const float *x, int64_t M, int64_t K, int count, const float 
         int rows = (int)(n[j] - first < F32_ROWS ? n[j] - first : F32_ROWS);
         const float *weights = w[j] + first * K;
         for (int64_t m = 0; m < M; m++) {
-            __m512 acc[F32_ROWS];
-            for (int r = 0; r < F32_ROWS; r++) acc[r] = _mm512_setzero_ps();
-            for (int64_t c = 0; c < K; c += 16) {
-                __m512 xv = _mm512_loadu_ps(x + m * K + c);
+            vf acc[F32_ROWS];
+            for (int r = 0; r < F32_ROWS; r++) acc[r] = vf_zero();
+            for (int64_t c = 0; c < K; c += VF_LANES) {
+                vf xv = vf_load(x + m * K + c);
                 for (int r = 0; r < rows; r++) {
                     _mm_prefetch((const char *)(weights + r * K + c) + F32_PREFETCH, _MM_HINT_T0);
-                    acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(weights + r * K + c), xv, acc[r]);
+                    acc[r] = vf_fmadd(vf_load(weights + r * K + c), xv, acc[r]);
                 }
             }
-            for (int r = 0; r < rows; r++) y[m * ldy + offsets[j] + first + r] = _mm512_reduce_add_ps(acc[r]);
+            for (int r = 0; r < rows; r++) y[m * ldy + offsets[j] + first + r] = vf_sum(acc[r]);
         }
     }
     return 0;
@@ -153,39 +156,21 @@ static void rotate(float *v, int heads, int hd, const float *cos, const float *s
     }
 }
 
-/* e^x for 16 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by Cephes' expf polynomial (relative
- * error ~1e-7), times 2^n by vscalefps; lanes below -88 give 0, as expf's underflow. */
-static inline __m512 exp_lanes(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* out[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up for n values (n % 16 == 0). */
+/* out[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up for n values (n % VF_LANES == 0). */
 static void silu_times(const float *gate, const float *up, int64_t n, float *out) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (int64_t i = 0; i < n; i += 16) {
-        __m512 g = _mm512_loadu_ps(gate + i);
-        __m512 e = exp_lanes(_mm512_sub_ps(_mm512_setzero_ps(), g));
-        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
+    const vf one = vf_set1(1.0f);
+    for (int64_t i = 0; i < n; i += VF_LANES) {
+        vf g = vf_load(gate + i);
+        vf e = vf_exp(vf_sub(vf_zero(), g));
+        vf_store(out + i, vf_mul(vf_div(g, vf_add(one, e)), vf_load(up + i)));
     }
 }
 
 static inline float dot(const float *a, const float *b, int n) {
     int d = 0;
-    __m512 acc = _mm512_setzero_ps();
-    for (; d + 16 <= n; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
-    float sum = _mm512_reduce_add_ps(acc);
+    vf acc = vf_zero();
+    for (; d + VF_LANES <= n; d += VF_LANES) acc = vf_fmadd(vf_load(a + d), vf_load(b + d), acc);
+    float sum = vf_sum(acc);
     for (; d < n; d++) sum += a[d] * b[d];
     return sum;
 }
@@ -244,15 +229,14 @@ static void attend(const Shape *shape, const float *qkv, const float *keys, cons
             if (score[s] > highest) highest = score[s];
         }
         int64_t s = 0;
-        __m512 sums = _mm512_setzero_ps();
-        for (; s + 16 <= span; s += 16) {  /* masked slots (-inf) weigh exactly 0 */
-            __m512 raw = _mm512_loadu_ps(score + s);
-            __mmask16 keep = _mm512_cmp_ps_mask(raw, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-            __m512 e = _mm512_maskz_mov_ps(keep, exp_lanes(_mm512_sub_ps(raw, _mm512_set1_ps(highest))));
-            _mm512_storeu_ps(score + s, e);
-            sums = _mm512_add_ps(sums, e);
+        vf sums = vf_zero();
+        for (; s + VF_LANES <= span; s += VF_LANES) {  /* masked slots (-inf) weigh exactly 0 */
+            vf raw = vf_load(score + s);
+            vf e = vf_zero_where_minus_inf(raw, vf_exp(vf_sub(raw, vf_set1(highest))));
+            vf_store(score + s, e);
+            sums = vf_add(sums, e);
         }
-        float total = _mm512_reduce_add_ps(sums);
+        float total = vf_sum(sums);
         for (; s < span; s++) {
             score[s] = visible[s] ? expf(score[s] - highest) : 0.0f;
             total += score[s];

@@ -1,5 +1,6 @@
-"""polymodal's own CPU kernels: int8 and int4 matrix products on AVX-512 VNNI integer dot
-instructions, for the quantized LLM's batch-1 decode (`polymodal.quantization`).
+"""polymodal's own CPU kernels: int8 and int4 matrix products on integer dot instructions
+(AVX-512 VNNI, or AVX2's vpmaddubsw), for the quantized LLM's batch-1 decode
+(`polymodal.quantization`).
 
 Why our own: torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` widen each weight
 to float and read ~6 GB/s at batch 1 on 2 cores, so 4x fewer bytes than float32 bought only
@@ -10,8 +11,11 @@ The C sources (`quantized_matmul.c`, and `decoder_step.c`, a whole decoding step
 them: `polymodal.kernels.decoder_step`) are compiled on first use with the system's C compiler
 (`$CC`, default `cc`) for this CPU, into `$POLYMODAL_CACHE/kernels/` (default
 `~/.cache/polymodal`; with `POLYMODAL_CACHE=off`, a private temporary folder), keyed by the
-source's hash; later processes load that file. Where the
-CPU lacks AVX-512 VNNI (an AVX2 machine), no compiler is found, or `POLYMODAL_KERNELS=off`,
+source's hash; later processes load that file. They are built for the widest instruction set
+the CPU has (`instruction_set()`): AVX-512 with VNNI, else AVX2 with FMA and F16C (AMD EPYC and
+older Intel machines; the float code is shared through `simd.h`, the byte dot products have a
+body each). `POLYMODAL_KERNELS=avx2` builds the AVX2 one on an AVX-512 machine too (to test
+it). Where the CPU has neither, no compiler is found, or `POLYMODAL_KERNELS=off`,
 `available()` is False and callers use torch's kernels; a failed build says so once on stderr.
 """
 
@@ -32,10 +36,14 @@ from polymodal.gguf_cache import cache_root
 
 # one library: the products, and the decoder step that calls them (decoder_step.c)
 SOURCES = (Path(__file__).with_name("quantized_matmul.c"), Path(__file__).with_name("decoder_step.c"))
-# what the kernels execute: AVX-512 byte ops (bw, vl), VNNI dot products, float16 widening
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
-COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
-                 "-fopenmp", "-shared", "-fPIC")
+HEADERS = (Path(__file__).with_name("simd.h"),)  # part of the build's hash
+# per instruction set, widest first: the CPU flags its code executes, and the compiler's flags
+INSTRUCTION_SETS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"),
+               ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma")),
+    "avx2": (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
+}
+COMPILE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 _pointer, _size = ctypes.c_void_p, ctypes.c_int64
 # what each kind of Plan reads per matrix (the C side trusts it)
 OPERAND_DTYPES = {"float32": (torch.float32,), "int8": (torch.int8, torch.float32),
@@ -53,6 +61,19 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
+def instruction_set(flags: set[str] | None = None) -> str | None:
+    """"avx512" or "avx2": the widest set the CPU (`flags`, default this one's) runs, as
+    `POLYMODAL_KERNELS` allows ("avx2": no wider; "off": none); None where neither fits."""
+    switch = os.environ.get("POLYMODAL_KERNELS", "").lower()
+    if switch in ("off", "0", "false", "none"):
+        return None
+    flags = cpu_flags() if flags is None else flags
+    for name, (required, _) in INSTRUCTION_SETS.items():
+        if (switch != "avx2" or name == "avx2") and set(required) <= flags:
+            return name
+    return None
+
+
 def available() -> bool:
     """Whether this process can run the kernels (CPU, compiler, switch; see the module doc)."""
     return _library() is not None
@@ -65,18 +86,18 @@ def library() -> ctypes.CDLL | None:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("POLYMODAL_KERNELS", "").lower() in ("off", "0", "false", "none"):
+    name = instruction_set()
+    if name is None:
         return None
-    if not set(REQUIRED_FLAGS) <= cpu_flags():
-        return None
-    source = b"".join(path.read_bytes() for path in SOURCES)
-    key = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    flags = (*COMPILE_FLAGS, *INSTRUCTION_SETS[name][1])
+    source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     # with the cache off, a private folder: a shared, predictable path could be planted
     root = cache_root() or Path(tempfile.mkdtemp(prefix="polymodal-"))
-    target = root / "kernels" / f"quantized_matmul-{key}.so"
+    target = root / "kernels" / f"quantized_matmul-{name}-{key}.so"
     try:
         if not target.is_file():
-            _compile(target)
+            _compile(target, flags)
         library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
         detail = (getattr(error, "stderr", None) or "").strip() or str(error) or type(error).__name__
@@ -94,14 +115,14 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
-def _compile(target: Path) -> None:
+def _compile(target: Path, flags: tuple[str, ...]) -> None:
     """Compile SOURCES into `target` atomically (a temp file beside it, then one rename), so that
     two processes building at once never load a half-written library."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=target.parent)
     os.close(handle)
     try:
-        subprocess.run([os.environ.get("CC", "cc"), *COMPILE_FLAGS, "-o", temp, *map(str, SOURCES), "-lm"],
+        subprocess.run([os.environ.get("CC", "cc"), *flags, "-o", temp, *map(str, SOURCES), "-lm"],
                        check=True, capture_output=True, text=True, timeout=120)
         os.replace(temp, target)
     finally:

@@ -18,7 +18,7 @@ from polymodal.quantization import (
     quantize_int8,
 )
 
-needs_kernels = pytest.mark.skipif(not quantized_matmul.available(), reason="no AVX-512 VNNI (or no compiler) here")
+needs_kernels = pytest.mark.skipif(not quantized_matmul.available(), reason="no AVX-512 VNNI or AVX2 (or no compiler) here")
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -82,12 +82,25 @@ def test_int4_layout_puts_inputs_j_and_j_plus_32_of_each_chunk_in_one_byte():
     assert torch.equal(packed & 0x0F, chunks[:, :, 0]) and torch.equal(packed >> 4, chunks[:, :, 1])
 
 
-def test_without_vnni_or_when_switched_off_the_layers_run_torchs_kernels(monkeypatch, tmp_path):
+AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"}
+
+
+def test_the_widest_instruction_set_the_cpu_has_is_built_and_the_switch_narrows_or_stops_it(monkeypatch):
+    assert quantized_matmul.instruction_set(AVX512) == "avx512"
+    assert quantized_matmul.instruction_set({"avx2", "fma", "f16c"}) == "avx2"  # AMD EPYC, older Intel
+    assert quantized_matmul.instruction_set({"avx2", "fma"}) is None  # no float16 widening: none
+    monkeypatch.setenv("POLYMODAL_KERNELS", "avx2")
+    assert quantized_matmul.instruction_set(AVX512) == "avx2"
+    monkeypatch.setenv("POLYMODAL_KERNELS", "off")
+    assert quantized_matmul.instruction_set(AVX512) is None
+
+
+def test_without_avx2_or_when_switched_off_the_layers_run_torchs_kernels(monkeypatch, tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma f16c\n")  # an AVX2 machine
-    assert quantized_matmul.cpu_flags(cpuinfo) == {"fpu", "sse2", "avx2", "fma", "f16c"}
-    avx2_flags = quantized_matmul.cpu_flags(cpuinfo)
-    monkeypatch.setattr(quantized_matmul, "cpu_flags", lambda: avx2_flags)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx fma\n")  # a machine before AVX2
+    assert quantized_matmul.cpu_flags(cpuinfo) == {"fpu", "sse2", "avx", "fma"}
+    old_flags = quantized_matmul.cpu_flags(cpuinfo)
+    monkeypatch.setattr(quantized_matmul, "cpu_flags", lambda: old_flags)
     quantized_matmul._library.cache_clear()
     try:
         assert not quantized_matmul.available()
