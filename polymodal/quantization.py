@@ -1,5 +1,5 @@
 """Weight-only quantization of a decoder LLM's linear layers: int8 per output channel, int4
-in groups, run by polymodal's AVX-512 VNNI kernels where the CPU has them, else by the
+in groups, run by polymodal's kernels where the CPU has AVX-512 VNNI or AVX2, else by the
 kernels torch ships for the CPU.
 
 `Int8Linear` and `Int4Linear` replace `nn.Linear` in place (`quantize_language_model`), so
@@ -20,8 +20,8 @@ batch-1 decode streams from memory once per token, shrink 4x (int8) or ~7x (int4
   from those when it runs (so on torch's kernel the grid is rounded twice: once to float16,
   once to bfloat16).
 
-Kernels. On a CPU with AVX-512 VNNI, `polymodal.kernels.quantized_matmul` (compiled on first
-use) quantizes the activations to int8 in blocks of 32 (llama.cpp's Q8_0) and takes integer
+Kernels. On a CPU with AVX-512 VNNI or AVX2, `polymodal.kernels.quantized_matmul` (compiled on
+first use for the wider of the two) quantizes the activations to int8 in blocks of 32 (llama.cpp's Q8_0) and takes integer
 dot products: at batch 1 its products run 1.5-2x faster than torch's kernels
 (benchmarks/RESULTS.md). Elsewhere, or with `POLYMODAL_KERNELS=off`, torch's kernels run:
 on x86 they are vectorized (AVX-512 or AVX2) for bfloat16 activations only (float32 ones

@@ -189,20 +189,34 @@ static inline void dot_rows(const int8_t *codes, const float *lanes, const int8_
     for (int r = 0; r < rows; r++) out[r] = vf_sum(acc[r]);
 }
 
+/* float16 [n] -> float32 [n], 8 at a time (vcvtph2ps). */
+static inline void widen_halves(const uint16_t *halves, int64_t n, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(halves + i))));
+    for (; i < n; i++) out[i] = _cvtsh_ss(halves[i]);
+}
+
 /* As the AVX-512 int4_row: the chunk's low nibbles (inputs 0-31) and high nibbles (32-63)
- * each against their 32 activation bytes; weights 0..15 are vpmaddubsw's unsigned operand. */
+ * each against their 32 activation bytes; weights 0..15 are vpmaddubsw's unsigned operand.
+ * The row's float16 scales and mins are widened once up front (per chunk, two scalar
+ * conversions and broadcasts cost more than the byte products). */
 static inline void int4_row(const int8_t *codes, const float *lanes, const float *terms, int tile,
                             const uint8_t *packed, const uint16_t *scales, const uint16_t *mins,
                             int64_t K, int group, float out[TILE]) {
+    int64_t groups = K / group;
+    float row_scales[groups], row_mins[groups];
+    widen_halves(scales, groups, row_scales);
+    widen_halves(mins, groups, row_mins);
     __m256 acc[TILE];
     for (int t = 0; t < TILE; t++) acc[t] = _mm256_setzero_ps();
     const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const int64_t per_chunk = group == 64 ? 1 : 2, second = group == 64 ? 0 : 1;
     for (int64_t c = 0; c < K / 64; c++) {
         _mm_prefetch((const char *)(packed + c * 32 + PREFETCH), _MM_HINT_T0);
         __m256i bytes = _mm256_loadu_si256((const __m256i *)(packed + c * 32));
         __m256i halves[2] = {_mm256_and_si256(bytes, nibble), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble)};
-        __m256 weight_scales[2] = {_mm256_set1_ps(_cvtsh_ss(scales[group == 64 ? c : 2 * c])),
-                                   _mm256_set1_ps(_cvtsh_ss(scales[group == 64 ? c : 2 * c + 1]))};
+        __m256 weight_scales[2] = {_mm256_broadcast_ss(row_scales + c * per_chunk),
+                                   _mm256_broadcast_ss(row_scales + c * per_chunk + second)};
         for (int t = 0; t < tile; t++) {
             for (int h = 0; h < 2; h++) {
                 __m256i x = _mm256_loadu_si256((const __m256i *)(codes + t * K + c * 64 + h * 32));
@@ -212,11 +226,14 @@ static inline void int4_row(const int8_t *codes, const float *lanes, const float
             }
         }
     }
-    int64_t groups = K / group;
     for (int t = 0; t < tile; t++) {
-        float offsets = 0.0f;
-        for (int64_t g = 0; g < groups; g++) offsets += _cvtsh_ss(mins[g]) * terms[t * groups + g];
-        out[t] = vf_sum(acc[t]) + offsets;
+        __m256 offsets = _mm256_setzero_ps();
+        int64_t g = 0;
+        for (; g + 8 <= groups; g += 8)
+            offsets = _mm256_fmadd_ps(_mm256_loadu_ps(row_mins + g), _mm256_loadu_ps(terms + t * groups + g), offsets);
+        float offset = vf_sum(offsets);
+        for (; g < groups; g++) offset += row_mins[g] * terms[t * groups + g];
+        out[t] = vf_sum(acc[t]) + offset;
     }
 }
 
