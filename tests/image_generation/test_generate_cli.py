@@ -108,7 +108,9 @@ def test_a_quantized_drawing_model_keeps_its_image_rows_and_draws_and_chats(caps
     head = decoder.get_output_embeddings()  # the text head with the image tokens' rows, in float
     assert type(head) is CodeHead and head.weight.dtype == torch.float32
     text_vocab = head.out_features
-    assert decoder(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[-1] == text_vocab + head.codes.out_features
+    with torch.no_grad():
+        logits = decoder(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert logits.shape[-1] == text_vocab + head.codes.out_features
     code, _, err = run(capsys, "generate", tmp_path / bits, "Draw a red circle.", "--out", tmp_path / "x.png")
     assert code == 0 and Image.open(tmp_path / "x.png").size == (SIZE, SIZE), err
     code, out, err = run(capsys, "chat", tmp_path / bits, "--max-new-tokens", 5, "hi")
