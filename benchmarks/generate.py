@@ -260,7 +260,7 @@ def main() -> None:
     models = {"float32": base}
     for bits in ("int8", "int4"):
         models[bits] = quantize_model(copy.deepcopy(base), QuantizationConfig(bits=bits, group_size=args.group_size))
-        if use_kernels(models[bits], True):  # a CPU with AVX-512 VNNI: torch's kernels beside ours
+        if use_kernels(models[bits], True):  # a CPU with AVX-512 VNNI or AVX2: torch's kernels beside ours
             models[f"{bits} torch kernel"] = copy.deepcopy(models[bits])
             use_kernels(models[f"{bits} torch kernel"], False)
     step_bytes = {f"polymodal {name}": streamed_bytes(model.llm.model) for name, model in models.items()}

@@ -61,17 +61,20 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
-def instruction_set(flags: set[str] | None = None) -> str | None:
-    """"avx512" or "avx2": the widest set the CPU (`flags`, default this one's) runs, as
-    `POLYMODAL_KERNELS` allows ("avx2": no wider; "off": none); None where neither fits."""
+def instruction_sets(flags: set[str] | None = None) -> list[str]:
+    """"avx512", "avx2": the sets the CPU (`flags`, default this one's) runs, widest first, as
+    `POLYMODAL_KERNELS` allows ("avx2": no wider; "off": none)."""
     switch = os.environ.get("POLYMODAL_KERNELS", "").lower()
     if switch in ("off", "0", "false", "none"):
-        return None
+        return []
     flags = cpu_flags() if flags is None else flags
-    for name, (required, _) in INSTRUCTION_SETS.items():
-        if (switch != "avx2" or name == "avx2") and set(required) <= flags:
-            return name
-    return None
+    return [name for name, (required, _) in INSTRUCTION_SETS.items()
+            if (switch != "avx2" or name == "avx2") and set(required) <= flags]
+
+
+def instruction_set(flags: set[str] | None = None) -> str | None:
+    """The widest of `instruction_sets`, or None where the CPU runs neither."""
+    return next(iter(instruction_sets(flags)), None)
 
 
 def available() -> bool:
@@ -86,9 +89,20 @@ def library() -> ctypes.CDLL | None:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    name = instruction_set()
-    if name is None:
-        return None
+    problems = []
+    for name in instruction_sets():  # a compiler too old for AVX-512 VNNI may still build AVX2
+        library, problem = _build(name)
+        if library is not None:
+            return _declare(library)
+        problems.append(f"{name}: {problem}")
+    if problems:
+        print(f"polymodal: the int8/int4 kernels could not be built ({'; '.join(problems)}); "
+              f"using torch's slower kernels", file=sys.stderr)
+    return None
+
+
+def _build(name: str) -> tuple[ctypes.CDLL | None, str | None]:
+    """The library for instruction set `name`, compiled unless cached: (it, None) or (None, why)."""
     flags = (*COMPILE_FLAGS, *INSTRUCTION_SETS[name][1])
     source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
@@ -98,12 +112,14 @@ def _library() -> ctypes.CDLL | None:
     try:
         if not target.is_file():
             _compile(target, flags)
-        library = ctypes.CDLL(str(target))
+        return ctypes.CDLL(str(target)), None
     except (OSError, subprocess.SubprocessError) as error:
         detail = (getattr(error, "stderr", None) or "").strip() or str(error) or type(error).__name__
-        print(f"polymodal: the int8/int4 kernels could not be built ({detail.splitlines()[-1]}); "
-              f"using torch's slower kernels", file=sys.stderr)
-        return None
+        return None, detail.splitlines()[-1]
+
+
+def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    """The C functions' argument types."""
     library.int8_linear.argtypes = [_pointer, _size, _size, ctypes.c_int, _pointer, _pointer, _pointer,
                                     _pointer, _size, ctypes.c_int]
     library.int4_linear.argtypes = [_pointer, _size, _size, ctypes.c_int, _pointer, _pointer, _pointer,

@@ -71,13 +71,14 @@ def test_the_one_call_step_computes_what_the_eager_step_does(bits):
         step = decoder_step(LlamaDecoder(llm))
     assert step is not None and step.kind == bits
     fused, eager = runner_states(llm, eager=False), runner_states(llm, eager=True)
-    errors = relative_errors(fused, eager)
+    errors = relative_errors(fused.flatten(0, 1), eager.flatten(0, 1))  # per step and row
     if bits == "float32":
         assert max(errors) < 1e-5
-    else:  # the same arithmetic; a float rounding apart, an activation code can round the other way:
-        # ~3e-3 from the step it flips on (the AVX2 build flips one here), where a wrong product,
-        # rotation or cache slot is off by 1e-1 or more
+    else:  # the same arithmetic; a float rounding apart, an activation code can round the other way
+        # (~4e-3 in that row from then on; the AVX2 build flips one here): the other row stays
+        # exact, where a wrong product, rotation or cache slot moves both rows by 1e-1 or more
         assert max(errors) < 1e-2
+        assert all(min(step) < 1e-5 for step in zip(errors[0::2], errors[1::2]))
 
 
 @needs_kernels

@@ -1,6 +1,7 @@
-"""polymodal's int8/int4 VNNI kernels (issue 20 §1): exact against an emulation of their
-integer arithmetic, rows independent of the batch, the layers' two kernels agree, and the
-fallback where the CPU lacks VNNI."""
+"""polymodal's int8/int4 kernels (issue 20 §1; AVX-512 VNNI or AVX2, whichever this CPU runs):
+exact against an emulation of their integer arithmetic, rows independent of the batch, the
+layers' two kernels agree, the instruction set chosen, and the fallback where the CPU has
+neither."""
 
 import copy
 
@@ -86,6 +87,7 @@ AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c
 
 
 def test_the_widest_instruction_set_the_cpu_has_is_built_and_the_switch_narrows_or_stops_it(monkeypatch):
+    monkeypatch.delenv("POLYMODAL_KERNELS", raising=False)
     assert quantized_matmul.instruction_set(AVX512) == "avx512"
     assert quantized_matmul.instruction_set({"avx2", "fma", "f16c"}) == "avx2"  # AMD EPYC, older Intel
     assert quantized_matmul.instruction_set({"avx2", "fma"}) is None  # no float16 widening: none
@@ -93,6 +95,36 @@ def test_the_widest_instruction_set_the_cpu_has_is_built_and_the_switch_narrows_
     assert quantized_matmul.instruction_set(AVX512) == "avx2"
     monkeypatch.setenv("POLYMODAL_KERNELS", "off")
     assert quantized_matmul.instruction_set(AVX512) is None
+
+
+@pytest.mark.skipif("avx2" not in quantized_matmul.instruction_sets(), reason="no AVX2 here")
+def test_a_compiler_that_refuses_avx512_gets_the_avx2_build_and_none_is_one_line(monkeypatch, tmp_path, capsys):
+    import subprocess
+
+    monkeypatch.delenv("POLYMODAL_KERNELS", raising=False)
+    monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path))  # nothing cached: every set compiles
+    monkeypatch.setattr(quantized_matmul, "cpu_flags", lambda: AVX512)
+    real_compile, built = quantized_matmul._compile, []
+
+    def old_compiler(target, flags, refused=("-mavx512vnni",)):
+        if set(refused) & set(flags):
+            raise subprocess.CalledProcessError(1, "cc", stderr=f"cc: error: unrecognized option '{flags[-1]}'")
+        built.append(target.name)
+        real_compile(target, flags)
+
+    monkeypatch.setattr(quantized_matmul, "_compile", old_compiler)
+    quantized_matmul._library.cache_clear()
+    try:
+        assert quantized_matmul.available() and built[0].startswith("quantized_matmul-avx2-")
+        monkeypatch.setattr(quantized_matmul, "_compile", lambda target, flags: old_compiler(target, flags, flags))
+        monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path / "empty"))
+        quantized_matmul._library.cache_clear()
+        assert not quantized_matmul.available()
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith("polymodal: the int8/int4 kernels could not be built (avx512: ") and "; avx2: " in line
+    finally:
+        monkeypatch.undo()
+        quantized_matmul._library.cache_clear()
 
 
 def test_without_avx2_or_when_switched_off_the_layers_run_torchs_kernels(monkeypatch, tmp_path):
