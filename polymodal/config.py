@@ -390,6 +390,8 @@ class StageConfig:
     clip: float | None = 1.0  # gradient-norm clipping; None turns it off
     # bfloat16 autocast; `auto`: bfloat16 where the device computes it natively (train/precision.py)
     precision: Literal["float32", "bfloat16", "auto"] = "float32"
+    # torch.compile the LLM's decoder layers while this stage trains (train/compiled.py)
+    compile: bool = False
     seed: int = 0
     log_every: int = 10
     max_length: int | None = None  # longer samples are skipped and counted (never cut)

@@ -19,6 +19,7 @@ from polymodal.config import StageConfig
 from polymodal.errors import UserError
 from polymodal.objectives.base import Objective
 from polymodal.train import checkpoint
+from polymodal.train.compiled import compile_layers, uncompile
 from polymodal.train.distributed import (
     SINGLE_PROCESS,
     World,
@@ -108,6 +109,8 @@ def train_stage(objective: Objective, mixture: Mixture, log: Callable[[dict], No
         load_full_optimizer_state(trainer, optimizer, checkpoint.restore_optimizer(resume_from, scheduler))
     else:
         torch.manual_seed(stage.seed)
+    if stage.compile and compile_layers(model) and world.is_main:
+        tqdm.write(f"stage {stage.name}: decoder layers compiled (torch.compile; the first step compiles them)")
     model.train()
     trainer.train()
     totals = totals or {"samples": 0, "tokens": 0, "seconds": 0.0, "final_loss": None}
@@ -147,6 +150,7 @@ def train_stage(objective: Objective, mixture: Mixture, log: Callable[[dict], No
             if world.is_main:
                 on_checkpoint(step + 1, optimizer_state, scheduler, totals)
     gather_into(model, trainer)
+    uncompile(model)
     model.eval()
     return totals
 
