@@ -185,6 +185,11 @@ class MultimodalLM(nn.Module):
             parts["image_output"] = nn.ModuleList([*code_modules(self.llm.model), self.image_flow])
         return parts
 
+    def decoder_layers(self) -> list[nn.Module]:
+        """The LLM's decoder layers (transformers' `get_decoder().layers`): what a stage's
+        `compile: true` compiles (train/compiled.py)."""
+        return list(self.llm.model.get_decoder().layers)
+
     def set_trainable(self, parts: list[str]) -> None:
         """Train exactly these parts and freeze the rest; the one place freezing happens.
 

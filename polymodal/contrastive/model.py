@@ -132,6 +132,10 @@ class DualEncoder(nn.Module):
         return {"encoder": self.image.encoder, "projection": nn.ModuleList([self.image.head, self.logits]),
                 "text": self.text}
 
+    def decoder_layers(self) -> list[nn.Module]:
+        """None: a dual encoder has no LLM decoder for `compile: true` to compile."""
+        return []
+
     def set_trainable(self, parts: list[str]) -> None:
         known = list(self.part_modules())
         unknown = [part for part in parts if part not in known]

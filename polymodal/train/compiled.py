@@ -18,19 +18,11 @@ from __future__ import annotations
 from torch import nn
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a multimodal LM's LLM (transformers' `get_decoder().layers`), or []
-    for a model without one (a dual encoder) or an LLM that does not expose them."""
-    llm = getattr(model, "llm", None)
-    causal_lm = getattr(llm, "model", None)
-    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
-    return list(getattr(decoder, "layers", []))
-
-
 def compile_layers(model: nn.Module) -> int:
-    """torch.compile each decoder layer in place (`nn.Module.compile`: parameters and
+    """torch.compile each of `model.decoder_layers()` (the model's own list: the loop does not
+    probe models) in place (`nn.Module.compile`: parameters and
     state-dict keys unchanged). Returns how many."""
-    layers = decoder_layers(model)
+    layers = model.decoder_layers()
     for layer in layers:
         layer.compile()
     return len(layers)
@@ -38,5 +30,5 @@ def compile_layers(model: nn.Module) -> int:
 
 def uncompile(model: nn.Module) -> None:
     """Undo `compile_layers`: the layers' calls run their eager forward again."""
-    for layer in decoder_layers(model):
+    for layer in model.decoder_layers():
         layer._compiled_call_impl = None  # what nn.Module.compile sets; None is eager

@@ -150,7 +150,8 @@ def train_stage(objective: Objective, mixture: Mixture, log: Callable[[dict], No
             if world.is_main:
                 on_checkpoint(step + 1, optimizer_state, scheduler, totals)
     gather_into(model, trainer)
-    uncompile(model)
+    if stage.compile:
+        uncompile(model)
     model.eval()
     return totals
 
