@@ -241,7 +241,16 @@ def train_judge(train_folder: Path, test_folder: Path, settings: JudgeSettings |
                disable=not progress, leave=False)
     with torch.enable_grad():  # a judge trained on first use may be asked for under no_grad
         for _ in range(settings.epochs):
-            _fit_epoch(network, optimizer, schedule, bar, pixels, shapes, colors, settings, generator)
+            for images, shape_labels, color_labels in training_batches(pixels, shapes, colors, settings, generator):
+                shape_logits, color_logits = network(images)
+                loss = (F.cross_entropy(shape_logits, shape_labels, ignore_index=IGNORE)
+                        + F.cross_entropy(color_logits, color_labels, ignore_index=IGNORE))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     seconds = time.perf_counter() - started
     judge = Judge(network, {"accuracy": {}})
@@ -250,20 +259,6 @@ def train_judge(train_folder: Path, test_folder: Path, settings: JudgeSettings |
     judge.info = {"accuracy": accuracy, "test_images": counts, "train_images": len(pixels),
                   "train_seconds": round(seconds, 1), "settings": dataclasses.asdict(settings)}
     return judge
-
-
-def _fit_epoch(network, optimizer, schedule, bar, pixels, shapes, colors, settings, generator) -> None:
-    """One epoch of the judge's training (both heads' cross-entropy, unknown labels ignored)."""
-    for images, shape_labels, color_labels in training_batches(pixels, shapes, colors, settings, generator):
-        shape_logits, color_logits = network(images)
-        loss = (F.cross_entropy(shape_logits, shape_labels, ignore_index=IGNORE)
-                + F.cross_entropy(color_logits, color_labels, ignore_index=IGNORE))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
 def measure_accuracy(judge: Judge, folder: Path, limit: int | None = None) -> tuple[dict, dict]:

@@ -165,7 +165,8 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *codes, f
             bytes = _mm256_max_epi8(bytes, _mm256_set1_epi8(-127));  /* -128 has no magnitude in a byte */
             _mm256_storeu_si256((__m256i *)(codes + m * K + b * BLOCK), bytes);
             float *lane = lanes + (m * (K / 64) + b / 2) * 16 + (b % 2) * 8;
-            for (int i = 0; i < 8; i++) lane[i] = amax / 127.0f;
+            float scale = amax / 127.0f;
+            for (int i = 0; i < 8; i++) lane[i] = scale;
         }
     }
 }
