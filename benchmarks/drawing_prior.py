@@ -12,10 +12,12 @@ costs a few milliseconds a drawing, so it shows how many drawings raster code dr
 at all; the LLM's curve is in docs/image-generation.md.
 
     .venv/bin/python benchmarks/drawing_prior.py runs/easy-vqa-tokenizer/model \\
-        [--eval-at 600,2000] [--batch-size 32] [--positions raster|grid] [--out DIR]
+        [--eval-at 600,2000] [--batch-size 32] [--positions raster|grid] [--foreground-weight 1]
+        [--out DIR]
 
 `--positions grid` adds a learned row and column embedding to each position (the code
-above is then one embedding away, not K/side tokens back). Prints a markdown table;
+above is then one embedding away, not K/side tokens back); `--foreground-weight W` weighs the
+loss of every code but the image's most frequent one (its background) W times. Prints a markdown table;
 `--out` gets grid.png (prompts against samples at the last checkpoint).
 """
 
@@ -32,7 +34,13 @@ from torch import nn
 from tqdm import tqdm
 
 from polymodal.build import load_model
-from polymodal.data.easy_vqa import COLORS, SHAPES, attributes_by_image, easy_vqa_folder, full_captions
+from polymodal.data.easy_vqa import (
+    COLORS,
+    SHAPES,
+    attributes_by_image,
+    easy_vqa_folder,
+    full_captions,
+)
 from polymodal.eval.judge import load_judge, read_pixels
 from polymodal.eval.tasks import TaskOptions
 from polymodal.eval.text_to_image import Drawings, TextToImage, drawing_metrics, plot_grid
@@ -122,6 +130,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=192)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--positions", choices=["raster", "grid"], default="raster")
+    parser.add_argument("--foreground-weight", type=float, default=1.0,
+                        help="loss weight of codes other than the image's most frequent one (its background)")
     parser.add_argument("--images-per-prompt", type=int, default=8)
     parser.add_argument("--cfg", type=float, default=3.0, help="judged at guidance 1 and at this scale")
     parser.add_argument("--seed", type=int, default=0)
@@ -147,7 +157,10 @@ def main() -> None:
         rows = torch.randint(len(codes), (args.batch_size,), generator=generator)
         batch_classes = classes[rows].masked_fill(torch.rand(args.batch_size, generator=generator) < 0.1, CLASSES)
         logits = prior(batch_classes, codes[rows])
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), codes[rows].flatten())
+        targets = codes[rows]
+        losses = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        weights = 1 + (args.foreground_weight - 1) * (targets != targets.mode(1).values[:, None]).float()
+        loss = (losses * weights.flatten()).sum() / weights.sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
