@@ -22,6 +22,8 @@
  * blocks of ROWS output rows and runs every activation row against them, so a block's weights
  * are read from memory once for all M rows.
  */
+#include <math.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -61,7 +63,9 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *codes, f
             const float *v = x + m * K + b * BLOCK;
             __m512 low = _mm512_loadu_ps(v), high = _mm512_loadu_ps(v + 16);
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
-            float scale = amax / 127.0f;
+            /* vmaxps drops a NaN; a NaN scale carries it into every output of the row, as torch */
+            bool unordered = _mm512_cmp_ps_mask(low, low, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(high, high, _CMP_UNORD_Q);
+            float scale = unordered ? NAN : amax / 127.0f;
             __m512 inverse = _mm512_set1_ps(block_inverse(amax));
             /* round half to even, as MXCSR's default; |v| <= amax keeps codes in [-127, 127] */
             __m512i low_codes = _mm512_cvtps_epi32(_mm512_mul_ps(low, inverse));
@@ -149,10 +153,11 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *codes, f
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < K / BLOCK; b++) {
             const float *v = x + m * K + b * BLOCK;
-            __m256 part[4], top = _mm256_setzero_ps();
+            __m256 part[4], top = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
             for (int i = 0; i < 4; i++) {
                 part[i] = _mm256_loadu_ps(v + 8 * i);
                 top = _mm256_max_ps(top, _mm256_andnot_ps(sign, part[i]));
+                unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(part[i], part[i], _CMP_UNORD_Q));
             }
             __m128 half = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
             half = _mm_max_ps(half, _mm_movehl_ps(half, half));
@@ -165,7 +170,8 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *codes, f
             bytes = _mm256_max_epi8(bytes, _mm256_set1_epi8(-127));  /* -128 has no magnitude in a byte */
             _mm256_storeu_si256((__m256i *)(codes + m * K + b * BLOCK), bytes);
             float *lane = lanes + (m * (K / 64) + b / 2) * 16 + (b % 2) * 8;
-            float scale = amax / 127.0f;
+            /* vmaxps drops a NaN; a NaN scale carries it into every output of the row, as torch */
+            float scale = _mm256_movemask_ps(unordered) ? NAN : amax / 127.0f;
             for (int i = 0; i < 8; i++) lane[i] = scale;
         }
     }

@@ -61,6 +61,26 @@ def test_int4_kernel_computes_exactly_codes_times_scales_plus_mins(group_size):
 
 
 @needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_nan_in_an_activation_row_makes_its_outputs_nan_as_torch_and_leaves_other_rows(bits):
+    torch.manual_seed(2)
+    weight, x = torch.randn(40, 128), torch.randn(3, 128)
+    if bits == 8:
+        codes, scales = quantize_int8(weight)
+        run = lambda inputs: quantized_matmul.int8_linear(inputs, codes, scales.float())  # noqa: E731
+    else:
+        codes, table = quantize_int4(weight, 32)
+        scales, mins = (part.contiguous() for part in table.unbind(-1))
+        packed = quantized_matmul.int4_layout(codes)
+        run = lambda inputs: quantized_matmul.int4_linear(inputs, packed, scales, mins, 32)  # noqa: E731
+    clean = run(x)
+    x[1, 70] = float("nan")  # in the second block of the second chunk: not the block's max
+    output = run(x)
+    assert torch.isnan(output[1]).all()  # torch: F.linear gives NaN in every column
+    assert torch.equal(output[[0, 2]], clean[[0, 2]])
+
+
+@needs_kernels
 @pytest.mark.parametrize("bits", ["int8", "int4"])
 def test_each_row_is_the_same_alone_or_in_a_batch_and_both_kernels_agree(bits):
     torch.manual_seed(2)
