@@ -167,8 +167,8 @@ class Plan:
         F.linear on SmolLM2's LM head at batch 1).
 
         Raises ValueError if the kernels are unavailable, K is not a multiple of 64, the
-        matrices do not share K, there are more than 8, an operand has another dtype, or
-        int4's group is not 32 or 64."""
+        matrices do not share K, there are more than 8, an operand has another dtype, an int8
+        weight holds -128, or int4's group is not 32 or 64."""
         inputs = {matrix[0].shape[1] * (2 if bits == "int4" else 1) for matrix in matrices}  # int4: 2 per byte
         if len(inputs) != 1 or not 1 <= len(matrices) <= self.MAX_MATRICES:
             raise ValueError(f"quantized kernels: 1 to 8 matrices of one K, got {len(matrices)} of K {inputs}")
@@ -177,6 +177,9 @@ class Plan:
         kinds = OPERAND_DTYPES.get(bits)
         if kinds is None or any(tuple(tensor.dtype for tensor in matrix) != kinds for matrix in matrices):
             raise ValueError(f"quantized kernels: {bits} matrices are {kinds} tuples")
+        if bits == "int8" and any(bool((matrix[0] == -128).any()) for matrix in matrices):
+            # the kernels negate weight bytes by the activations' signs; -128 has no negation
+            raise ValueError("quantized kernels: int8 weight codes must be in [-127, 127], got -128")
         self.bits, self.group_size, self.inputs = bits, group_size, inputs.pop()
         self.library = _checked_library(self.inputs)
         if any(not tensor.is_cpu for matrix in matrices for tensor in matrix):

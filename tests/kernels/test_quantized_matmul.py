@@ -225,3 +225,6 @@ def test_a_plan_refuses_operands_of_another_kind_before_c_reads_them():
                          ("int8", (weight, torch.ones(64, dtype=torch.bfloat16))), ("int2", (weight,))):
         with pytest.raises(ValueError, match="tuples"):
             quantized_matmul.Plan(bits, [matrix])
+    weight[3, 5] = -128  # the kernels negate weight bytes: -128 would keep its sign
+    with pytest.raises(ValueError, match="-128"):
+        quantized_matmul.Plan("int8", [(weight, torch.ones(64))])
