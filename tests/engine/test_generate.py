@@ -329,3 +329,12 @@ def test_the_generating_class_is_engine_and_torch_generator_is_left_alone():
     import polymodal
 
     assert polymodal.Engine is Engine and "Generator" not in polymodal.__all__
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-46, 1e-30])
+def test_a_temperature_too_small_for_float32_picks_the_top_token(temperature):
+    # 1e-300 and 1e-46 are 0 in float32: dividing by them gave 0 / 0 = NaN and multinomial failed.
+    logits = torch.tensor([[0.1, 2.0, 1.9, -3.0], [5.0, 0.0, 4.99, 1.0]])
+    params = SamplingParams(temperature=temperature)
+    chosen = choose_next(logits, params, torch.Generator().manual_seed(0))
+    assert chosen.tolist() == [1, 0]
