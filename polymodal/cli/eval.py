@@ -62,6 +62,7 @@ def add_parser(commands) -> None:
 
 def task_options(args: argparse.Namespace):
     """The task and its options from the command line; mistakes are UserErrors."""
+    from polymodal.engine.images import MAX_IMAGES_PER_PROMPT
     from polymodal.eval.tasks import TaskOptions, get_task
 
     task = get_task(args.task)
@@ -81,8 +82,8 @@ def task_options(args: argparse.Namespace):
     drawing = {"images_per_prompt": getattr(args, "images_per_prompt", 8),  # eval's options
                "guidance_scale": getattr(args, "cfg", 1.0), "temperature": getattr(args, "temperature", 1.0),
                "top_k": getattr(args, "top_k", 0)}
-    if drawing["images_per_prompt"] < 1:
-        raise UserError("--images-per-prompt must be at least 1")
+    if not 1 <= drawing["images_per_prompt"] <= MAX_IMAGES_PER_PROMPT:
+        raise UserError(f"--images-per-prompt must be in [1, {MAX_IMAGES_PER_PROMPT}]")
     return task, TaskOptions(split=args.split, data=args.data, limit=args.limit, seed=args.seed,
                              setting=args.setting, prompt=args.prompt,
                              templates=args.templates, image_model=args.image_model,

@@ -17,10 +17,13 @@ import os
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from polymodal.errors import UserError
 
 SHEET_GAP = 2  # pixels between the images of a contact sheet
 SHEET_GREY = 0.5  # the gaps' shade: drawings on white backgrounds stay apart
+BATCH_SIZE = 16  # images per engine call: a large --n keeps a bounded KV cache
 
 
 def add_parser(commands) -> None:
@@ -47,17 +50,20 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     from polymodal.cli.loading import load_for_command
     from polymodal.engine.generate import Engine
+    from polymodal.engine.images import MAX_IMAGES_PER_PROMPT
     from polymodal.engine.sampling import SamplingParams
 
-    if args.n < 1:
-        raise UserError(f"--n must be at least 1, got {args.n}")
+    if not 1 <= args.n <= MAX_IMAGES_PER_PROMPT:
+        raise UserError(f"--n must be in [1, {MAX_IMAGES_PER_PROMPT}], got {args.n}")
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                             guidance_scale=args.cfg)
     paths = output_paths(Path(args.out), args.n)  # refused before a slow load
     sheet = paths[0].parent / f"{Path(args.out).stem}-sheet.png" if args.contact_sheet else None
+    refuse_folders([*paths, sheet] if sheet else paths)
     engine = Engine(load_for_command(args.model, args.set))
     prompt = {"messages": [{"role": "user", "content": [{"type": "text", "text": args.prompt}]}]}
-    images = engine.generate_images([prompt], params, n=args.n)  # [n, 3, S, S] in [0, 1]
+    with tqdm(total=args.n, desc="drawing", unit="image", disable=args.n <= BATCH_SIZE) as bar:
+        images = engine.generate_images_in_batches([prompt], params, args.n, BATCH_SIZE, bar.update)  # [n, 3, S, S]
     written = [write_png(path, pixels) for path, pixels in zip(paths, images)]
     if sheet is not None:
         written.append(write_png(sheet, contact_sheet(images)))
@@ -87,6 +93,14 @@ def output_paths(out: Path, n: int) -> list[Path]:
     if n == 1:
         return [out]
     return [folder / f"{out.stem}-{index}{out.suffix}" for index in range(n)]
+
+
+def refuse_folders(paths: list[Path]) -> None:
+    """Raises UserError when a file to write is an existing folder, before anything is drawn or
+    written (a set half written over earlier files is worse than none)."""
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"--out: {path} is a folder in the way of an image to write")
 
 
 def write_png(path: Path, pixels) -> Path:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -211,6 +211,35 @@ class Engine:
                 return self.model.image_tokenizer.decode_latents(latents).float().clamp(0, 1)
             drawn = self._draw(samples, params, generators, guidance)  # [P * n, K]
         return self.model.image_tokenizer.decode(drawn).float().clamp(0, 1)
+
+    def generate_images_in_batches(self, prompts: list[dict], params: SamplingParams, n: int,
+                                   batch_size: int, progress=None) -> torch.Tensor:
+        """What `generate_images(prompts, params, n)` draws (pixels [len(prompts) * n, 3, S, S]
+        in [0, 1] on the CPU, the same images for a seeded `params`), at most `batch_size`
+        images per engine call, so that the KV cache of a large `n` stays bounded. Image j of a
+        prompt split across calls keeps seed `choice_seed(params.seed, j)`. `progress(count)`
+        hears of each call's images.
+
+        Raises:
+            UserError: as generate_images; ValueError: batch_size < 1.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        calls = []  # (prompts of the call, images per prompt, seed offset of its first image)
+        if n <= batch_size:
+            per_call = batch_size // n
+            calls = [(prompts[start : start + per_call], n, 0) for start in range(0, len(prompts), per_call)]
+        else:
+            calls = [([prompt], min(batch_size, n - first), first) for prompt in prompts
+                     for first in range(0, n, batch_size)]
+        drawn = []
+        with self.lora_merged():
+            for group, count, first in calls:
+                shifted = params if params.seed is None else replace(params, seed=choice_seed(params.seed, first))
+                drawn.append(self.generate_images(group, shifted, count).float().cpu())
+                if progress is not None:
+                    progress(len(group) * count)
+        return torch.cat(drawn)
 
     def _draw(self, samples: list[dict], params: SamplingParams, generators: list, guidance: bool) -> torch.Tensor:
         """The K codes [B, K] of each conditional row (the first B of `samples`; with guidance

@@ -17,6 +17,9 @@ from __future__ import annotations
 import torch
 
 TEXT = -1  # a row's `left` outside an image block
+# The most images one command draws per prompt (generate --n, eval --images-per-prompt): all
+# are held as float pixels until written or judged (1000 x 64 x 64 x 3 x 4 bytes: 49 MB).
+MAX_IMAGES_PER_PROMPT = 1000
 
 
 def constrain(logits: torch.Tensor, codes, left: list[int], budget: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from polymodal.data.easy_vqa import COLORS, SHAPES, easy_vqa_folder, full_captions
 from polymodal.data.easy_vqa_draw import draw_prompts
 from polymodal.engine.generate import Engine
+from polymodal.engine.images import MAX_IMAGES_PER_PROMPT
 from polymodal.engine.sampling import SamplingParams
 from polymodal.errors import UserError
 from polymodal.eval.judge import (
@@ -100,8 +101,8 @@ class TextToImage(Task):
         check_data_folder(options, "easy-vqa")
         if options.data and Path(options.data).is_file():
             raise UserError(f"--data: task {self.name} builds its prompts; give an easy-VQA folder, not a file")
-        if options.images_per_prompt < 1:
-            raise UserError("--images-per-prompt must be at least 1")
+        if not 1 <= options.images_per_prompt <= MAX_IMAGES_PER_PROMPT:
+            raise UserError(f"--images-per-prompt must be in [1, {MAX_IMAGES_PER_PROMPT}]")
         items = self.items(options) if items is None else items
         judge = load_judge()
         pixels = draw(model, items, options, batch_size)
@@ -130,18 +131,12 @@ class TextToImage(Task):
 def draw(model, items: list[Item], options: TaskOptions, batch_size: int) -> torch.Tensor:
     """pixels [len(items) * n, 3, S, S] in [0, 1], prompt-major: n images per item, at most
     `batch_size` images per engine call (the engine doubles the rows under guidance)."""
-    engine = Engine(model)
     count = options.images_per_prompt
     params = SamplingParams(temperature=options.temperature, top_k=options.top_k, seed=options.seed,
                             guidance_scale=options.guidance_scale)
-    per_call = max(1, batch_size // count)
-    drawn = []
-    with engine.lora_merged(), tqdm(total=len(items) * count, desc="drawing", unit="image") as bar:
-        for start in range(0, len(items), per_call):
-            chunk = items[start : start + per_call]
-            drawn.append(engine.generate_images([item.prompt() for item in chunk], params, count).float().cpu())
-            bar.update(len(chunk) * count)
-    return torch.cat(drawn)
+    prompts = [item.prompt() for item in items]
+    with tqdm(total=len(items) * count, desc="drawing", unit="image") as bar:
+        return Engine(model).generate_images_in_batches(prompts, params, count, batch_size, bar.update)
 
 
 # ---------------------------------------------------------------- metrics

@@ -54,7 +54,8 @@ def test_generate_writes_each_image_and_a_contact_sheet(capsys, tmp_path, saved)
     (["{model}", "Draw", "--out", "{tmp}/a_file/x.png"], "{tmp}/a_file is not a folder"),
     (["{model}", "Draw", "--out", "{tmp}/x.jpg"], "is not a .png file name"),
     (["{model}", "Draw", "--out", "{tmp}", "--n", "2"], "is not a .png file name"),
-    (["{model}", "Draw", "--out", "{tmp}/x.png", "--n", "0"], "--n must be at least 1"),
+    (["{model}", "Draw", "--out", "{tmp}/x.png", "--n", "0"], "--n must be in [1, 1000], got 0"),
+    (["{model}", "Draw", "--out", "{tmp}/x.png", "--n", "100000"], "--n must be in [1, 1000], got 100000"),
     (["{model}", "Draw", "--out", "{tmp}/x.png", "--cfg", "-1"], "guidance_scale must be a number of at least 0"),
 ])
 def test_generate_mistakes_are_one_line_and_exit_2(capsys, tmp_path, saved, argv, says):
@@ -64,6 +65,14 @@ def test_generate_mistakes_are_one_line_and_exit_2(capsys, tmp_path, saved, argv
     last = err.splitlines()[-1]
     assert code == 2 and last.startswith("polymodal: error: ") and says.format(**fill) in last
     assert "Traceback" not in err and not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("in_the_way, extra", [("x-1.png", []), ("x-sheet.png", ["--contact-sheet"])])
+def test_a_folder_in_the_way_of_one_image_writes_none(capsys, tmp_path, saved, in_the_way, extra):
+    (tmp_path / in_the_way).mkdir()
+    code, _, err = run(capsys, "generate", saved[1], "Draw", "--out", tmp_path / "x.png", "--n", 3, *extra)
+    assert code == 2 and err.splitlines()[-1] == f"polymodal: error: --out: {tmp_path / in_the_way} is a folder in the way of an image to write"
+    assert [path.name for path in tmp_path.iterdir()] == [in_the_way]  # x-0.png was not written first
 
 
 def test_write_png_names_the_file_it_cannot_write(tmp_path):

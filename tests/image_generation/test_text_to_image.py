@@ -20,6 +20,7 @@ from polymodal.data.easy_vqa import (
     easy_vqa_folder,
     full_captions,
 )
+from polymodal.engine.generate import Engine
 from polymodal.errors import UserError
 from polymodal.eval import text_to_image
 from polymodal.eval.judge import read_pixels
@@ -42,6 +43,8 @@ class RealImagesEngine:
 
     def lora_merged(self):
         return contextlib.nullcontext()
+
+    generate_images_in_batches = Engine.generate_images_in_batches  # the real batching, over these images
 
     def generate_images(self, prompts, params, n=1):
         chosen = [path for prompt in prompts
@@ -130,8 +133,9 @@ def test_a_model_that_does_not_draw_is_refused_in_one_line(stand_ins):
         task.run(tiny_model(), TaskOptions(), 8)
     with pytest.raises(UserError, match="--shots"):
         task.run(DRAWS, TaskOptions(shots=1), 8)
-    with pytest.raises(UserError, match="--images-per-prompt"):
-        task.run(DRAWS, TaskOptions(images_per_prompt=0), 8)
+    for count in (0, 1001):  # 1001: more than a command holds as pixels (MAX_IMAGES_PER_PROMPT)
+        with pytest.raises(UserError, match=r"--images-per-prompt must be in \[1, 1000\]"):
+            task.run(DRAWS, TaskOptions(images_per_prompt=count), 8)
 
 
 @needs_package("easy_vqa")
