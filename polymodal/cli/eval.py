@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     task, options = task_options(args)
     items = task.items(options) if task.generative else None  # bad data fails before the model loads
+    make_out_folder(args.out)  # so does an --out that cannot hold the results
     model = load_for_command(args.model, args.set, args.quantize)
     command = "polymodal " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else ""
     with stop_on(signal.SIGTERM) as stopped:
@@ -110,6 +111,26 @@ def run(args: argparse.Namespace) -> int:
     show_examples(rows, args.show)
     print(json.dumps(results))
     return 0
+
+
+def make_out_folder(out: str | None) -> None:
+    """Create the --out folder (and its parents) now, before a long evaluation whose results
+    would otherwise be lost at the end.
+
+    Raises:
+        UserError: `out` is a file, or the folder cannot be created (permission, read-only).
+    """
+    from pathlib import Path
+
+    if out is None:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out: {out} is a file; give a folder for the results")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out: cannot create {out}: {error.strerror or error}") from None
 
 
 def show_examples(rows: list[dict], count: int) -> None:

@@ -196,3 +196,15 @@ def test_a_full_disk_while_writing_eval_outputs_is_one_line(folder, scripted, mo
                  "--out", str(tmp_path / "eval")])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("polymodal: error: disk full writing ") and "results.json" in last
+
+
+@pytest.mark.parametrize("out, says", [("a_file", "--out: {tmp}/a_file is a file; give a folder for the results"),
+                                       ("a_file/eval", "--out: cannot create {tmp}/a_file/eval: Not a directory")])
+def test_an_out_that_cannot_hold_results_is_refused_before_the_model_loads(folder, capsys, tmp_path, out, says):
+    (tmp_path / "a_file").write_text("kept")
+    # the model does not exist: the --out error comes first, so nothing was loaded or evaluated
+    code = main(["eval", str(tmp_path / "no_model"), "--task", "easy-vqa", "--data", str(folder),
+                 "--out", str(tmp_path / out)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last == "polymodal: error: " + says.format(tmp=tmp_path)
+    assert (tmp_path / "a_file").read_text() == "kept"
