@@ -123,7 +123,7 @@ async def parse(http: Request, schema: type[BaseModel]):
             errors = error.errors(include_url=False, include_context=False, include_input=False)
             try:
                 data = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
                 data = None
             return validation_error(errors, data)
 

@@ -413,6 +413,18 @@ def test_a_chunked_body_over_the_limit_gets_413(served):
     assert httpx.get(f"{served.url}/health").json()["status"] == "ok"
 
 
+def test_json_nested_deeper_than_the_parsers_limit_is_a_400(served):
+    # pydantic stops at its recursion limit; json.loads, asked to name the field, then raised
+    # RecursionError, which became a 500
+    deep = b'{"messages": [], "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for path in ("/v1/chat/completions", "/v1/embeddings"):
+        response = httpx.post(f"{served.url}{path}", content=deep, timeout=30,
+                              headers={"content-type": "application/json"})
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(f"{served.url}/health").json()["status"] == "ok"
+
+
 # ---------------------------------------------------------------- section 8: connections, remote images
 
 class ConfiguredServer(LiveServer):
