@@ -192,6 +192,9 @@ class ImageGenerationRequest(OpenAIBody):
     output_format: str | None = None  # only "png"
     quality: str | None = None  # "auto" or "standard": one quality here
     style: str | None = None  # refused: no styles
+    background: str | None = None  # "auto" or "opaque": drawings have no alpha channel
+    stream: StrictBool | None = None  # refused when true: no partial images are streamed
+    partial_images: StrictInt | None = None  # refused above 0, as stream
     guidance_scale: float = Field(default=1.0, ge=0, le=100, allow_inf_nan=False)
     seed: StrictInt | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     temperature: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
@@ -208,6 +211,12 @@ class ImageGenerationRequest(OpenAIBody):
             return "quality", 'quality is not supported by this server; send "auto" or leave it out'
         if self.style is not None:
             return "style", "style is not supported by this server"
+        if self.background not in (None, "auto", "opaque"):
+            return "background", 'only background "opaque" is supported (drawings have no alpha channel)'
+        if self.stream:
+            return "stream", "streamed image generation is not supported; send stream: false"
+        if self.partial_images:
+            return "partial_images", "partial images are not supported (no streaming); send 0"
         return None
 
 

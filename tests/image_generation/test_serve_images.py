@@ -152,6 +152,9 @@ def test_the_images_endpoint_through_the_openai_client(served):
     ({"n": 11}, 400, "n", "less than or equal to 10"),
     ({"guidance_scale": -1}, 400, "guidance_scale", "greater than or equal to 0"),
     ({"style": "vivid"}, 400, "style", "not supported"),
+    ({"background": "transparent"}, 400, "background", 'only background "opaque"'),
+    ({"stream": True}, 400, "stream", "streamed image generation is not supported"),
+    ({"partial_images": 2}, 400, "partial_images", "not supported"),
     ({"prompt": "word " * 600}, 400, "prompt", "the context of 512 tokens"),
 ])
 def test_bad_image_requests_get_openai_errors(served, body, status, param, says):
