@@ -49,13 +49,13 @@ def add_parser(commands) -> None:
     parser.add_argument("--shots", type=int, default=0, metavar="K",
                         help="K solved examples with their images as earlier turns before each question "
                              "(few-shot prompting; drawn seeded from the task's other questions)")
-    parser.add_argument("--images-per-prompt", type=int, default=8, metavar="N",
+    parser.add_argument("--images-per-prompt", type=int, metavar="N",
                         help="text-to-image: images drawn per prompt (default 8)")
-    parser.add_argument("--cfg", type=float, default=1.0, metavar="SCALE",
+    parser.add_argument("--cfg", type=float, metavar="SCALE",
                         help="text-to-image: classifier-free guidance scale (default 1: none)")
-    parser.add_argument("--temperature", type=float, default=1.0,
+    parser.add_argument("--temperature", type=float,
                         help="text-to-image: sampling temperature of the image codes (default 1)")
-    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+    parser.add_argument("--top-k", type=int, metavar="K",
                         help="text-to-image: sample among the K likeliest codes (default 0: all)")
     parser.set_defaults(run=run)
 
@@ -79,15 +79,32 @@ def task_options(args: argparse.Namespace):
         raise UserError("--shots must be at least 0")
     if shots and not task.generative:
         raise UserError(f"--shots: task {task.name} embeds with a dual encoder; shots are for generative tasks")
-    drawing = {"images_per_prompt": getattr(args, "images_per_prompt", 8),  # eval's options
-               "guidance_scale": getattr(args, "cfg", 1.0), "temperature": getattr(args, "temperature", 1.0),
-               "top_k": getattr(args, "top_k", 0)}
-    if not 1 <= drawing["images_per_prompt"] <= MAX_IMAGES_PER_PROMPT:
+    drawing = drawing_options(args, task.name)
+    if not 1 <= drawing.get("images_per_prompt", 1) <= MAX_IMAGES_PER_PROMPT:
         raise UserError(f"--images-per-prompt must be in [1, {MAX_IMAGES_PER_PROMPT}]")
     return task, TaskOptions(split=args.split, data=args.data, limit=args.limit, seed=args.seed,
                              setting=args.setting, prompt=args.prompt,
                              templates=args.templates, image_model=args.image_model,
                              system=args.system, max_new_tokens=args.max_new_tokens, shots=shots, **drawing)
+
+
+# eval's options of task text-to-image: flag -> TaskOptions field (absent: the field's default)
+DRAWING_FLAGS = {"images_per_prompt": "images_per_prompt", "cfg": "guidance_scale",
+                 "temperature": "temperature", "top_k": "top_k"}
+
+
+def drawing_options(args: argparse.Namespace, task_name: str) -> dict:
+    """The drawing options given on the command line, as TaskOptions fields.
+
+    Raises:
+        UserError: one is given to a task that does not draw (it would be ignored silently).
+    """
+    given = {field: getattr(args, flag) for flag, field in DRAWING_FLAGS.items()
+             if getattr(args, flag, None) is not None}  # analyze has none of these options
+    if given and task_name != "text-to-image":
+        flag = "--" + next(flag for flag, field in DRAWING_FLAGS.items() if field in given).replace("_", "-")
+        raise UserError(f"{flag}: only task text-to-image draws images; task {task_name} does not use it")
+    return given
 
 
 def run(args: argparse.Namespace) -> int:

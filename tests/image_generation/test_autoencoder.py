@@ -110,3 +110,15 @@ def test_psnr_and_code_statistics():
     uniform = code_statistics(torch.tensor([5, 5, 5, 5, 0, 0, 0, 0]))
     assert uniform["codebook_usage"] == 0.5 and uniform["codes_used"] == 4 and math.isclose(uniform["perplexity"], 4)
     assert math.isclose(code_statistics(torch.tensor([9, 0, 0]))["perplexity"], 1)
+
+
+@pytest.mark.parametrize("flag, value", [("--cfg", "5"), ("--images-per-prompt", "3"), ("--top-k", "4"),
+                                         ("--temperature", "0.5")])
+def test_drawing_options_given_to_a_task_that_does_not_draw_are_refused(capsys, tmp_path, flag, value):
+    from polymodal.cli.main import main
+
+    # refused before the model loads: the model does not exist
+    code = main(["eval", str(tmp_path / "no_model"), "--task", "reconstruction", flag, value])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last == (f"polymodal: error: {flag}: only task text-to-image draws images; "
+                                  "task reconstruction does not use it")
