@@ -41,6 +41,7 @@ from polymodal.data.easy_vqa import (
     easy_vqa_folder,
     full_captions,
 )
+from polymodal.errors import UserError
 from polymodal.eval.judge import load_judge, read_pixels
 from polymodal.eval.tasks import TaskOptions
 from polymodal.eval.text_to_image import Drawings, TextToImage, drawing_metrics, plot_grid
@@ -121,13 +122,14 @@ def judged(prior: CodePrior, tokenizer, per_prompt: int, scale: float, seed: int
     return drawing_metrics(drawings, full_captions(easy_vqa_folder("test"))), drawings
 
 
-def main() -> None:
+def parse_arguments() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """The command line, each value checked (a mistake: usage and one error line, exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a saved model with an image tokenizer (kind fsq)")
     parser.add_argument("--eval-at", default="600,2000", help="steps at which to judge, comma-separated")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--dim", type=int, default=192)
+    parser.add_argument("--dim", type=int, default=192, help="a multiple of the 4 attention heads")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--positions", choices=["raster", "grid"], default="raster")
     parser.add_argument("--foreground-weight", type=float, default=1.0,
@@ -136,16 +138,48 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=3.0, help="judged at guidance 1 and at this scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="a folder for grid.png")
     args = parser.parse_args()
+    try:
+        args.eval_at = sorted({int(step) for step in args.eval_at.split(",")})
+    except ValueError:
+        parser.error(f"--eval-at: expected steps such as 600,2000, got {args.eval_at!r}")
+    for name in ("batch_size", "layers", "images_per_prompt", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.eval_at[0] < 1:
+        parser.error(f"--eval-at: steps must be at least 1, got {args.eval_at[0]}")
+    if args.dim < 4 or args.dim % 4:
+        parser.error(f"--dim must be a positive multiple of 4 (the attention heads), got {args.dim}")
+    for name in ("lr", "foreground_weight", "cfg"):
+        if not 0 <= getattr(args, name) < math.inf:  # also refuses NaN
+            parser.error(f"--{name.replace('_', '-')} must be a number of at least 0, got {getattr(args, name)}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out: {args.out} is a file; give a folder for grid.png")
+    return args, parser
+
+
+def load_codes(parser: argparse.ArgumentParser, model: str):
+    """(tokenizer, codes [N, K], classes [N]) of a saved model; a model that cannot serve is
+    one error line (exit 2)."""
+    try:
+        tokenizer = load_model(model).image_tokenizer
+        if tokenizer is None:
+            raise UserError(f"{model} has no image tokenizer (train recipes/easy-vqa-tokenizer.yaml)")
+        return (tokenizer.eval(), *training_codes(tokenizer.eval()))
+    except UserError as error:
+        parser.error(str(error))
+
+
+def main() -> None:
+    args, parser = parse_arguments()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    tokenizer = load_model(args.model).image_tokenizer.eval()
-    codes, classes = training_codes(tokenizer)
+    tokenizer, codes, classes = load_codes(parser, args.model)
     prior = CodePrior(tokenizer.codebook_size, tokenizer.num_codes, args.dim, args.layers, args.positions == "grid")
     optimizer = torch.optim.AdamW(prior.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
-    checkpoints = sorted(int(step) for step in args.eval_at.split(","))
+    checkpoints = args.eval_at
     generator = torch.Generator().manual_seed(args.seed)
     print(f"{len(codes)} training images, {tokenizer.num_codes} codes of {tokenizer.codebook_size}; "
           f"{platform.processor() or platform.machine()}, {args.threads} threads\n")
