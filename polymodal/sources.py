@@ -153,7 +153,7 @@ def check_hub_reachable(hub_id: str) -> None:
             return
         except OSError:
             why = f"{host}:{port} cannot be reached"
-    raise UserError(f"{hub_id!r} is a hub id that is not in the local cache, and {why}; use a "
+    raise UserError(f"{hub_id!r} is not a folder here, and as a hub id it is not in the local cache: {why}; use a "
                     f"local directory, gguf:FILE or pkg:PACKAGE/PATH (weights shipped in a Python "
                     f"package, e.g. {SMOLLM2_PACKAGED})")
 
