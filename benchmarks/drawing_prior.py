@@ -156,16 +156,24 @@ def parse_arguments() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
             parser.error(f"--{name.replace('_', '-')} must be a number of at least 0, got {getattr(args, name)}")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.error(f"--out: {args.out} is a file; give a folder for grid.png")
+    try:  # now, not after the training
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out: cannot create {args.out}: {error.strerror or error}")
     return args, parser
 
 
-def load_codes(parser: argparse.ArgumentParser, model: str):
+def load_codes(parser: argparse.ArgumentParser, model: str, positions: str):
     """(tokenizer, codes [N, K], classes [N]) of a saved model; a model that cannot serve is
     one error line (exit 2)."""
     try:
         tokenizer = load_model(model).image_tokenizer
         if tokenizer is None:
             raise UserError(f"{model} has no image tokenizer (train recipes/easy-vqa-tokenizer.yaml)")
+        if positions == "grid" and math.isqrt(tokenizer.num_codes) ** 2 != tokenizer.num_codes:
+            raise UserError(f"--positions grid needs a square grid of codes; this tokenizer has "
+                            f"{tokenizer.num_codes} (a 1-D tokenizer?)")
         return (tokenizer.eval(), *training_codes(tokenizer.eval()))
     except UserError as error:
         parser.error(str(error))
@@ -175,7 +183,7 @@ def main() -> None:
     args, parser = parse_arguments()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    tokenizer, codes, classes = load_codes(parser, args.model)
+    tokenizer, codes, classes = load_codes(parser, args.model, args.positions)
     prior = CodePrior(tokenizer.codebook_size, tokenizer.num_codes, args.dim, args.layers, args.positions == "grid")
     optimizer = torch.optim.AdamW(prior.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
@@ -207,7 +215,6 @@ def main() -> None:
                 tqdm.write(f"| {step} | {seen} | {seen / len(codes):.1f} | {seconds:.0f} | {scale:g} | "
                            f"{metrics['shape']:.1%} | {metrics['color']:.1%} | {metrics['both']:.1%} |")
     if args.out is not None and drawings is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
         plot_grid(drawings, args.out / "grid.png", f"code prior, {checkpoints[-1]} steps, guidance {args.cfg:g}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -79,7 +80,7 @@ def task_options(args: argparse.Namespace):
         raise UserError("--shots must be at least 0")
     if shots and not task.generative:
         raise UserError(f"--shots: task {task.name} embeds with a dual encoder; shots are for generative tasks")
-    drawing = drawing_options(args, task.name)
+    drawing = drawing_options(args, task)
     if not 1 <= drawing.get("images_per_prompt", 1) <= MAX_IMAGES_PER_PROMPT:
         raise UserError(f"--images-per-prompt must be in [1, {MAX_IMAGES_PER_PROMPT}]")
     return task, TaskOptions(split=args.split, data=args.data, limit=args.limit, seed=args.seed,
@@ -93,7 +94,7 @@ DRAWING_FLAGS = {"images_per_prompt": "images_per_prompt", "cfg": "guidance_scal
                  "temperature": "temperature", "top_k": "top_k"}
 
 
-def drawing_options(args: argparse.Namespace, task_name: str) -> dict:
+def drawing_options(args: argparse.Namespace, task) -> dict:
     """The drawing options given on the command line, as TaskOptions fields.
 
     Raises:
@@ -101,9 +102,9 @@ def drawing_options(args: argparse.Namespace, task_name: str) -> dict:
     """
     given = {field: getattr(args, flag) for flag, field in DRAWING_FLAGS.items()
              if getattr(args, flag, None) is not None}  # analyze has none of these options
-    if given and task_name != "text-to-image":
+    if given and not task.draws:
         flag = "--" + next(flag for flag, field in DRAWING_FLAGS.items() if field in given).replace("_", "-")
-        raise UserError(f"{flag}: only task text-to-image draws images; task {task_name} does not use it")
+        raise UserError(f"{flag}: only a task that draws (text-to-image) takes it; task {task.name} does not")
     return given
 
 
@@ -135,7 +136,7 @@ def make_out_folder(out: str | None) -> None:
     would otherwise be lost at the end.
 
     Raises:
-        UserError: `out` is a file, or the folder cannot be created (permission, read-only).
+        UserError: `out` is a file, or the folder cannot be created or written in.
     """
     from pathlib import Path
 
@@ -148,6 +149,8 @@ def make_out_folder(out: str | None) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"--out: cannot create {out}: {error.strerror or error}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--out: cannot write in {out} (permission denied)")
 
 
 def show_examples(rows: list[dict], count: int) -> None:

@@ -221,10 +221,11 @@ class Engine:
         hears of each call's images.
 
         Raises:
-            UserError: as generate_images; ValueError: batch_size < 1.
+            UserError: as generate_images; ValueError: no prompts, n < 1 or batch_size < 1.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not prompts or n < 1 or batch_size < 1:
+            raise ValueError(f"need prompts, n >= 1 and batch_size >= 1; got {len(prompts)} prompts, "
+                             f"n {n}, batch_size {batch_size}")
         calls = []  # (prompts of the call, images per prompt, seed offset of its first image)
         if n <= batch_size:
             per_call = batch_size // n

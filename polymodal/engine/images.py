@@ -18,7 +18,8 @@ import torch
 
 TEXT = -1  # a row's `left` outside an image block
 # The most images one command draws per prompt (generate --n, eval --images-per-prompt): all
-# are held as float pixels until written or judged (1000 x 64 x 64 x 3 x 4 bytes: 49 MB).
+# are held as float pixels until written or judged (1000 x 64 x 64 x 3 x 4 bytes: 49 MB a
+# prompt; eval's 24 prompts at the cap: 1.2 GB).
 MAX_IMAGES_PER_PROMPT = 1000
 
 

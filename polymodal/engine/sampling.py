@@ -64,7 +64,8 @@ def choice_seed(seed: int, index: int) -> int:
 
 def choose_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> next token ids [B]. A temperature below float32's smallest normal
-    number (0 included) is greedy: dividing by it in float32 would give 0 / 0 = NaN."""
+    number (0 included) is greedy: its limit, and one below ~7e-46 is 0 in float32, where
+    dividing by it gave 0 / 0 = NaN."""
     if params.temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1)
     logits = logits.float()

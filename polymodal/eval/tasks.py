@@ -61,6 +61,7 @@ class Task:
     max_new_tokens = 8
 
     generative = True  # answered by a MultimodalLM; contrastive tasks embed instead
+    draws = False  # takes eval's drawing options (--images-per-prompt, --cfg, --temperature, --top-k)
 
     def items(self, options: TaskOptions) -> list[Item]:
         raise NotImplementedError

@@ -76,6 +76,7 @@ class TextToImage(Task):
     """Images drawn from easy-VQA's 24 captions, graded by a judge trained here."""
 
     headline = "both"
+    draws = True
 
     def __init__(self):
         self.drawings: Drawings | None = None  # the last run's, for pictures()

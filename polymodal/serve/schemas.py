@@ -212,7 +212,7 @@ class ImageGenerationRequest(OpenAIBody):
         if self.style is not None:
             return "style", "style is not supported by this server"
         if self.background not in (None, "auto", "opaque"):
-            return "background", 'only background "opaque" is supported (drawings have no alpha channel)'
+            return "background", 'only background "opaque" or "auto" is supported (drawings have no alpha channel)'
         if self.stream:
             return "stream", "streamed image generation is not supported; send stream: false"
         if self.partial_images:

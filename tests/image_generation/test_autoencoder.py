@@ -120,5 +120,5 @@ def test_drawing_options_given_to_a_task_that_does_not_draw_are_refused(capsys, 
     # refused before the model loads: the model does not exist
     code = main(["eval", str(tmp_path / "no_model"), "--task", "reconstruction", flag, value])
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and last == (f"polymodal: error: {flag}: only task text-to-image draws images; "
-                                  "task reconstruction does not use it")
+    assert code == 2 and last == (f"polymodal: error: {flag}: only a task that draws (text-to-image) takes it; "
+                                  "task reconstruction does not")

@@ -115,7 +115,7 @@ def test_seeded_batched_and_varied():
     assert torch.equal(engine.generate_images(PROMPTS, params, n=3), images)  # reproducible
     alone = torch.cat([engine.generate_images([prompt], params, n=3) for prompt in PROMPTS])
     assert torch.equal(alone, images)  # batched equals one by one
-    for batch_size in (1, 2, 4):  # a prompt's images split over calls, or prompts grouped in one
+    for batch_size in (1, 2, 4, 6):  # a prompt's images split over calls (1-2), one call each (4), both in one (6)
         assert torch.equal(engine.generate_images_in_batches(PROMPTS, params, 3, batch_size), images)
     assert not torch.equal(images[0], images[1])  # samples of one prompt differ
 
