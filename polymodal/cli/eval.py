@@ -63,7 +63,6 @@ def add_parser(commands) -> None:
 
 def task_options(args: argparse.Namespace):
     """The task and its options from the command line; mistakes are UserErrors."""
-    from polymodal.engine.images import MAX_IMAGES_PER_PROMPT
     from polymodal.eval.tasks import TaskOptions, get_task
 
     task = get_task(args.task)
@@ -81,8 +80,6 @@ def task_options(args: argparse.Namespace):
     if shots and not task.generative:
         raise UserError(f"--shots: task {task.name} embeds with a dual encoder; shots are for generative tasks")
     drawing = drawing_options(args, task)
-    if not 1 <= drawing.get("images_per_prompt", 1) <= MAX_IMAGES_PER_PROMPT:
-        raise UserError(f"--images-per-prompt must be in [1, {MAX_IMAGES_PER_PROMPT}]")
     return task, TaskOptions(split=args.split, data=args.data, limit=args.limit, seed=args.seed,
                              setting=args.setting, prompt=args.prompt,
                              templates=args.templates, image_model=args.image_model,

@@ -226,7 +226,7 @@ class Engine:
         if not prompts or n < 1 or batch_size < 1:
             raise ValueError(f"need prompts, n >= 1 and batch_size >= 1; got {len(prompts)} prompts, "
                              f"n {n}, batch_size {batch_size}")
-        calls = []  # (prompts of the call, images per prompt, seed offset of its first image)
+        # calls: (prompts of the call, images per prompt, seed offset of its first image)
         if n <= batch_size:
             per_call = batch_size // n
             calls = [(prompts[start : start + per_call], n, 0) for start in range(0, len(prompts), per_call)]

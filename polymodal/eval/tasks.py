@@ -23,6 +23,7 @@ from pathlib import Path
 from polymodal.data.errors import DataError
 from polymodal.data.evaluation import EvaluationData
 from polymodal.data.sample import Item
+from polymodal.engine.images import MAX_IMAGES_PER_PROMPT
 from polymodal.errors import UserError
 from polymodal.registry import DATASET_FORMATS, EVAL_TASKS
 
@@ -51,6 +52,12 @@ class TaskOptions:
     guidance_scale: float = 1.0  # classifier-free guidance (1: none)
     temperature: float = 1.0
     top_k: int = 0  # 0: no top-k filter
+
+    def __post_init__(self):
+        """Raises UserError for images_per_prompt outside [1, MAX_IMAGES_PER_PROMPT]: the one
+        check, made when the command line's options are read, before any model loads."""
+        if not 1 <= self.images_per_prompt <= MAX_IMAGES_PER_PROMPT:
+            raise UserError(f"--images-per-prompt must be in [1, {MAX_IMAGES_PER_PROMPT}]")
 
 
 class Task:

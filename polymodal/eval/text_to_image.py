@@ -33,7 +33,6 @@ from tqdm import tqdm
 from polymodal.data.easy_vqa import COLORS, SHAPES, easy_vqa_folder, full_captions
 from polymodal.data.easy_vqa_draw import draw_prompts
 from polymodal.engine.generate import Engine
-from polymodal.engine.images import MAX_IMAGES_PER_PROMPT
 from polymodal.engine.sampling import SamplingParams
 from polymodal.errors import UserError
 from polymodal.eval.judge import (
@@ -102,8 +101,6 @@ class TextToImage(Task):
         check_data_folder(options, "easy-vqa")
         if options.data and Path(options.data).is_file():
             raise UserError(f"--data: task {self.name} builds its prompts; give an easy-VQA folder, not a file")
-        if not 1 <= options.images_per_prompt <= MAX_IMAGES_PER_PROMPT:
-            raise UserError(f"--images-per-prompt must be in [1, {MAX_IMAGES_PER_PROMPT}]")
         items = self.items(options) if items is None else items
         judge = load_judge()
         pixels = draw(model, items, options, batch_size)
